@@ -1,0 +1,17 @@
+"""fa3_inductor: a torch.compile backend ("fa3") that finds attention in any model and
+runs it with our own Hopper attention kernels.  See README.md."""
+from . import config  # noqa: F401
+from .spec import AttentionSpec  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Heavier pieces load on first use, so `import fa3_inductor` stays cheap.
+    if name == "explain":
+        from .explain import explain
+        return explain
+    if name == "backend":
+        from .backend import fa3_backend
+        return fa3_backend
+    raise AttributeError(f"module 'fa3_inductor' has no attribute {name!r}")

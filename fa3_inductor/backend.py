@@ -1,0 +1,163 @@
+"""The "fa3" torch.compile backend: rewrite attention in the Dynamo graph, then hand the
+whole graph to Inductor (mode and options passed through).
+
+Rewriting the Dynamo graph, before AOTAutograd, serves inference and training with one
+pattern: the custom op's registered autograd supplies the backward, and Inductor's own
+joint-graph attention pass never sees our sites.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import pathlib
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from . import config, config_check
+from .ops.dispatch import hopper_available
+from .patterns import nodes as N
+from .patterns.matcher import find_sites
+from .patterns.rewrite import build_spec, remove_dead, rewrite_site
+from .patterns.site import Unmatched
+
+log = logging.getLogger("fa3_inductor")
+
+
+@dataclasses.dataclass
+class GraphReport:
+    matched: list      # [(Site, rewritten: bool, why_not: str)]
+    unmatched: list    # [Unmatched]
+
+
+# Reports of the graphs compiled in this process, newest last (explain() reads them).
+REPORTS: list = []
+
+
+def _example_of(gm: fx.GraphModule, example_inputs) -> dict:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = {}
+    for node, ex in zip(placeholders, example_inputs):
+        if isinstance(ex, torch.Tensor):
+            out[node] = ex
+    return out
+
+
+def _graph_devices(gm: fx.GraphModule) -> set:
+    devs = set()
+    for n in gm.graph.nodes:
+        t = N.tensor_meta(n)
+        if t is not None and t.device.type != "meta":
+            devs.add(t.device)
+    return devs
+
+
+def kernels_can_run(gm: fx.GraphModule) -> Optional[str]:
+    """None if our kernels can run this graph's attention, else the reason they cannot."""
+    devs = _graph_devices(gm)
+    cuda = [d for d in devs if d.type == "cuda"]
+    if not cuda:
+        return "tensors are on CPU: no fused kernel (set fa3_inductor.config.force_rewrite to use the reference)"
+    if not all(hopper_available(d) for d in cuda):
+        return "not an sm_90 (Hopper) GPU: our kernels need H100/H200"
+    return None
+
+
+def _site_why_not(site, spec) -> Optional[str]:
+    """Per-site conditions for the rewrite on real hardware (force_rewrite skips them)."""
+    qd = N.dtype(site.q)
+    if qd not in (torch.float16, torch.bfloat16):
+        return f"inputs are {qd}: the kernels run fp16/bf16 (eager keeps {qd} precision)"
+    if any(n[0] == "sdpa" for n in site.notes):
+        from . import sdpa_policy
+        return sdpa_policy.why_not(site, spec)
+    return None
+
+
+def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True) -> GraphReport:
+    sites, unmatched = find_sites(gm, _example_of(gm, example_inputs))
+    hw_reason = None if config.force_rewrite else kernels_can_run(gm)
+    matched = []
+    dead_before = {n for n in gm.graph.nodes if not n.users}
+    guarded: set = set()
+    for site in sites:
+        try:
+            spec = build_spec(site)
+        except ValueError as exc:
+            unmatched.append(Unmatched(site.anchor, f"spec rejected: {exc}", site.source))
+            continue
+        site.spec = spec
+        why_not = hw_reason
+        if why_not is None and not config.force_rewrite:
+            why_not = _site_why_not(site, spec)
+        if why_not is None and any(n[0] == "sdpa" for n in site.notes) and config.sdpa_rewrite == "never":
+            why_not = "config.sdpa_rewrite='never'"
+        do_it = rewrite and why_not is None
+        if do_it:
+            rewrite_site(gm, site, guarded)
+            if config.log_rewrites:
+                log.info("fa3: rewrote attention at %s -> %s", site.source or site.anchor.name, spec.describe())
+        matched.append((site, do_it, why_not or ""))
+    for um in unmatched:
+        log.info("fa3: softmax left alone at %s: %s", um.source or um.anchor.name, um.reason)
+    if any(done for _, done, _ in matched):
+        remove_dead(gm, dead_before)
+        gm.graph.lint()
+        gm.recompile()
+    report = GraphReport(matched, unmatched)
+    REPORTS.append(report)
+    del REPORTS[:-64]
+    return report
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """Hash of our own sources: part of Inductor's FX-graph cache key, so edits invalidate it."""
+    h = hashlib.sha256()
+    root = pathlib.Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_key_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Fa3CacheKey(CustomGraphPass):
+        def __call__(self, graph):
+            return None
+
+        def uuid(self) -> Optional[Any]:
+            return ("fa3_inductor", code_hash())
+
+    return Fa3CacheKey()
+
+
+def inductor_patches(mode: Optional[str], options: Optional[dict], dynamic=None) -> dict:
+    patches = {}
+    if mode is not None and mode != "default":
+        import torch._inductor as ind
+        patches.update(ind.list_mode_options(mode, dynamic))
+    patches.update(options or {})
+    if "post_grad_custom_post_pass" not in patches:
+        patches["post_grad_custom_post_pass"] = _cache_key_pass()
+    return patches
+
+
+def fa3_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                options: Optional[dict] = None, **kwargs):
+    """torch.compile(model, backend="fa3", mode=..., options={...})."""
+    ours, theirs = config_check.split_options(options)
+    if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"torch.compile(backend='fa3'): mode={mode!r} is not allowed; choose one of "
+                         "None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'")
+    with config.patch(ours):
+        config_check.validate()
+        from . import autotune_flag
+        with autotune_flag.enabled(mode in ("max-autotune", "max-autotune-no-cudagraphs")):
+            analyse_and_rewrite(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches(mode, theirs, kwargs.get("dynamic")))

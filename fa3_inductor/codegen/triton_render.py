@@ -1,0 +1,176 @@
+"""Render the Triton attention templates (kernels/triton/*.py.tmpl) for one AttentionSpec.
+
+The spec decides the *code*: score modification (scale, softcap, alibi, additive bias) and the
+mask rule (window edges, key padding, bool mask) are generated into `_score_mod` / `_mask_mod`,
+and feature switches become module-level `tl.constexpr` globals, so a spec without e.g. dropout
+carries no dropout code at all.  Tile sizes, num_warps and num_stages are *launch* parameters
+(constexpr kernel arguments): one rendered module serves every config, and Triton's own cache
+keys the compiled binaries per config.
+
+Rendered modules are written to an on-disk cache (``$FA3_INDUCTOR_CACHE/triton`` or
+``~/.cache/fa3_inductor/triton``), keyed by a hash of (template sources, spec json, render
+options, triton version), and imported with importlib: Triton's JIT needs a real source file
+(it reads the function source through inspect/linecache).  An in-process memo avoids re-reading.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+from ..kernels_path import read_template
+from ..spec import AttentionSpec
+
+_TEMPLATES = {"fwd": "triton/attn_fwd.py.tmpl", "bwd": "triton/attn_bwd.py.tmpl"}
+_COMMON = "triton/attn_common.py.tmpl"
+_memo: dict = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("FA3_INDUCTOR_CACHE")
+    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "fa3_inductor"
+    path = base / "triton"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # rendering itself does not need triton (tests of the text)
+        return "none"
+
+
+# ---- generated code pieces -------------------------------------------------------------
+
+def _constants(spec: AttentionSpec, dbias: bool) -> str:
+    def c(name, val):
+        return f"{name} = tl.constexpr({val!r})"
+    lines = [
+        c("GQA_DIV", spec.gqa_mapping == "div"),
+        c("ALIGN_BOTTOM_RIGHT", spec.align == "bottom_right"),
+        c("HAS_WL", spec.window_left is not None),
+        c("WL", spec.window_left if spec.window_left is not None else 0),
+        c("HAS_WR", spec.window_right is not None),
+        c("WR", spec.window_right if spec.window_right is not None else 0),
+        c("HAS_ALIBI", spec.alibi is not None),
+        c("HAS_SOFTCAP", bool(spec.softcap)),
+        c("HAS_DROPOUT", spec.dropout_p > 0),
+        c("HAS_KEY_PADDING", bool(spec.key_padding)),
+        c("HAS_BIAS_TENSOR", spec.mask_kind is not None),
+        c("WRITE_DBIAS", bool(dbias and spec.mask_kind == "additive")),
+    ]
+    return "\n".join(lines)
+
+
+def _score_mod(spec: AttentionSpec) -> str:
+    ind = "    "
+    out = []
+    if spec.softcap:
+        cap = float(spec.softcap)
+        out.append(f"s = _tanh(qk * (sm_scale * {1.0 / cap!r})) * {cap * math.log2(math.e)!r}")
+    else:
+        out.append("s = qk * (sm_scale * LOG2E)")
+    if spec.alibi == "linear":
+        out.append("s = s + slope2 * (j - (i + OFF)).to(tl.float32)")
+    elif spec.alibi == "abs":
+        out.append("s = s - slope2 * tl.abs(j - (i + OFF)).to(tl.float32)")
+    if spec.mask_kind == "additive":
+        # Bias tile loaded through its own strides (often 0 from expand()): never materialised.
+        out.append("s = s + tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), "
+                   "other=0.0).to(tl.float32) * LOG2E")
+    return "\n".join(ind + line for line in out)
+
+
+def _softcap_grad(spec: AttentionSpec) -> str:
+    if spec.softcap:
+        cap = float(spec.softcap)
+        return f"    t = _tanh(qk * (sm_scale * {1.0 / cap!r}))\n    return 1.0 - t * t"
+    return "    return qk * 0.0 + 1.0"
+
+
+def _mask_mod(spec: AttentionSpec) -> str:
+    lines = ["if MASK:", "    keep = j < Sk"]
+    if spec.window_right is not None:
+        lines.append(f"    keep = keep & (j <= i + OFF + {spec.window_right})")
+    if spec.window_left is not None:
+        lines.append(f"    keep = keep & (j >= i + OFF - {spec.window_left})")
+    lines.append('    s = tl.where(keep, s, float("-inf"))')
+    if spec.key_padding:
+        lines.append("kp = tl.load(KP_b + j * skpn, mask=j < Sk, other=0)")
+        lines.append('s = tl.where(kp != 0, s, float("-inf"))')
+    if spec.mask_kind == "bool":
+        lines.append("bm = tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), other=0)")
+        lines.append('s = tl.where(bm != 0, s, float("-inf"))')
+    return "\n".join("    " + line for line in lines)
+
+
+def dropout_threshold(p: float) -> int:
+    """keep iff (h >> 8) * 2^-24 >= float32(p)  <=>  (h >> 8) >= ceil(float32(p) * 2^24) (exact)."""
+    return int(math.ceil(float(np.float32(p)) * (1 << 24)))
+
+
+def _dropout_keep(spec: AttentionSpec) -> str:
+    p = float(spec.dropout_p)
+    thresh = dropout_threshold(p) if p > 0 else 0
+    return f"    return tl.where((h >> 8) >= {thresh}, {1.0 / (1.0 - p)!r}, 0.0)"
+
+
+def render_source(kind: str, spec: AttentionSpec, *, dbias: bool = False) -> str:
+    common = read_template(_COMMON)
+    for key, val in (("{{SCORE_MOD}}", _score_mod(spec)), ("{{SOFTCAP_GRAD}}", _softcap_grad(spec)),
+                     ("{{MASK_MOD}}", _mask_mod(spec)), ("{{DROPOUT_KEEP}}", _dropout_keep(spec))):
+        common = common.replace(key, val)
+    text = read_template(_TEMPLATES[kind])
+    text = text.replace("{{SPEC_JSON}}", spec.to_json())
+    text = text.replace("{{CONSTANTS}}", _constants(spec, dbias))
+    text = text.replace("{{COMMON}}", common)
+    if "{{" in text:
+        raise RuntimeError(f"fa3 triton_render: unfilled placeholder in {kind} template")
+    return text
+
+
+def _key(kind: str, spec: AttentionSpec, dbias: bool) -> str:
+    h = hashlib.sha256()
+    for part in (read_template(_TEMPLATES[kind]), read_template(_COMMON), spec.to_json(),
+                 f"dbias={bool(dbias and spec.mask_kind == 'additive')}", _triton_version()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def load(kind: str, spec: AttentionSpec, *, dbias: bool = False):
+    """The rendered module for (kind, spec): has attn_fwd, or attn_bwd_{preprocess,dkdv,dq}."""
+    memo_key = (kind, spec, bool(dbias and spec.mask_kind == "additive"))
+    mod = _memo.get(memo_key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _memo.get(memo_key)
+        if mod is not None:
+            return mod
+        key = _key(kind, spec, dbias)
+        path = cache_dir() / f"attn_{kind}_{key}.py"
+        if not path.exists():
+            src = render_source(kind, spec, dbias=dbias)
+            # Atomic publish: concurrent processes may render the same module.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(src)
+            os.replace(tmp, path)
+        name = f"fa3_triton_attn_{kind}_{key}"
+        modspec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(modspec)
+        sys.modules[name] = mod
+        modspec.loader.exec_module(mod)
+        _memo[memo_key] = mod
+        return mod

@@ -1,0 +1,40 @@
+"""fa3_inductor settings, a torch config module (same machinery as torch._inductor.config).
+
+    import fa3_inductor
+    fa3_inductor.config.force_rewrite = True
+    with fa3_inductor.config.patch(kernel="reference"): ...
+
+Per compile, the same names can be given with an "fa3." prefix in torch.compile's
+options: torch.compile(m, backend="fa3", options={"fa3.kernel": "triton"}); the other
+options go to Inductor unchanged.  `config_check.validate()` checks every value and names the bad one
+(in config_check.py: a config module keeps only its settings).
+"""
+import sys
+
+from torch.utils._config_module import install_config_module
+
+# Rewrite attention even where no fused kernel can run (CPU, pre-Hopper GPUs); the
+# rewritten op then executes the pure-PyTorch reference.  Tests use it.
+force_rewrite: bool = False
+
+# Which implementation runs the op on Hopper: "auto" (CUDA template where it supports the
+# spec and is measured faster, else Triton), "triton", "cuda", or "reference".
+kernel: str = "auto"
+
+# FP8 (e4m3) forward with block scales and Hadamard incoherent processing, inference graphs.
+fp8: bool = False
+# Also use the FP8 forward inside training graphs (the backward stays bf16/fp16).
+fp8_training: bool = False
+
+# Existing F.scaled_dot_product_attention calls: "measured" rewrites one only where our
+# kernel is in the measured table as faster than what SDPA runs for that spec and shape;
+# "always" / "never" force the choice.
+sdpa_rewrite: str = "measured"
+
+# Leave rewritten sites' source lines in the log at INFO level.
+log_rewrites: bool = True
+
+# Allow non-deterministic fp32 atomics in the backward (dQ accumulation).
+deterministic_backward: bool = True
+
+install_config_module(sys.modules[__name__])

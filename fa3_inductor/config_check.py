@@ -1,0 +1,41 @@
+"""Validation of fa3_inductor.config values and of torch.compile "fa3.*" options."""
+from __future__ import annotations
+
+from . import config
+
+ALLOWED = {
+    "kernel": ("auto", "triton", "cuda", "reference"),
+    "sdpa_rewrite": ("measured", "always", "never"),
+}
+BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward")
+PREFIX = "fa3."
+
+
+def check_value(name: str, val) -> None:
+    if name in ALLOWED:
+        if val not in ALLOWED[name]:
+            raise ValueError(f"fa3_inductor.config.{name}={val!r} is not allowed; choose one of {ALLOWED[name]}")
+    elif name in BOOLS:
+        if not isinstance(val, bool):
+            raise ValueError(f"fa3_inductor.config.{name}={val!r} is not allowed; it takes True or False")
+    else:
+        known = sorted(list(ALLOWED) + list(BOOLS))
+        raise ValueError(f"unknown fa3 option {name!r}; known options: {known}")
+
+
+def validate() -> None:
+    for name in list(ALLOWED) + list(BOOLS):
+        check_value(name, getattr(config, name))
+
+
+def split_options(options: dict | None) -> tuple[dict, dict]:
+    """Split torch.compile options into (ours without the prefix, Inductor's)."""
+    ours, theirs = {}, {}
+    for key, val in (options or {}).items():
+        if key.startswith(PREFIX):
+            name = key[len(PREFIX):]
+            check_value(name, val)
+            ours[name] = val
+        else:
+            theirs[key] = val
+    return ours, theirs

@@ -1,0 +1,106 @@
+"""fa3_inductor.explain(fn_or_module, *args, **kwargs): which attention sites the backend
+finds, with their AttentionSpec, and why every other softmax was left alone.
+
+It traces with Dynamo exactly as torch.compile(backend="fa3") would, runs the matcher on
+every graph, and runs the function eagerly (nothing is compiled or rewritten).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import config
+
+
+@dataclasses.dataclass
+class MatchedSite:
+    source: str
+    spec: object
+    rewritten_on_this_machine: bool
+    note: str
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    gqa_group: int
+
+
+@dataclasses.dataclass
+class UnmatchedSsoftmax:
+    source: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    matched: list
+    unmatched: list
+    graphs: int
+
+    def __str__(self) -> str:
+        lines = [f"fa3_inductor.explain: {len(self.matched)} attention site(s) matched, "
+                 f"{len(self.unmatched)} softmax left alone, {self.graphs} graph(s)"]
+        if self.matched:
+            lines.append("")
+            lines.append(f"{'#':>3}  {'source':<48} {'q / k / v':<40} spec")
+            for i, m in enumerate(self.matched):
+                shapes = f"{_fmt(m.q_shape)} {_fmt(m.k_shape)} {_fmt(m.v_shape)}"
+                extra = "" if m.rewritten_on_this_machine else f"  [not rewritten here: {m.note}]"
+                gqa = f" gqa={m.gqa_group}:1" if m.gqa_group > 1 else ""
+                lines.append(f"{i:>3}  {m.source[:48]:<48} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
+        if self.unmatched:
+            lines.append("")
+            lines.append("left alone:")
+            for u in self.unmatched:
+                lines.append(f"  {u.source[:60]:<60} {u.reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(s) for s in shape) + "]" if shape else "?"
+
+
+def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
+    from .backend import analyse_and_rewrite
+    from .patterns import nodes as N
+
+    matched, unmatched = [], []
+    graphs = [0]
+
+    def collect(gm, example_inputs, **_):
+        graphs[0] += 1
+        report = analyse_and_rewrite(gm, example_inputs, rewrite=False)
+        for site, _done, why_not in report.matched:
+            qs, ks, vs = N.shape(site.q) or (), N.shape(site.k) or (), N.shape(site.v) or ()
+            group = 1
+            for note in site.notes:
+                if note[0] == "gqa":
+                    group = note[1]
+            would = why_not == ""
+            matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
+                                       tuple(qs), tuple(ks), tuple(vs), group))
+        for um in report.unmatched:
+            unmatched.append(UnmatchedSoftmax(um.source or um.anchor.name, um.reason))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn_or_module, backend=collect)
+        with torch.no_grad() if not torch.is_grad_enabled() else _null():
+            compiled(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return ExplainReport(matched, unmatched, graphs[0])
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+_ = config

@@ -1,0 +1,132 @@
+"""FP8 (e4m3) quantisation of Q, K, V: one fp32 scale per tile of rows per (batch, head).
+
+scale = amax(tile) / 448 (448 = largest finite e4m3), 1.0 for an all-zero tile, and the
+stored value is round_to_nearest_even(x / scale) in float8_e4m3fn, so x ~= fp8 * scale.
+Tiles are BLOCK_M rows for Q and BLOCK_N rows for K and V: the attention kernel's tiles,
+so that each score tile needs exactly one scale of each operand, folded into the softmax
+scale for free.
+
+Two implementations with the same results: `quantize_ref` (torch, any device; the
+specification) and `quantize_triton` (the fused kernel kernels/triton/fp8_quant.tmpl:
+one read of the input, rotation, amax, one write of the fp8 tile and its scale).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from . import hadamard
+
+E4M3_MAX = 448.0
+FP8 = torch.float8_e4m3fn
+# Rows of V^T are padded to this many keys so that each row starts 16-byte aligned
+# (cp.async / TMA need it); the pad is never read unmasked.
+VT_ALIGN = 16
+
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) to e4m3; the clamp keeps a value one rounding step above 448 finite
+    (torch's cast is not saturating: 464 and up would become NaN)."""
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def quantize_ref(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None):
+    """x [B, H, S, D] -> (x8 [B, H, S, D] float8_e4m3fn, scales [B, H, ceil(S/block)] fp32).
+
+    With `signs`, x is first rotated by M = diag(signs) H / sqrt(D) (hadamard.rotate).
+    """
+    B, H, S, D = x.shape
+    xf = hadamard.rotate(x, signs) if signs is not None else x.to(torch.float32)
+    xf = xf.to(torch.float32)
+    nblk = -(-S // block)
+    pad = nblk * block - S
+    tiles = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(B, H, nblk, block * D)
+    scales = _scale_from_amax(tiles.abs().amax(dim=-1))
+    rows_scale = scales.repeat_interleave(block, dim=2)[:, :, :S].unsqueeze(-1)
+    return to_fp8(xf, rows_scale), scales.contiguous()
+
+
+def quantize_per_tensor(x: torch.Tensor, signs: Optional[torch.Tensor] = None):
+    """Baseline: one scale for the whole tensor.  Returns (x8, scale as a 0-d fp32 tensor)."""
+    xf = hadamard.rotate(x, signs) if signs is not None else x.to(torch.float32)
+    xf = xf.to(torch.float32)
+    scale = _scale_from_amax(xf.abs().amax())
+    return to_fp8(xf, scale), scale
+
+
+def dequantize(x8: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 values represented by (x8, per-block scales) (a 0-d scale: per-tensor)."""
+    if scales.dim() == 0:
+        return x8.to(torch.float32) * scales
+    S = x8.shape[2]
+    return x8.to(torch.float32) * scales.repeat_interleave(block, dim=2)[:, :, :S].unsqueeze(-1)
+
+
+@dataclasses.dataclass
+class QuantizedQKV:
+    """Operands of the FP8 attention kernel.  vt8 is V transposed: [B, Hk, Dv, Sk_pad]."""
+    q8: torch.Tensor
+    q_scale: torch.Tensor   # [B, Hq, cdiv(Sq, block_m)]
+    k8: torch.Tensor
+    k_scale: torch.Tensor   # [B, Hk, cdiv(Sk, block_n)]
+    vt8: torch.Tensor
+    v_scale: torch.Tensor   # [B, Hk, cdiv(Sk, block_n)]
+    block_m: int
+    block_n: int
+
+
+def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None,
+                    transpose: bool = False, num_warps: Optional[int] = None):
+    """Fused Triton kernel.  transpose=True writes [B, H, D, S_pad] (S contiguous, for V)."""
+    from . import templates
+    mod = templates.load("fp8_quant")
+    import triton
+
+    B, H, S, D = x.shape
+    hadamard.check_dim(D)  # tl.arange needs a power of two even without the rotation
+    nblk = triton.cdiv(S, block)
+    if transpose:
+        s_pad = -(-S // VT_ALIGN) * VT_ALIGN
+        y = torch.empty(B, H, D, s_pad, dtype=FP8, device=x.device)
+        ys = (y.stride(0), y.stride(1), y.stride(3), y.stride(2))
+    else:
+        y = torch.empty(B, H, S, D, dtype=FP8, device=x.device)
+        ys = (y.stride(0), y.stride(1), y.stride(2), y.stride(3))
+    scales = torch.empty(B, H, nblk, dtype=torch.float32, device=x.device)
+    signs_arg = signs.to(device=x.device, dtype=torch.float32).contiguous() if signs is not None else scales
+    if num_warps is None:
+        # The tile lives in registers (fp32 BLOCK x D, plus the rotation's accumulator).
+        num_warps = 8 if block * D >= 128 * 128 else 4
+    mod.fp8_quant_kernel[(nblk, B * H)](
+        x, y, scales, signs_arg, S, H,
+        *x.stride(), *ys, scales.stride(0), scales.stride(1),
+        BLOCK=block, D=D, LOG2_D=D.bit_length() - 1, HADAMARD=signs is not None,
+        INTERPRET=templates.interpreting(),
+        num_warps=num_warps,
+    )
+    return y, scales
+
+
+def quantize_qkv(q, k, v, block_m: int, block_n: int, signs: Optional[torch.Tensor],
+                 impl: str = "triton") -> QuantizedQKV:
+    """Quantise Q (rotated), K (rotated) and V (not rotated, transposed) for the kernel."""
+    if impl == "triton":
+        q8, qs = quantize_triton(q, block_m, signs)
+        k8, ks = quantize_triton(k, block_n, signs)
+        vt8, vs = quantize_triton(v, block_n, None, transpose=True)
+    else:
+        q8, qs = quantize_ref(q, block_m, signs)
+        k8, ks = quantize_ref(k, block_n, signs)
+        v8, vs = quantize_ref(v, block_n, None)
+        vt8 = v8.transpose(2, 3).contiguous()
+    return QuantizedQKV(q8, qs, k8, ks, vt8, vs, block_m, block_n)
+
+
+__all__ = ["E4M3_MAX", "FP8", "quantize_ref", "quantize_per_tensor", "dequantize", "quantize_triton",
+           "quantize_qkv", "QuantizedQKV", "to_fp8"]

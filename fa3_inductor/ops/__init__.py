@@ -1,0 +1,1 @@
+"""Custom ops, their dispatch to implementations, and the fully-masked-row semantics."""

@@ -1,0 +1,154 @@
+"""The CUDA (CuTe, sm_90a) forward behind the op; the backward is the Triton one.
+
+`supports()` is where the kernel for a call's configuration is built (first use: one nvcc run,
+then the on-disk cache), so that a missing toolchain or a failed compile turns into "not
+supported" and dispatch falls back to Triton; such problems are logged once per reason.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..codegen import cuda_jit
+from ..spec import AttentionSpec, dtype_name
+
+log = logging.getLogger("fa3_inductor")
+
+_INT_MAX = 2**31 - 1
+_WINDOW_CAP = 2**30            # windows wider than any sequence behave the same; keeps int32 maths safe
+_failed: dict = {}             # KernelConfig -> reason its build failed
+_logged: set = set()
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("fa3: CUDA template unavailable, using Triton instead: %s", reason.splitlines()[0])
+
+
+def config_for_call(q: torch.Tensor, spec: AttentionSpec, **ablation) -> cuda_jit.KernelConfig:
+    return cuda_jit.config_for(
+        q.shape[-1], dtype_name(q.dtype), out_fp32=spec.out_torch_dtype == torch.float32,
+        has_wl=spec.window_left is not None, has_wr=spec.window_right is not None, **ablation)
+
+
+def _tma_ok(t: torch.Tensor) -> str | None:
+    """TMA needs a contiguous last dim, 16-byte aligned base and 16-byte multiple strides."""
+    if t.stride(-1) != 1:
+        return "last dim not contiguous"
+    if t.data_ptr() % 16:
+        return "base address not 16-byte aligned"
+    es = t.element_size()
+    for dim in range(3):
+        if t.shape[dim] > 1 and (t.stride(dim) * es) % 16:
+            return f"stride of dim {dim} not a multiple of 16 bytes"
+        if t.shape[dim] > 1 and t.stride(dim) == 0:
+            return f"zero stride on dim {dim}"
+    return None
+
+
+def supports(q, k, v, bias, spec: AttentionSpec):
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs sm_90 (Hopper)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (fp16/bf16 only, all equal)"
+    if q.shape[-1] not in cuda_jit.SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not in {cuda_jit.SUPPORTED_HEAD_DIMS}"
+    if v.shape[-1] != q.shape[-1]:
+        return "head dim of v differs from q/k"
+    if spec.out_torch_dtype not in (q.dtype, torch.float32):
+        return f"out dtype {spec.out_dtype} (input dtype or float32 only)"
+    if bias is not None or spec.mask_kind is not None:
+        return "bias/mask tensors not implemented in the CUDA template"
+    if spec.key_padding:
+        return "key_padding not implemented in the CUDA template"
+    if spec.alibi:
+        return "alibi not implemented in the CUDA template"
+    if spec.softcap:
+        return "softcap not implemented in the CUDA template"
+    if spec.dropout_p:
+        return "dropout not implemented in the CUDA template"
+    B, Hq, Sq, _ = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    if Hq % Hk:
+        return "Hq not a multiple of Hk"
+    if B > 65535 or Hq > 65535 or Sq > _INT_MAX // 2 or Sk > _INT_MAX // 2:
+        return "sizes beyond the grid/int32 limits"
+    k, v = _shared_kv_head(k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        why = _tma_ok(t)
+        if why:
+            return f"{name}: {why}"
+    problem = cuda_jit.toolchain_problem()
+    if problem:
+        _log_once(problem)
+        return problem
+    cfg = config_for_call(q, spec)
+    if cfg in _failed:
+        return _failed[cfg]
+    try:
+        cuda_jit.get_kernel(cfg)
+    except (cuda_jit.CudaToolchainUnavailable, cuda_jit.CudaCompileError, OSError) as exc:
+        reason = f"building {cfg.name()} failed: {exc}"
+        _failed[cfg] = reason
+        _log_once(reason)
+        return reason
+    return None
+
+
+def _shared_kv_head(k, v):
+    """A kv head broadcast by expand() (head stride 0) is one kv head shared by all query heads."""
+    if k.shape[1] > 1 and k.stride(1) == 0 and v.stride(1) == 0:
+        return k[:, :1], v[:, :1]
+    return k, v
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """(batch, head, seq) strides in elements; dims of extent 1 get a harmless 16-byte multiple
+    (TMA rejects strides that are not, even on dims it never steps along)."""
+    return [t.stride(dim) if t.shape[dim] > 1 else max(8, t.shape[-1]) for dim in range(3)]
+
+
+def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,
+            **ablation):
+    B, Hq, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=spec.out_torch_dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    if not (scale > 0 and math.isfinite(scale)):
+        # The kernel keeps the running max of raw scores; that needs a positive scale.
+        from . import triton_impl
+        return triton_impl.forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec)
+    k, v = _shared_kv_head(k, v)
+    Hk = k.shape[1]
+    kern = cuda_jit.get_kernel(config_for_call(q, spec, **ablation))
+    off = Sk - Sq if spec.align == "bottom_right" else 0
+    wl = min(spec.window_left, _WINDOW_CAP) if spec.window_left is not None else 0
+    wr = min(spec.window_right, _WINDOW_CAP) if spec.window_right is not None else 0
+    qs, ks, vs = _strides(q), _strides(k), _strides(v)
+    os_ = list(out.stride()[:3])
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    with torch.cuda.device(q.device):
+        rc = kern.launch(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                         B, Hq, Hk, Sq, Sk, D, *qs, *ks, *vs, *os_,
+                         float(scale), off, wl, wr, int(spec.gqa_mapping == "div"),
+                         int(spec.window_right is not None), stream)
+    if rc != 0:
+        raise RuntimeError(f"fa3 CUDA forward {kern.cfg.name()} failed to launch: status {rc} "
+                           f"(cudaError_t, or 1001 = bad arguments)")
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, scale: float,
+             spec: AttentionSpec, bias_requires_grad: bool):
+    from . import triton_impl  # lazy: Triton is only needed once a backward runs
+    return triton_impl.backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed,
+                                scale, spec, bias_requires_grad)

@@ -1,0 +1,68 @@
+"""Which implementation runs a given call: the reference, a Triton template or a CUDA template.
+
+Implementations are modules with `forward`, `backward` (see contract.py) and
+`supports(q, k, v, bias, spec) -> str | None` (None = supported, else the reason why not).
+They are imported lazily so that CPU-only installs never touch Triton or nvcc.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from .. import config
+
+log = logging.getLogger("fa3_inductor")
+
+_IMPL_MODULES = {
+    "reference": "fa3_inductor.ops.reference_impl",
+    "triton": "fa3_inductor.ops.triton_impl",
+    "cuda": "fa3_inductor.ops.cuda_impl",
+}
+_loaded: dict = {}
+_warned: set = set()
+
+
+def implementation(name: str):
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = importlib.import_module(_IMPL_MODULES[name])
+        _loaded[name] = mod
+    return mod
+
+
+def hopper_available(device: torch.device | None = None) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) == (9, 0)
+
+
+def _kernel_order(kernel: str) -> list[str]:
+    if kernel == "auto":
+        return ["cuda", "triton"]
+    return [kernel]
+
+
+def choose(q, k, v, bias, spec, *, kernel: str | None = None):
+    """Pick the implementation for this call (run time, concrete tensors)."""
+    kernel = kernel or config.kernel
+    if q.device.type != "cuda" or kernel == "reference" or not hopper_available(q.device):
+        return implementation("reference")
+    reasons = []
+    for name in _kernel_order(kernel):
+        try:
+            impl = implementation(name)
+        except Exception as exc:  # an implementation that cannot load (no nvcc, no triton) is skipped
+            reasons.append(f"{name}: unavailable ({exc})")
+            continue
+        why_not = impl.supports(q, k, v, bias, spec)
+        if why_not is None:
+            return impl
+        reasons.append(f"{name}: {why_not}")
+    key = (kernel, tuple(reasons))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("fa3: no fused kernel for this call (%s); running the reference", "; ".join(reasons))
+    return implementation("reference")

@@ -1,0 +1,158 @@
+"""Triton implementation of the attention op (contract: ops/contract.py).
+
+Kernels come from kernels/triton/*.py.tmpl rendered per AttentionSpec
+(codegen/triton_render.py); tiles from codegen/triton_configs.py or, in max-autotune mode,
+from autotune.py.  Works on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
+
+Layout requirements: q, k, v, dout may have any strides except that the last (head) dim must
+be contiguous; otherwise a contiguous copy is made here (one extra pass over that tensor).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..codegen import triton_configs, triton_render
+from ..spec import AttentionSpec
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def supports(q, k, v, bias, spec: AttentionSpec):
+    """None when the Triton kernels run this call, else the reason why not."""
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "inputs are not CUDA tensors"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return f"head dim {q.shape[-1]}/{v.shape[-1]} > 256"
+    if k.shape[-1] != q.shape[-1]:
+        return "q and k head dims differ"
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        return "query heads not a multiple of kv heads"
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "needs sm_80 or newer"
+    if spec.out_torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"out dtype {spec.out_dtype}"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        return f"triton unavailable ({exc})"
+    return None
+
+
+def _head_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec: AttentionSpec):
+    """Kernel views of the optional tensors (None is a constexpr for Triton) and their strides."""
+    B, H, Sq, _ = q.shape
+    if spec.mask_kind is not None and bias is not None:
+        bias = bias.expand(B, H, Sq, bias.shape[-1])  # a view: strides may be 0, never copied
+        if bias.dtype == torch.bool:
+            bias = bias.view(torch.uint8)
+        bstrides = bias.stride()
+    else:
+        bias, bstrides = None, (0, 0, 0, 0)
+    if spec.key_padding and key_padding is not None:
+        kp = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding.to(torch.uint8)
+        kpstrides = kp.stride()
+    else:
+        kp, kpstrides = None, (0, 0)
+    slopes = alibi_slopes.to(torch.float32).contiguous() if spec.alibi else None
+    seed_t = seed.to(torch.int64).contiguous() if spec.dropout_p > 0 else None
+    return bias, bstrides, kp, kpstrides, slopes, seed_t
+
+
+def _fwd_config(q, k, v, spec):
+    from .. import autotune
+    d, dv = q.shape[-1], v.shape[-1]
+    if autotune.enabled() and q.is_cuda:
+        return autotune.best_fwd(q, k, v, spec)
+    return triton_configs.default_fwd(d, dv, spec.causal)
+
+
+def _bwd_config(q, k, v, spec):
+    from .. import autotune
+    d, dv = q.shape[-1], v.shape[-1]
+    if autotune.enabled() and q.is_cuda:
+        return autotune.best_bwd(q, k, v, spec)
+    return triton_configs.default_bwd(d, dv, spec.causal)
+
+
+def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
+    q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
+    B, H, Sq, D = q.shape
+    HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(B, H, Sq, Dv, dtype=spec.out_torch_dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or lse.numel() == 0:
+        return out, lse
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    cfg = config or _fwd_config(q, k, v, spec)
+    bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
+    mod = triton_render.load("fwd", spec)
+    grid = (triton_cdiv(Sq, cfg.block_m), B * H)
+    mod.attn_fwd[grid](
+        q, k, v, out, lse, bias_t, kp, slopes, seed_t,
+        float(scale), Sq, Sk, H, HK,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
+        HEAD_D=D, HEAD_DV=Dv, D_PAD=triton_configs.pad_head_dim(D), DV_PAD=triton_configs.pad_head_dim(Dv),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec,
+             bias_requires_grad, *, config=None):
+    q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
+    dout, out = _head_contig(dout), _head_contig(out)
+    B, H, Sq, D = q.shape
+    HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    want_dbias = bool(bias_requires_grad and spec.mask_kind == "additive")
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    if want_dbias:
+        # Window-skipped tiles are never visited: they must read as zero.
+        alloc = torch.zeros if spec.has_window else torch.empty
+        dbias = alloc(B, H, Sq, Sk, dtype=torch.float32, device=dev)
+    else:
+        dbias = torch.empty(0, dtype=torch.float32, device=dev)
+    if Sq == 0 or Sk == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias.zero_() if want_dbias else dbias
+    cfg = config or _bwd_config(q, k, v, spec)
+    bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
+    mod = triton_render.load("bwd", spec, dbias=want_dbias)
+    d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
+    dims = dict(HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad)
+
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+    pre_m = 64 if dv_pad <= 128 else 32
+    mod.attn_bwd_preprocess[(triton_cdiv(Sq, pre_m), B * H)](
+        out, dout, delta, Sq, H, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), HEAD_DV=Dv, DV_PAD=dv_pad, BLOCK_M=pre_m)
+
+    common = (bias_t, kp, slopes, seed_t, float(scale), Sq, Sk, H, HK,
+              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    mod.attn_bwd_dkdv[(triton_cdiv(Sk, cfg.block_n1), B * HK)](
+        q, k, v, dout, lse, delta, dk, dv, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
+        **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
+        q, k, v, dout, lse, delta, dq, dbias if want_dbias else None, *common,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
+        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv, dbias
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,49 @@
+"""What the matcher found at one attention site, before it is written into the graph."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch.fx as fx
+
+from ..spec import AttentionSpec
+
+
+@dataclasses.dataclass
+class Site:
+    anchor: fx.Node                      # the softmax (or SDPA) node the site was found from
+    out_node: fx.Node                    # the node whose value the op replaces (P @ V, or the SDPA call)
+    q: fx.Node
+    k: fx.Node                           # [.., Sk, D] (not transposed)
+    v: fx.Node
+    rank: int                            # 4, or 3 for bmm-style [B*H, S, D]
+    scale_factors: list                  # [(value or node, is_div)]
+    spec_fields: dict
+    bias: Optional[Any] = None           # node (or callable building one) for mask_kind
+    key_padding: Optional[Any] = None    # [B, Sk] tensor node (keep where != 0)
+    alibi_slopes: Optional[fx.Node] = None
+    guards: list = dataclasses.field(default_factory=list)
+    chain: list = dataclasses.field(default_factory=list)   # nodes that become dead after the rewrite
+    out_permute: Optional[list] = None   # einsum outputs in another order than [B, H, Sq, Dv]
+    spec: Optional[AttentionSpec] = None
+    source: str = ""
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def scale_is_static(self) -> bool:
+        return all(not isinstance(v, fx.Node) for v, _ in self.scale_factors)
+
+    def static_scale(self) -> Optional[float]:
+        if not self.scale_is_static:
+            return None
+        s = 1.0
+        for v, is_div in self.scale_factors:
+            s = s / float(v) if is_div else s * float(v)
+        return s
+
+
+@dataclasses.dataclass
+class Unmatched:
+    anchor: fx.Node
+    reason: str
+    source: str = ""

@@ -1,0 +1,113 @@
+// One forward instantiation per compile: codegen/cuda_jit.py prepends a preamble of #defines
+// (FA3_HDIM, FA3_DTYPE, ...) rendered from the AttentionSpec and tile config, then nvcc builds a
+// shared library whose only export is a plain C launcher (no PyTorch headers: fast to compile).
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "fa3_fwd_kernel.cuh"
+
+#ifndef FA3_HDIM
+#define FA3_HDIM 128
+#endif
+#ifndef FA3_DTYPE_BF16
+#define FA3_DTYPE_BF16 0  // 0: fp16, 1: bf16
+#endif
+#ifndef FA3_OUT_DTYPE
+#define FA3_OUT_DTYPE 0   // 0: same as input, 1: fp32
+#endif
+#ifndef FA3_BLOCK_M
+#define FA3_BLOCK_M 128
+#endif
+#ifndef FA3_BLOCK_N
+#define FA3_BLOCK_N 128
+#endif
+#ifndef FA3_STAGES
+#define FA3_STAGES 2
+#endif
+#ifndef FA3_HAS_WL
+#define FA3_HAS_WL 0
+#endif
+#ifndef FA3_HAS_WR
+#define FA3_HAS_WR 0
+#endif
+#ifndef FA3_PINGPONG
+#define FA3_PINGPONG 1
+#endif
+#ifndef FA3_INTRA_WG
+#define FA3_INTRA_WG 1
+#endif
+#ifndef FA3_WARP_SPEC
+#define FA3_WARP_SPEC 1
+#endif
+
+namespace {
+
+using Element = std::conditional_t<FA3_DTYPE_BF16, cutlass::bfloat16_t, cutlass::half_t>;
+using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element>;
+using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
+                        bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
+                        bool(FA3_WARP_SPEC)>;
+
+// Status codes besides cudaError_t values (which are < 1000).
+constexpr int kErrBadArgs = 1001;
+
+}  // namespace
+
+extern "C" {
+
+// Static facts about this instantiation, for logs and tests.
+int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int* head_dim) {
+  *threads = Cfg::kThreads;
+  *smem_bytes = Cfg::kSmemBytes;
+  *block_m = Cfg::kBlockM;
+  *block_n = Cfg::kBlockN;
+  *head_dim = Cfg::kHeadDim;
+  return 0;
+}
+
+// q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, D] with arbitrary batch/head/seq strides
+// (elements; last dim contiguous, strides multiples of 8 elements and 16-byte aligned bases: TMA).
+// out [B, Hq, Sq, D] (strides given), lse [B, Hq, Sq] fp32 contiguous.
+// align_off: 0 for top-left, sk - sq for bottom-right.  wl / wr: window sizes, used when the
+// instantiation has FA3_HAS_WL / FA3_HAS_WR.  gqa_div: 1 for kv head h / (Hq/Hk), 0 for h % Hk.
+int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float* lse,
+                   int b, int hq, int hk, int sq, int sk, int d,
+                   int64_t q_sb, int64_t q_sh, int64_t q_ss,
+                   int64_t k_sb, int64_t k_sh, int64_t k_ss,
+                   int64_t v_sb, int64_t v_sh, int64_t v_ss,
+                   int64_t o_sb, int64_t o_sh, int64_t o_ss,
+                   float scale, int align_off, int wl, int wr, int gqa_div, int reverse_m,
+                   void* stream) {
+  if (d != Cfg::kHeadDim || b <= 0 || hq <= 0 || hk <= 0 || hq % hk != 0 || sq <= 0 || sk <= 0 ||
+      hq > 65535 || b > 65535) {
+    return kErrBadArgs;
+  }
+  using E = Element;
+  fa3::Params<Cfg> p{
+      fa3::make_tma_q<Cfg>(static_cast<E const*>(q), sq, hq, b, q_ss, q_sh, q_sb),
+      fa3::make_tma_k<Cfg>(static_cast<E const*>(k), sk, hk, b, k_ss, k_sh, k_sb),
+      fa3::make_tma_v<Cfg>(static_cast<E const*>(v), sk, hk, b, v_ss, v_sh, v_sb),
+  };
+  p.out = static_cast<OutT*>(out);
+  p.lse = lse;
+  p.o_sb = o_sb; p.o_sh = o_sh; p.o_ss = o_ss;
+  p.b = b; p.hq = hq; p.hk = hk; p.sq = sq; p.sk = sk;
+  p.group = hq / hk;
+  p.gqa_div = gqa_div;
+  p.off = align_off;
+  p.wl = wl; p.wr = wr;
+  p.num_m_blocks = (sq + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  p.reverse_m = reverse_m;
+  p.scale_log2 = scale * 1.4426950408889634f;
+
+  auto kernel = fa3::fwd_kernel<Cfg>;
+  // The attribute is per device; setting it every call is a cheap driver call, so no caching
+  // (which would be wrong across devices).
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return int(err);
+  dim3 grid(p.num_m_blocks, hq, b);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+  return int(cudaGetLastError());
+}
+
+}  // extern "C"

@@ -1,0 +1,464 @@
+// FlashAttention-3-style forward for sm_90a (H100), written with CuTe/CUTLASS.
+//
+// CTA layout (warp specialised, the default):
+//   warpgroup 0: producer.  One thread issues TMA loads: Q once, then K_j / V_j into kStages-deep
+//                circular buffers (PipelineTmaAsync: full barriers with tx counts, empty barriers
+//                released by the consumers).  setmaxnreg gives its registers to the consumers.
+//   warpgroups 1, 2: consumers.  Each owns 64 of the kBlockM query rows of the tile:
+//                S = Q K^T (WGMMA, both operands in smem), online softmax in registers,
+//                O += P V (WGMMA, P from registers, V from smem viewed MN-major).
+// Pingpong: two named barriers hand a token between the consumer warpgroups so that one issues its
+//   GEMMs while the other does its softmax (kPingpong).
+// Intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j runs, and
+//   P_j V_j runs under that softmax (kIntraWG).
+// Without warp specialisation (kWarpSpec == false) there is no producer warpgroup: thread 0 of the
+//   first consumer issues the loads kStages-1 blocks ahead, in line with its own compute.
+//
+// Key blocks are visited from the last one down, so the blocks that need masking (the seqlen_k
+// edge, the causal diagonal) come first and the rest run mask-free.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "fa3_utils.cuh"
+#include "fa3_softmax.cuh"
+
+namespace fa3 {
+
+using namespace cute;
+
+// Largest GMMA shared-memory swizzle atom whose width divides the tile extent.
+template <class T, int kContig, bool kKMajor>
+CUTE_HOST_DEVICE constexpr auto smem_atom() {
+  constexpr int kElems128 = 128 / sizeof(T), kElems64 = 64 / sizeof(T);
+  if constexpr (kKMajor) {
+    if constexpr (kContig % kElems128 == 0) return GMMA::Layout_K_SW128_Atom<T>{};
+    else if constexpr (kContig % kElems64 == 0) return GMMA::Layout_K_SW64_Atom<T>{};
+    else return GMMA::Layout_K_SW32_Atom<T>{};
+  } else {
+    if constexpr (kContig % kElems128 == 0) return GMMA::Layout_MN_SW128_Atom<T>{};
+    else if constexpr (kContig % kElems64 == 0) return GMMA::Layout_MN_SW64_Atom<T>{};
+    else return GMMA::Layout_MN_SW32_Atom<T>{};
+  }
+}
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
+          bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_>
+struct Config {
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr bool kHasWL = kHasWL_, kHasWR = kHasWR_;
+  static constexpr bool kPingpong = kPingpong_, kIntraWG = kIntraWG_, kWarpSpec = kWarpSpec_;
+  using Element = Element_;
+  using OutT = OutT_;
+
+  static constexpr int kMmaWG = kBlockM / 64;  // one consumer warpgroup per 64 query rows
+  static_assert(kMmaWG == 2, "two consumer warpgroups (pingpong pairs)");
+  static constexpr int kMmaThreads = kMmaWG * 128;
+  static constexpr int kThreads = kMmaThreads + (kWarpSpec ? 128 : 0);
+  // Register split after setmaxnreg: 24 for the producer, 240 for each consumer thread
+  // (24*128 + 240*256 = 64512 <= 65536).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+
+  using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
+  using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
+  using AtomLayout = Layout<Shape<Int<kMmaWG>, _1, _1>>;
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, TileQK>(), AtomLayout{}));
+  // V is stored (d, key) with d contiguous: an MN-major B operand, which 16-bit WGMMA supports.
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(smem_atom<Element, kHeadDim, true>(),
+                                             Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(smem_atom<Element, kHeadDim, true>(),
+                                             Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutVt = decltype(tile_to_shape(smem_atom<Element, kHeadDim, false>(),
+                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                              Step<_2, _1, _3>{}));
+
+  using PipelineK = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineV = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
+    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;
+    alignas(16) typename PipelineK::SharedStorage pipe_k;
+    alignas(16) typename PipelineV::SharedStorage pipe_v;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of sm_90 exceeded");
+
+  static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
+
+  // Global tensors seen by TMA: (seq, d, head, batch) for Q/K and (d, seq, head, batch) for V.
+  using ShapeT = Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideSD = Stride<int64_t, _1, int64_t, int64_t>;
+  using StrideDS = Stride<_1, int64_t, int64_t, int64_t>;
+};
+
+template <class Cfg>
+auto make_tma_q(typename Cfg::Element const* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(s, int32_t(Cfg::kHeadDim), h, b),
+                       make_stride(ss, _1{}, sh, sb));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, typename Cfg::SmemLayoutQ{},
+                       Shape<Int<Cfg::kBlockM>, Int<Cfg::kHeadDim>>{}, _1{});
+}
+template <class Cfg>
+auto make_tma_k(typename Cfg::Element const* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(s, int32_t(Cfg::kHeadDim), h, b),
+                       make_stride(ss, _1{}, sh, sb));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutK{}),
+                       Shape<Int<Cfg::kBlockN>, Int<Cfg::kHeadDim>>{}, _1{});
+}
+template <class Cfg>
+auto make_tma_v(typename Cfg::Element const* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDim), s, h, b),
+                       make_stride(_1{}, ss, sh, sb));
+  return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutVt{}),
+                       Shape<Int<Cfg::kHeadDim>, Int<Cfg::kBlockN>>{}, _1{});
+}
+
+template <class Cfg>
+struct Params {
+  using TmaQ = decltype(make_tma_q<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
+  using TmaK = decltype(make_tma_k<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
+  using TmaV = decltype(make_tma_v<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
+  TmaQ tma_q;
+  TmaK tma_k;
+  TmaV tma_v;
+  // Default initialisers: the launcher brace-initialises the TMA members only.
+  typename Cfg::OutT* out = nullptr;
+  float* lse = nullptr;
+  int64_t o_sb = 0, o_sh = 0, o_ss = 0;  // out strides (elements); lse is [B, Hq, Sq] contiguous
+  int b = 0, hq = 0, hk = 0, sq = 0, sk = 0;
+  int group = 1;         // hq / hk
+  int gqa_div = 1;       // 1: kv head = h / group, 0: h % hk
+  int off = 0;           // 0 (top-left) or sk - sq (bottom-right)
+  int wl = 0, wr = 0;    // window sizes when kHasWL / kHasWR
+  int num_m_blocks = 0;
+  int reverse_m = 0;     // visit m blocks last-first (longest first under causal masks)
+  float scale_log2 = 0;  // scale * log2(e)
+};
+
+// Key-block range [n_min, n_max) that holds any kept key for query rows [row_lo, row_hi].
+template <class Cfg>
+CUTE_DEVICE void block_range(Params<Cfg> const& p, int m_block, int& n_min, int& n_max) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  int const row_lo = m_block * BM;
+  int const row_hi = min(p.sq, row_lo + BM) - 1;
+  n_min = 0;
+  n_max = (p.sk + BN - 1) / BN;
+  if constexpr (Cfg::kHasWR) {
+    int const x = row_hi + p.off + p.wr + 1;  // one past the last kept column of the last row
+    n_max = x <= 0 ? 0 : min(n_max, (x + BN - 1) / BN);
+  }
+  if constexpr (Cfg::kHasWL) {
+    int const y = row_lo + p.off - p.wl;      // first kept column of the first row
+    n_min = y <= 0 ? 0 : y / BN;
+  }
+}
+
+// Does key block n hold any masked entry for the tile's rows?  Blocks strictly inside run mask-free.
+template <class Cfg>
+CUTE_DEVICE bool block_needs_mask(Params<Cfg> const& p, int m_block, int n) {
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  int const row_lo = m_block * BM, row_hi = row_lo + BM - 1;
+  bool need = (n + 1) * BN > p.sk;
+  if constexpr (Cfg::kHasWR) need |= (n + 1) * BN - 1 > row_lo + p.off + p.wr;
+  if constexpr (Cfg::kHasWL) need |= n * BN < row_hi + p.off - p.wl;
+  return need;
+}
+
+enum : uint32_t { kBarSchedWG0 = 1 };  // named barriers kBarSchedWG0 + wg (above CUTLASS' reserved ids)
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
+  using Element = typename Cfg::Element;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim;
+  using SS = typename Cfg::SharedStorage;
+  using PipelineK = typename Cfg::PipelineK;
+  using PipelineV = typename Cfg::PipelineV;
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  SS& ss = *reinterpret_cast<SS*>(smem_raw);
+
+  int const m_block = p.reverse_m ? (p.num_m_blocks - 1 - int(blockIdx.x)) : int(blockIdx.x);
+  int const head = blockIdx.y, batch = blockIdx.z;
+  int const kv_head = p.gqa_div ? head / p.group : head % p.hk;
+
+  int const warp_group = threadIdx.x / 128;
+  bool const is_producer_wg = Cfg::kWarpSpec && warp_group == 0;
+  int const mma_tid = threadIdx.x - (Cfg::kWarpSpec ? 128 : 0);  // 0..255 on consumers
+  // Thread that issues TMA: the producer warpgroup's first thread, or consumer thread 0.
+  bool const is_loader = threadIdx.x == 0;
+
+  if (threadIdx.x == 0) {
+    prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    ss.barrier_q.init(1);
+  }
+
+  typename PipelineK::Params pk;
+  pk.transaction_bytes = Cfg::kBytesKV;
+  pk.role = Cfg::kWarpSpec ? (is_producer_wg ? PipelineK::ThreadCategory::Producer
+                                              : PipelineK::ThreadCategory::Consumer)
+                           : PipelineK::ThreadCategory::ProducerConsumer;
+  pk.is_leader = is_loader;
+  pk.num_consumers = Cfg::kMmaThreads;
+  pk.initializing_warp = 0;
+  PipelineK pipe_k(ss.pipe_k, pk, Shape<_1, _1, _1>{});
+  PipelineV pipe_v(ss.pipe_v, pk, Shape<_1, _1, _1>{});
+  // Barrier initialisation must be visible to every thread (and the async proxy) before use.
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  int n_min, n_max;
+  block_range<Cfg>(p, m_block, n_min, n_max);
+  bool const empty_tile = n_max <= n_min;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
+
+  // ---------------------------------------------------------------- loads (producer side)
+  Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.sq, int32_t(D), p.hq, p.b));
+  Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.sk, int32_t(D), p.hk, p.b));
+  Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(D), p.sk, p.hk, p.b));
+  Tensor gQ = local_tile(mQ(_, _, head, batch), Shape<Int<BM>, Int<D>>{}, make_coord(m_block, _0{}));
+  Tensor gK = local_tile(mK(_, _, kv_head, batch), Shape<Int<BN>, Int<D>>{}, make_coord(_, _0{}));
+  Tensor gVt = local_tile(mVt(_, _, kv_head, batch), Shape<Int<D>, Int<BN>>{}, make_coord(_0{}, _));
+  // (C++17 lambdas cannot capture structured bindings, hence get<>.)
+  auto tq = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+  Tensor tQgQ = get<0>(tq); Tensor tQsQ = get<1>(tq);
+  Tensor tKgK = get<0>(tk); Tensor tKsK = get<1>(tk);
+  Tensor tVgV = get<0>(tv); Tensor tVsV = get<1>(tv);
+
+  auto load_q = [&]() {
+    ss.barrier_q.arrive_and_expect_tx(Cfg::kBytesQ);
+    copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQgQ, tQsQ);
+  };
+  auto load_k = [&](cutlass::PipelineState<Cfg::kStages>& st, int n) {
+    pipe_k.producer_acquire(st);
+    copy(p.tma_k.with(*pipe_k.producer_get_barrier(st), 0), tKgK(_, n), tKsK(_, st.index()));
+    ++st;
+  };
+  auto load_v = [&](cutlass::PipelineState<Cfg::kStages>& st, int n) {
+    pipe_v.producer_acquire(st);
+    copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
+    ++st;
+  };
+
+  if (is_producer_wg) {
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
+    if (is_loader && !empty_tile) {
+      auto wk = cutlass::make_producer_start_state<PipelineK>();
+      auto wv = cutlass::make_producer_start_state<PipelineV>();
+      load_q();
+      // Order matches consumption: with intra-WG overlap K_{j+1} is needed before V_j.
+      load_k(wk, n_max - 1);
+      for (int n = n_max - 1; n > n_min; --n) {
+        if constexpr (Cfg::kIntraWG) { load_k(wk, n - 1); load_v(wv, n); }
+        else { load_v(wv, n); load_k(wk, n - 1); }
+      }
+      load_v(wv, n_min);
+    }
+    return;
+  }
+
+  // ---------------------------------------------------------------- consumers
+  if constexpr (Cfg::kWarpSpec) { cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>(); }
+  int const wg = mma_tid / 128;  // consumer warpgroup 0 or 1
+
+  // Without a producer warpgroup, thread 0 keeps loads kStages-1 blocks ahead of compute.  K and V
+  // run ahead separately: refilling a V stage must only wait for a V block this thread's own
+  // warpgroup has already released, else it would deadlock on itself.
+  auto wk = cutlass::make_producer_start_state<PipelineK>();
+  auto wv = cutlass::make_producer_start_state<PipelineV>();
+  int next_k = n_max - 1, next_v = n_max - 1;  // next key blocks to load (descending)
+  auto inline_load_k = [&](int upto) {
+    if constexpr (!Cfg::kWarpSpec) {
+      if (is_loader) for (; next_k >= max(upto, n_min); --next_k) load_k(wk, next_k);
+    }
+  };
+  auto inline_load_v = [&](int upto) {
+    if constexpr (!Cfg::kWarpSpec) {
+      if (is_loader) for (; next_v >= max(upto, n_min); --next_v) load_v(wv, next_v);
+    }
+  };
+  if constexpr (!Cfg::kWarpSpec) {
+    if (is_loader && !empty_tile) load_q();
+    if (!empty_tile) { inline_load_k(n_max - Cfg::kStages); inline_load_v(n_max - Cfg::kStages); }
+  }
+
+  typename Cfg::TiledMmaQK mma_qk;
+  typename Cfg::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(mma_tid);
+  auto thr_pv = mma_pv.get_thread_slice(mma_tid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
+  Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+  Tensor cS = make_identity_tensor(Shape<Int<BM>, Int<BN>>{});
+  Tensor tScS = thr_qk.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
+  OnlineSoftmax<kRows> softmax(p.scale_log2);
+  clear(tOrO);
+
+  auto sched_sync = [&]() {
+    if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + wg);
+  };
+  auto sched_arrive = [&]() {
+    if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + (1 - wg));
+  };
+  auto mask = [&](auto& tSrS, int n) {
+    if (block_needs_mask<Cfg>(p, m_block, n)) {
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      apply_mask<Cfg::kHasWL, Cfg::kHasWR>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off, p.wl, p.wr);
+    }
+  };
+  auto rescale_o = [&](float const (&alpha)[kRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= alpha[r];
+    }
+  };
+
+  if (!empty_tile) {
+    cutlass::PipelineState<Cfg::kStages> rk, rv;  // consumer read states (index 0, phase 0)
+    // The first consumer warpgroup holds the token first.
+    if constexpr (Cfg::kPingpong) {
+      if (wg == 0) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + 0);
+    }
+    ss.barrier_q.wait(0);
+
+    if constexpr (Cfg::kIntraWG) {
+      // Prologue: S for the first (highest) key block.
+      Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+      pipe_k.consumer_wait(rk);
+      sched_sync();
+      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
+      sched_arrive();
+      warpgroup_wait<0>();
+      pipe_k.consumer_release(rk);
+      ++rk;
+      mask(tSrS, n_max - 1);
+      float alpha[kRows];
+      {
+        Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+        softmax.template step<true>(s_rc, alpha);
+      }
+      // P lives in registers (16-bit) and feeds the PV GEMM as its A operand.
+      Tensor rP = make_tensor<Element>(tSrS.layout());
+      convert_into(tSrS, rP);
+      Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+      for (int n = n_max - 2; n >= n_min; --n) {
+        inline_load_k(n - Cfg::kStages + 1);
+        inline_load_v(n - Cfg::kStages + 2);
+        Tensor tSrS2 = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+        pipe_k.consumer_wait(rk);
+        sched_sync();
+        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS2);
+        pipe_v.consumer_wait(rv);
+        wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
+        sched_arrive();
+        warpgroup_wait<1>();  // S_{j+1} done; P_j V_j may still run under the softmax below
+        pipe_k.consumer_release(rk);
+        ++rk;
+        mask(tSrS2, n);
+        {
+          Tensor s_rc = make_tensor(tSrS2.data(), acc_rowcol(tSrS2.layout()));
+          softmax.template step<false>(s_rc, alpha);
+        }
+        warpgroup_wait<0>();
+        pipe_v.consumer_release(rv);
+        ++rv;
+        rescale_o(alpha);
+        convert_into(tSrS2, rP);  // safe: the PV GEMM reading rP has completed
+      }
+      pipe_v.consumer_wait(rv);
+      wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
+      pipe_v.consumer_release(rv);
+      ++rv;
+    } else {
+      for (int n = n_max - 1; n >= n_min; --n) {
+        inline_load_k(n - Cfg::kStages + 1);
+        inline_load_v(n - Cfg::kStages + 1);
+        Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+        pipe_k.consumer_wait(rk);
+        sched_sync();
+        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
+        sched_arrive();
+        warpgroup_wait<0>();
+        pipe_k.consumer_release(rk);
+        ++rk;
+        mask(tSrS, n);
+        float alpha[kRows];
+        Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+        if (n == n_max - 1) softmax.template step<true>(s_rc, alpha);
+        else softmax.template step<false>(s_rc, alpha);
+        rescale_o(alpha);
+        Tensor rP = make_tensor<Element>(tSrS.layout());
+        convert_into(tSrS, rP);
+        Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+        pipe_v.consumer_wait(rv);
+        wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
+        pipe_v.consumer_release(rv);
+        ++rv;
+      }
+    }
+    // Take back the token the other warpgroup passed after its last GEMMs, leaving both named
+    // barriers balanced at exit.
+    if constexpr (Cfg::kPingpong) {
+      if (wg == 0) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + 0);
+    }
+  }
+
+  // ---------------------------------------------------------------- epilogue
+  // O /= l, written straight from registers: each thread owns pairs of adjacent columns of two
+  // rows.  LSE by the first lane of each quad.  Empty tiles write O = 0, LSE = -inf.
+  float inv[kRows], lse[kRows];
+  softmax.finalize(inv, lse);
+  Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<D>>{});
+  Tensor tOcO = thr_pv.partition_C(cO);
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+  using OutT = typename Cfg::OutT;
+  OutT* out_bh = p.out + batch * p.o_sb + head * p.o_sh;
+  float* lse_bh = p.lse + (int64_t(batch) * p.hq + head) * p.sq;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    int const row = m_block * BM + get<0>(tOcO_rc(r, 0));
+    if (row < p.sq) {
+      OutT* orow = out_bh + row * p.o_ss;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(tOcO_rc); c += 2) {
+        int const col = get<1>(tOcO_rc(r, c));
+        cutlass::Array<OutT, 2> v2;
+        v2[0] = OutT(tOrO_rc(r, c) * inv[r]);
+        v2[1] = OutT(tOrO_rc(r, c + 1) * inv[r]);
+        *reinterpret_cast<cutlass::Array<OutT, 2>*>(orow + col) = v2;
+      }
+      if (mma_tid % 4 == 0) lse_bh[row] = lse[r];
+    }
+  }
+}
+
+}  // namespace fa3

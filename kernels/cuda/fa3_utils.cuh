@@ -1,0 +1,81 @@
+// Small device helpers for the sm_90a forward kernel: accumulator-layout views, fp32 -> 16-bit
+// conversion, a WGMMA issue helper and quad (4-lane) reductions.  Own code; the ideas follow the
+// FlashAttention-3 paper (register-resident P reused as the A operand of the second GEMM).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+
+namespace fa3 {
+
+using namespace cute;
+
+// WGMMA accumulator layout for an M=64 atom is ((2, 2, N/8), MMA_M, MMA_N):
+//   mode 0.0: two adjacent columns, 0.1: rows r and r+8, 0.2: column blocks of 8.
+// View it as (rows, cols) = ((2, MMA_M), (2, N/8, MMA_N)) for row-wise softmax and masking.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout const& acc) {
+  static_assert(rank(Layout{}) == 3);
+  auto l0 = get<0>(acc);
+  return make_layout(make_layout(get<1>(l0), get<1>(acc)),
+                     make_layout(get<0>(l0), get<2>(l0), get<2>(acc)));
+}
+
+// The same registers seen as the A operand (register-sourced) of a K=16 WGMMA:
+// ((2, 2, 2), MMA_M, N/16): two consecutive column blocks of 8 form one k-slice of 16.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_as_operand_a(Layout const& acc) {
+  auto l0 = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(l0), get<1>(l0), get<0>(get<2>(l0))),
+                     get<1>(acc),
+                     coalesce(make_layout(get<1>(get<2>(l0)), get<2>(acc))));
+}
+
+// Convert a register tensor elementwise into another of the same size (vectorised through
+// cutlass' array converters, which emit cvt.rn.f16x2 / bf16x2 pairs).
+template <class TSrc, class TDst>
+CUTE_DEVICE void convert_into(TSrc const& src, TDst& dst) {
+  using From = typename TSrc::value_type;
+  using To = typename TDst::value_type;
+  constexpr int N = decltype(size(src))::value;
+  static_assert(N == decltype(size(dst))::value);
+  cutlass::NumericArrayConverter<To, From, N> conv;
+  *reinterpret_cast<cutlass::Array<To, N>*>(raw_pointer_cast(dst.data())) =
+      conv(*reinterpret_cast<cutlass::Array<From, N> const*>(raw_pointer_cast(src.data())));
+}
+
+// Issue one warpgroup GEMM C (+)= A * B over the whole K extent and commit it as one batch.
+// kWait >= 0 waits until at most kWait batches are in flight; -1 returns immediately so
+// the caller can overlap the GEMM with other work (intra-warpgroup overlap).
+template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
+CUTE_DEVICE void wg_gemm(TiledMma& tiled_mma, TA const& tA, TB const& tB, TC& tC) {
+  // A from registers (RS GEMM) unless it is a tensor of shared-memory descriptors (SS GEMM).
+  constexpr bool kARegs = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
+  if constexpr (kARegs) { warpgroup_fence_operand(const_cast<TA&>(tA)); }
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) { tiled_mma.accumulate_ = GMMA::ScaleOut::Zero; }
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tA); ++kb) {
+    cute::gemm(tiled_mma, tA(_, _, kb), tB(_, _, kb), tC);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  if constexpr (kWait >= 0) { warpgroup_wait<kWait>(); }
+  warpgroup_fence_operand(tC);
+  if constexpr (kARegs) { warpgroup_fence_operand(const_cast<TA&>(tA)); }
+}
+
+// Threads holding one accumulator row are the 4 lanes of a quad (lane / 4 equal).
+CUTE_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+CUTE_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+}  // namespace fa3

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Build every CUDA forward instantiation for sm_90a (no GPU needed) and check the results:
+ptxas registers / spills / stack (must be 0 spills, 0 local memory), SASS has HGMMA and no
+local loads/stores, and ptxas did not warn about serialised wgmma.
+
+    python scripts/compile_cuda_sm90.py                 # hdim 64/128/256 x fp16/bf16 x causal/not
+    python scripts/compile_cuda_sm90.py --hdims 96 192  # other head dims
+    python scripts/compile_cuda_sm90.py --ablations     # also the hdim-128 ablation variants
+    python scripts/compile_cuda_sm90.py --jobs 2
+
+Exit status 1 when any build or check fails.  Builds land in the normal kernel cache, so a
+later run of the kernels reuses them.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from fa3_inductor.codegen import cuda_jit  # noqa: E402
+
+
+def configs(hdims, ablations):
+    out = []
+    for hd in hdims:
+        for dt in ("float16", "bfloat16"):
+            for causal in (False, True):
+                out.append(cuda_jit.config_for(hd, dt, has_wr=causal))
+    if ablations:
+        for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
+                   dict(intra_wg=False, pingpong=False, warp_spec=False)):
+            out.append(cuda_jit.config_for(128, "float16", **kw))
+        out.append(cuda_jit.config_for(128, "bfloat16", has_wl=True, has_wr=True))
+        out.append(cuda_jit.config_for(128, "float16", out_fp32=True))
+    return out
+
+
+def check(cfg):
+    t0 = time.perf_counter()
+    cached = (cuda_jit.cache_dir() / f"{cfg.name()}_{cuda_jit.cache_key(cfg)}.so").is_file()
+    so = cuda_jit.compile_config(cfg)
+    dt = time.perf_counter() - t0
+    rep = cuda_jit.ptxas_report(cfg)
+    problems = []
+    if rep["spill_stores"] or rep["spill_loads"]:
+        problems.append(f"spills {rep['spill_stores']}/{rep['spill_loads']}")
+    if rep["stack"]:
+        problems.append(f"stack {rep['stack']}")
+    if rep["wgmma_serialized"]:
+        problems.append("wgmma serialized: " + "; ".join(
+            line for line in rep["log"].splitlines() if "wgmma" in line.lower())[:300])
+    n_hgmma = None
+    tool = cuda_jit.find_cuobjdump()
+    if tool:
+        sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True).stdout
+        n_hgmma = len(re.findall(r"\bHGMMA\.", sass))
+        if n_hgmma == 0:
+            problems.append("no HGMMA in SASS")
+        if re.search(r"\b(STL|LDL)\b", sass):
+            problems.append("local memory (STL/LDL) in SASS")
+    return dict(name=cfg.name(), seconds=dt, cached=cached, registers=rep["registers"],
+                spills=f"{rep['spill_stores']}/{rep['spill_loads']}", hgmma=n_hgmma, problems=problems)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hdims", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1)
+    args = ap.parse_args(argv)
+    problem = cuda_jit.toolchain_problem()
+    if problem:
+        print(f"toolchain unavailable: {problem}")
+        return 1
+    print(f"nvcc: {cuda_jit.find_nvcc()} ({cuda_jit.nvcc_version()})\ncutlass: {cuda_jit.cutlass_include()}")
+    cfgs = configs(args.hdims, args.ablations)
+    failed = 0
+    with cf.ThreadPoolExecutor(max_workers=args.jobs) as ex:
+        futs = {ex.submit(check, c): c for c in cfgs}
+        for fut in cf.as_completed(futs):
+            cfg = futs[fut]
+            try:
+                r = fut.result()
+            except Exception as exc:  # compile error: print the tail of nvcc's output
+                failed += 1
+                print(f"FAIL {cfg.name()}: {str(exc)[-3000:]}", flush=True)
+                continue
+            ok = not r["problems"]
+            failed += not ok
+            when = "(cached)" if r["cached"] else f"{r['seconds']:.0f}s"
+            extra = ("  " + "; ".join(r["problems"])) if r["problems"] else ""
+            print(f"{'ok  ' if ok else 'FAIL'} {r['name']:<44} regs={r['registers']} spills={r['spills']} "
+                  f"hgmma={r['hgmma']} {when}{extra}", flush=True)
+    print(f"{len(cfgs) - failed}/{len(cfgs)} instantiations ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

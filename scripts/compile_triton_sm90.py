@@ -1,0 +1,195 @@
+"""Compile the rendered Triton attention kernels for Hopper (sm_90a) without a GPU and report
+registers / spills from `ptxas -v`.  Fails (exit 1) if a main config spills.
+
+    PYTHONPATH=. python scripts/compile_triton_sm90.py [--all-specs] [--candidates]
+
+Main configs: the tuned table of codegen/triton_configs.py for head dims 64/128/256, fp16 and
+bf16, causal and not.  --all-specs also compiles feature-rich specs (bias, alibi, softcap,
+dropout, key padding, windows); --candidates compiles every autotune candidate (slow).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fa3_inductor.codegen import triton_configs, triton_render
+from fa3_inductor.spec import AttentionSpec
+
+TARGET = GPUTarget("cuda", 90, 128)
+PTXAS = os.environ.get("PTXAS", "/usr/local/cuda/bin/ptxas")
+_TY = {"fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _signature(fn, ptrs: dict, constexprs: dict, floats=("sm_scale",)):
+    """Every non-constexpr argument: pointer (from ptrs), fp32 scalar, or i32 (strides, sizes)."""
+    sig, attrs = {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            # strides of contiguous [B,H,S,D] tensors with D % 16 == 0 are multiples of 16,
+            # as Triton's launcher would specialise them; sizes (Sq/Sk/H) are not assumed.
+            if name.startswith("s") and name not in ("sm_scale", "skpn", "sbn"):
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _ptxas(ptx: str, name: str):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{name}.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "out.cubin")],
+                           capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_st = re.search(r"(\d+) bytes spill stores", text)
+    spill_ld = re.search(r"(\d+) bytes spill loads", text)
+    smem = re.search(r"(\d+) bytes smem", text)
+    if r.returncode != 0:
+        return None, text
+    return dict(regs=int(regs.group(1)) if regs else -1, spill_st=int(spill_st.group(1)) if spill_st else 0,
+                spill_ld=int(spill_ld.group(1)) if spill_ld else 0,
+                smem=int(smem.group(1)) if smem else 0), text
+
+
+def _compile(fn, ptrs, constexprs, num_warps, num_stages, label):
+    sig, attrs = _signature(fn, ptrs, constexprs)
+    src = ASTSource(fn, sig, constexprs, attrs)
+    try:
+        k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as exc:
+        return dict(label=label, error=f"triton: {str(exc).splitlines()[0][:200]}")
+    info, text = _ptxas(k.asm["ptx"], fn.__name__)
+    if info is None:
+        return dict(label=label, error=f"ptxas: {text[-300:]}")
+    # Triton's own shared-memory figure (dynamic smem) is what limits occupancy.
+    info["tsmem"] = k.metadata.shared
+    return dict(label=label, **info)
+
+
+def _tensor_ptrs(dt, spec, names):
+    p = {n: _TY[dt] for n in names}
+    return p
+
+
+def fwd_kernel(spec, dt, d, cfg):
+    mod = triton_render.load("fwd", spec)
+    dp = triton_configs.pad_head_dim(d)
+    ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "Out"])
+    ptrs["Lse"] = "*fp32"
+    ce = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+              WARP_SPEC=cfg.warp_spec)
+    _optional(spec, ptrs, ce)
+    return _compile(mod.attn_fwd, ptrs, ce, cfg.num_warps, cfg.num_stages,
+                    f"fwd {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}")
+
+
+def bwd_kernels(spec, dt, d, cfg):
+    mod = triton_render.load("bwd", spec, dbias=spec.mask_kind == "additive")
+    dp = triton_configs.pad_head_dim(d)
+    out = []
+    ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "DO", "DK", "DV", "DQ"])
+    ptrs.update(Lse="*fp32", Delta="*fp32")
+    base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp)
+    ce = dict(base, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1)
+    _optional(spec, ptrs, ce)
+    out.append(_compile(mod.attn_bwd_dkdv, ptrs, ce, cfg.num_warps, cfg.num_stages,
+                        f"dkdv {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}"))
+    ce = dict(base, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2)
+    _optional(spec, ptrs, ce)
+    if spec.mask_kind == "additive":
+        ptrs["DBias"] = "*fp32"
+    else:
+        ce["DBias"] = None
+    out.append(_compile(mod.attn_bwd_dq, ptrs, ce, cfg.num_warps, cfg.num_stages,
+                        f"dq   {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}"))
+    return out
+
+
+def _optional(spec, ptrs, ce):
+    """Absent optional tensors are constexpr None, exactly as triton_impl launches them."""
+    if spec.mask_kind == "additive":
+        ptrs["Bias"] = "*fp32"
+    elif spec.mask_kind == "bool":
+        ptrs["Bias"] = "*u8"
+    else:
+        ce["Bias"] = None
+    if spec.key_padding:
+        ptrs["KP"] = "*u8"
+    else:
+        ce["KP"] = None
+    if spec.alibi:
+        ptrs["Slopes"] = "*fp32"
+    else:
+        ce["Slopes"] = None
+    if spec.dropout_p > 0:
+        ptrs["Seed"] = "*i64"
+    else:
+        ce["Seed"] = None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all-specs", action="store_true")
+    ap.add_argument("--candidates", action="store_true")
+    ap.add_argument("--dims", default="64,128,256")
+    args = ap.parse_args(argv)
+    if not shutil.which(PTXAS) and not os.path.exists(PTXAS):
+        print(f"ptxas not found at {PTXAS}", file=sys.stderr)
+        return 2
+    specs = [AttentionSpec(), AttentionSpec(window_right=0)]
+    if args.all_specs:
+        specs += [AttentionSpec(window_right=0, window_left=255, align="bottom_right", key_padding=True),
+                  AttentionSpec(mask_kind="additive"), AttentionSpec(mask_kind="bool"),
+                  AttentionSpec(alibi="linear", softcap=30.0, window_right=0),
+                  AttentionSpec(dropout_p=0.1, gqa_mapping="mod")]
+    rows, main_spills = [], 0
+    for d in (int(x) for x in args.dims.split(",")):
+        for dt in ("fp16", "bf16"):
+            for spec in specs:
+                is_main = spec.mask_kind is None and not spec.dropout_p and not spec.alibi and not spec.key_padding
+                fcfgs = [triton_configs.default_fwd(d, d, spec.causal)]
+                bcfgs = [triton_configs.default_bwd(d, d, spec.causal)]
+                if args.candidates:
+                    fcfgs = triton_configs.fwd_candidates(d, d, spec.causal)
+                    bcfgs = triton_configs.bwd_candidates(d, d, spec.causal)
+                for cfg in fcfgs:
+                    rows.append(fwd_kernel(spec, dt, d, cfg))
+                    main_spills += is_main and cfg in fcfgs[:1] and rows[-1].get("spill_st", 0) > 0
+                    _print(rows[-1])
+                for cfg in bcfgs:
+                    for r in bwd_kernels(spec, dt, d, cfg):
+                        rows.append(r)
+                        main_spills += is_main and cfg in bcfgs[:1] and r.get("spill_st", 0) > 0
+                        _print(r)
+    errors = [r for r in rows if "error" in r]
+    print(f"\n{len(rows)} kernels compiled, {len(errors)} errors, {main_spills} main configs spilling")
+    return 1 if errors or main_spills else 0
+
+
+def _print(r):
+    if "error" in r:
+        print(f"{r['label']}  ERROR {r['error']}", flush=True)
+    else:
+        print(f"{r['label']}  regs={r['regs']:3d} spill_st={r['spill_st']:5d} spill_ld={r['spill_ld']:5d} "
+              f"smem={r['tsmem']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The CUDA (sm_90a) forward against a float64 reference.
+
+Bound per case: max |out - ref64| <= 2 * max |eager_lowp - ref64| + 1e-3, where eager_lowp is the
+usual eager formulation in the input precision (fp16/bf16 matmuls, fp32 softmax).  LSE is compared
+to the float64 LSE; rows without any kept key must give out = 0 and lse = -inf.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fa3_inductor import reference
+from fa3_inductor.spec import AttentionSpec
+
+pytestmark = pytest.mark.gpu
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "needs sm_90"
+    from fa3_inductor.codegen import cuda_jit
+    return cuda_jit.toolchain_problem()
+
+
+_why = _skip_reason()
+if _why:
+    pytest.skip(f"CUDA template tests skipped: {_why}", allow_module_level=True)
+
+from fa3_inductor.ops import cuda_impl  # noqa: E402
+
+DEV = "cuda"
+
+
+def _spec(causal="none", window_left=None, window_right=None, out_dtype="float16", gqa="div"):
+    if causal != "none":
+        window_right = 0
+    return AttentionSpec(align="bottom_right" if causal == "bottom_right" else "top_left",
+                         window_left=window_left, window_right=window_right, out_dtype=out_dtype,
+                         gqa_mapping=gqa)
+
+
+def _eager_lowp(q, k, v, scale, spec):
+    Hq, Sq, Sk = q.shape[1], q.shape[2], k.shape[2]
+    kx = reference.expand_kv(k, Hq, spec.gqa_mapping)
+    vx = reference.expand_kv(v, Hq, spec.gqa_mapping)
+    s = torch.matmul(q, kx.transpose(-1, -2)).float() * scale
+    keep = reference.keep_mask(spec, torch.arange(Sq, device=q.device), Sq, Sk, q.device, None, None)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p.to(q.dtype), vx).float()
+
+
+def _make(B, Hq, Hk, Sq, Sk, D, dtype, layout="bhsd"):
+    g = torch.Generator(device=DEV).manual_seed(B * 1000003 + Sq * 101 + Sk * 7 + D)
+
+    def t(H, S):
+        if layout == "bshd":  # [B, S, H, D] storage viewed as [B, H, S, D]
+            return torch.randn(B, S, H, D, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
+        return torch.randn(B, H, S, D, device=DEV, dtype=dtype, generator=g)
+    return t(Hq, Sq), t(Hk, Sk), t(Hk, Sk)
+
+
+def _check(q, k, v, spec, scale=None, **ablation):
+    D = q.shape[-1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    assert cuda_impl.supports(q, k, v, None, spec) is None
+    out, lse = cuda_impl.forward(q, k, v, None, None, None, None, scale, spec, **ablation)
+    torch.cuda.synchronize()
+    spec64 = spec.replace(out_dtype="float64")
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), None, None, None, None, scale, spec64)
+    eager = _eager_lowp(q, k, v, scale, spec)
+    err_eager = (eager.double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert out.dtype == spec.out_torch_dtype and out.is_contiguous()
+    assert err <= 2 * err_eager + 1e-3, f"max err {err:.3e} vs eager {err_eager:.3e}"
+    dead = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), dead), "dead rows (lse = -inf) differ"
+    assert (out[dead] == 0).all(), "dead rows must be 0"
+    live = ~dead
+    if live.any():
+        lerr = (lse.double()[live] - ref_lse[live]).abs().max().item()
+        assert lerr <= 2e-3, f"lse err {lerr:.3e}"
+    return err, err_eager
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_head_dims(D, dtype, causal):
+    q, k, v = _make(2, 4, 4, 384, 384, D, dtype)
+    _check(q, k, v, _spec(causal, out_dtype=str(dtype).split(".")[-1]))
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 113), (1000, 1000), (4097, 4097), (1, 1000),
+                                   (17, 4097), (113, 1000), (1000, 113), (4097, 17)])
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_odd_lengths(sq, sk, causal):
+    q, k, v = _make(1, 2, 2, sq, sk, 128, torch.float16)
+    _check(q, k, v, _spec(causal))
+
+
+@pytest.mark.parametrize("gqa", ["div", "mod"])
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+def test_gqa(gqa, causal):
+    q, k, v = _make(2, 8, 2, 300, 517, 128, torch.bfloat16)
+    _check(q, k, v, _spec(causal, out_dtype="bfloat16", gqa=gqa))
+
+
+def test_bshd_strides_and_fp32_out():
+    q, k, v = _make(2, 4, 4, 257, 263, 64, torch.float16, layout="bshd")
+    assert not q.is_contiguous()
+    _check(q, k, v, _spec("top_left", out_dtype="float32"))
+
+
+def test_expanded_kv_head():
+    q, k, v = _make(1, 4, 1, 200, 200, 128, torch.float16)
+    _check(q, k.expand(1, 4, 200, 128), v.expand(1, 4, 200, 128), _spec("none"))
+
+
+@pytest.mark.parametrize("wl,wr", [(64, 0), (32, 16), (100, None), (None, 50)])
+def test_windows(wl, wr):
+    q, k, v = _make(1, 2, 2, 700, 900, 128, torch.bfloat16)
+    _check(q, k, v, _spec(window_left=wl, window_right=wr, out_dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("ablation", [dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
+                                      dict(intra_wg=False, pingpong=False, warp_spec=False)])
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+def test_ablations(ablation, causal):
+    q, k, v = _make(2, 4, 4, 1000, 1000, 128, torch.float16)
+    _check(q, k, v, _spec(causal), **ablation)
+
+
+def test_dead_rows_bottom_right():
+    # sq > sk with bottom-right causal: the first sq - sk rows see no key.
+    q, k, v = _make(1, 2, 2, 300, 100, 128, torch.float16)
+    _check(q, k, v, _spec("bottom_right"))
+
+
+def test_large_scale_values():
+    q, k, v = _make(1, 2, 2, 512, 512, 128, torch.float16)
+    _check(q * 4, k * 4, v, _spec("none"))
+
+
+def test_dispatch_prefers_cuda():
+    from fa3_inductor.ops import dispatch
+    q, k, v = _make(1, 2, 2, 128, 128, 128, torch.float16)
+    impl = dispatch.choose(q, k, v, None, _spec("none"), kernel="cuda")
+    assert impl is cuda_impl

@@ -1,0 +1,34 @@
+"""The FP8 Triton kernels compile for sm_90a without a GPU: FP8 WGMMA in the PTX, no
+register spills per ptxas -v (fa3_inductor/fp8/compile_check.py)."""
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fa3_inductor.fp8 import compile_check  # noqa: E402
+from fa3_inductor.fp8.attention import TILES  # noqa: E402
+
+needs_ptxas = pytest.mark.skipif(not (os.path.exists("/usr/local/cuda/bin/ptxas") or shutil.which("ptxas")),
+                                 reason="ptxas not found")
+
+
+@needs_ptxas
+@pytest.mark.slow
+@pytest.mark.parametrize("d", sorted(TILES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_kernel_fp8_wgmma_no_spills(d, causal):
+    r = compile_check.check_attention(d, causal)
+    assert any(w.endswith("e4m3.e4m3") for w in r["wgmma"]), r["wgmma"]
+    assert r["cp_async"] > 0  # K and V^T tiles are pipelined straight into shared memory
+    assert r["spill_bytes"] == 0, r["log"]
+
+
+@needs_ptxas
+@pytest.mark.parametrize("d", sorted(TILES))
+def test_quant_kernel_no_spills(d):
+    bm, bn = TILES[d][:2]
+    for block, had, tr in [(bm, True, False), (bn, True, False), (bn, False, True)]:
+        r = compile_check.check_quant(d, block, had, tr)
+        assert r["spill_bytes"] == 0, (r["kernel"], r["log"])
