@@ -26,7 +26,7 @@ class MatchedSite:
 
 
 @dataclasses.dataclass
-class UnmatchedSsoftmax:
+class UnmatchedSoftmax:
     source: str
     reason: str
 

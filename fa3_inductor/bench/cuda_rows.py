@@ -88,6 +88,7 @@ ABLATIONS = {
     "no intra-WG overlap": dict(intra_wg=False),
     "no pingpong": dict(pingpong=False),
     "no warp specialization": dict(warp_spec=False),
+    "full + persistent": dict(persistent=True),
 }
 
 

@@ -58,6 +58,7 @@ class KernelConfig:
     pingpong: bool = True      # named-barrier scheduling between the two consumer warpgroups
     intra_wg: bool = True      # issue S_{j+1} = Q K_{j+1}^T before the softmax of S_j
     warp_spec: bool = True     # producer warpgroup with TMA + setmaxnreg
+    persistent: bool = False   # one CTA per SM looping over tiles (static round robin)
 
     def defines(self) -> dict:
         return {
@@ -72,10 +73,12 @@ class KernelConfig:
             "FA3_PINGPONG": int(self.pingpong),
             "FA3_INTRA_WG": int(self.intra_wg),
             "FA3_WARP_SPEC": int(self.warp_spec),
+            "FA3_PERSISTENT": int(self.persistent),
         }
 
     def name(self) -> str:
-        abl = "".join(ch for ch, on in (("p", self.pingpong), ("o", self.intra_wg), ("w", self.warp_spec)) if on)
+        abl = "".join(ch for ch, on in (("p", self.pingpong), ("o", self.intra_wg), ("w", self.warp_spec),
+                                        ("P", self.persistent)) if on)
         mask = ("L" if self.has_wl else "") + ("R" if self.has_wr else "")
         return (f"fa3fwd_d{self.head_dim}_{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
@@ -89,7 +92,7 @@ _TILES = {64: (128, 128), 96: (128, 128), 128: (128, 128), 192: (128, 96), 256: 
 
 def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: bool = False,
                has_wr: bool = False, pingpong: bool = True, intra_wg: bool = True,
-               warp_spec: bool = True) -> KernelConfig:
+               warp_spec: bool = True, persistent: bool = False) -> KernelConfig:
     if head_dim not in _TILES:
         raise ValueError(f"CUDA template: head dim {head_dim} not in {sorted(_TILES)}")
     if dtype not in ("float16", "bfloat16"):
@@ -97,7 +100,24 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
     bm, bn = _TILES[head_dim]
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
-                        warp_spec=warp_spec)
+                        warp_spec=warp_spec, persistent=persistent)
+
+
+def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelConfig]:
+    """What scripts/compile_cuda_sm90.py prebuilds: every (hdim, dtype, causal or not); with extras
+    also the configurations the GPU tests and the ablation table use (hdim 128)."""
+    out = [config_for(hd, dt, has_wr=causal) for hd in hdims for dt in ("float16", "bfloat16")
+           for causal in (False, True)]
+    if extras:
+        for causal in (False, True):
+            for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
+                       dict(intra_wg=False, pingpong=False, warp_spec=False), dict(persistent=True),
+                       dict(persistent=True, warp_spec=False)):
+                out.append(config_for(128, "float16", has_wr=causal, **kw))
+        out.append(config_for(128, "bfloat16", has_wl=True))
+        out.append(config_for(128, "bfloat16", has_wl=True, has_wr=True))
+        out.append(config_for(64, "float16", has_wr=True, out_fp32=True))
+    return list(dict.fromkeys(out))
 
 
 def render(cfg: KernelConfig) -> str:

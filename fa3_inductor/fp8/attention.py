@@ -16,13 +16,14 @@ from ..spec import AttentionSpec
 from . import emulate, hadamard, quantize, templates
 
 # Tile sizes per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).  They are also the
-# quantisation blocks (one scale per BLOCK_M rows of Q, per BLOCK_N rows of K/V).  hdim
-# 256 halves BLOCK_N: a 128 x 256 fp8 K plus V^T tile per stage is already 64 KiB of
-# shared memory.  Not tuned on a GPU yet (bench/fp8_rows.py --sweep times the candidates).
+# quantisation blocks (one scale per BLOCK_M rows of Q, per BLOCK_N rows of K/V).  Chosen
+# by `ptxas -v` without a GPU (compile_check.py): BLOCK_N = 128 spills at every hdim, 64
+# does not at hdim 64/128; no config tried at hdim 256 is spill-free (64x64x8 warps: 96 B,
+# the least).  Not timed on a GPU yet (bench/fp8_rows.py --sweep times the candidates).
 TILES = {
-    64: (128, 128, 4, 3),
-    128: (128, 128, 8, 3),
-    256: (128, 64, 8, 2),
+    64: (128, 64, 8, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 64, 8, 2),
 }
 
 

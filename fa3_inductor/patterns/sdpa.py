@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from . import masks
 from . import nodes as N
+from .operands import peel_repeat_kv
 from .scores import NoMatch
 from .site import Site
 
@@ -34,6 +35,12 @@ def match_sdpa(node: fx.Node, ev) -> Site:
         raise NoMatch("SDPA with different head counts but enable_gqa=False")
     site = Site(anchor=node, out_node=node, q=q, k=k, v=v, rank=4, scale_factors=[], spec_fields={},
                 source=N.source_line(node))
+    # transformers repeats K/V before SDPA: read through it to native GQA.
+    rk, rv = peel_repeat_kv(k), peel_repeat_kv(v)
+    if rk is not None and rv is not None and rk[1:] == rv[1:] and not enable_gqa:
+        site.k, site.v = rk[0], rv[0]
+        site.spec_fields["gqa_mapping"] = rk[2]
+        site.notes.append(("gqa", rk[1], rk[2]))
     site.chain = [node]
     site.notes.append(("k_transpose", False))
     site.notes.append(("sdpa", True))
