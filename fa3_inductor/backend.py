@@ -80,10 +80,13 @@ def _site_why_not(site, spec) -> Optional[str]:
 def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True) -> GraphReport:
     sites, unmatched = find_sites(gm, _example_of(gm, example_inputs))
     hw_reason = None if config.force_rewrite else kernels_can_run(gm)
+    use_fp8 = config.fp8 and (config.fp8_training or not _is_training(example_inputs))
     matched = []
     dead_before = {n for n in gm.graph.nodes if not n.users}
     guarded: set = set()
     for site in sites:
+        if use_fp8:
+            site.spec_fields["fp8"] = True
         try:
             spec = build_spec(site)
         except ValueError as exc:
@@ -111,6 +114,12 @@ def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True
     REPORTS.append(report)
     del REPORTS[:-64]
     return report
+
+
+def _is_training(example_inputs) -> bool:
+    """A graph is a training graph when autograd is on and some input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in example_inputs)
 
 
 @functools.lru_cache(maxsize=1)

@@ -81,6 +81,9 @@ class AttentionSpec:
     softmax_dtype: str = "float32"           # dtype eager ran the softmax in (ours is always fp32 inside)
     # Output.
     out_dtype: str = "float16"
+    # FP8 (e4m3) forward with block scales and Hadamard incoherent processing; the backward,
+    # if any, is the fp16/bf16 one.  Set at compile time from config.fp8 / fp8_training.
+    fp8: bool = False
     # What the scale was, for reports: a number, or the symbolic expression it came from.
     scale_repr: str = ""
 
@@ -152,6 +155,8 @@ class AttentionSpec:
             parts.append(f"mask={self.mask_kind}")
         if self.dropout_p:
             parts.append(f"dropout={self.dropout_p:g}")
+        if self.fp8:
+            parts.append("fp8")
         if self.scale_repr:
             parts.append(f"scale={self.scale_repr}")
         parts.append(f"masked={self.masked_value}")

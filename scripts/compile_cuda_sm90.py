@@ -5,7 +5,7 @@ local loads/stores, and ptxas did not warn about serialised wgmma.
 
     python scripts/compile_cuda_sm90.py                 # hdim 64/128/256 x fp16/bf16 x causal/not
     python scripts/compile_cuda_sm90.py --hdims 96 192  # other head dims
-    python scripts/compile_cuda_sm90.py --ablations     # also the hdim-128 ablation variants
+    python scripts/compile_cuda_sm90.py --ablations     # also what the GPU tests + ablation table use
     python scripts/compile_cuda_sm90.py --jobs 2
 
 Exit status 1 when any build or check fails.  Builds land in the normal kernel cache, so a
@@ -26,19 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from fa3_inductor.codegen import cuda_jit  # noqa: E402
 
 
-def configs(hdims, ablations):
-    out = []
-    for hd in hdims:
-        for dt in ("float16", "bfloat16"):
-            for causal in (False, True):
-                out.append(cuda_jit.config_for(hd, dt, has_wr=causal))
-    if ablations:
-        for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
-                   dict(intra_wg=False, pingpong=False, warp_spec=False)):
-            out.append(cuda_jit.config_for(128, "float16", **kw))
-        out.append(cuda_jit.config_for(128, "bfloat16", has_wl=True, has_wr=True))
-        out.append(cuda_jit.config_for(128, "float16", out_fp32=True))
-    return out
+def configs(hdims, extras):
+    return cuda_jit.standard_configs(tuple(hdims), extras=extras)
 
 
 def check(cfg):
@@ -71,7 +60,8 @@ def check(cfg):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hdims", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also the ablation / persistent / window / fp32-out variants the GPU tests use")
     ap.add_argument("--jobs", type=int, default=1)
     args = ap.parse_args(argv)
     problem = cuda_jit.toolchain_problem()

@@ -51,15 +51,20 @@ _FWD_TABLE = {
     (16, False): FwdConfig(128, 64, 4, 3), (16, True): FwdConfig(128, 64, 4, 3),
     (32, False): FwdConfig(128, 64, 4, 3), (32, True): FwdConfig(128, 64, 4, 3),
     (64, False): FwdConfig(128, 128, 8, 3), (64, True): FwdConfig(128, 64, 4, 3),
+    # d128: 255 regs, no spills, 224 KiB smem (3 stages of 128x128 K and V tiles).
     (128, False): FwdConfig(128, 128, 8, 3), (128, True): FwdConfig(128, 64, 8, 3),
-    (256, False): FwdConfig(128, 64, 8, 2), (256, True): FwdConfig(128, 64, 8, 2),
+    # d256: BLOCK_N 64 spills at 2+ stages; BLOCK_N 32 with 3 stages does not.
+    (256, False): FwdConfig(128, 32, 8, 3), (256, True): FwdConfig(128, 32, 8, 3),
 }
+# Backward, keyed (d_pad, causal): the dK/dV kernel holds K, V, dK, dV of its key block in
+# registers, so its BLOCK_M must shrink as d grows (and for causal: the masked diagonal run
+# adds index/mask registers).  Chosen as the largest no-spill tiles under ptxas -v.
 _BWD_TABLE = {
-    16: BwdConfig(32, 128, 128, 32, 4, 3),
-    32: BwdConfig(32, 128, 128, 32, 4, 3),
-    64: BwdConfig(64, 128, 128, 64, 8, 3),
-    128: BwdConfig(64, 128, 128, 64, 8, 2),
-    256: BwdConfig(32, 64, 64, 32, 8, 2),
+    (16, False): BwdConfig(32, 128, 128, 32, 8, 2), (16, True): BwdConfig(32, 128, 128, 32, 8, 2),
+    (32, False): BwdConfig(32, 128, 128, 32, 8, 2), (32, True): BwdConfig(32, 128, 128, 32, 8, 2),
+    (64, False): BwdConfig(32, 128, 128, 32, 8, 2), (64, True): BwdConfig(32, 128, 128, 32, 8, 2),
+    (128, False): BwdConfig(32, 128, 128, 32, 8, 2), (128, True): BwdConfig(16, 128, 128, 16, 8, 2),
+    (256, False): BwdConfig(16, 64, 64, 16, 8, 2), (256, True): BwdConfig(16, 64, 64, 16, 8, 1),
 }
 
 _override: dict = {}
@@ -85,13 +90,14 @@ def default_fwd(d: int, dv: int, causal: bool) -> FwdConfig:
 
 
 def default_bwd(d: int, dv: int, causal: bool) -> BwdConfig:
-    return _override.get("bwd") or _BWD_TABLE[pad_head_dim(max(d, dv))]
+    return _override.get("bwd") or _BWD_TABLE[(pad_head_dim(max(d, dv)), bool(causal))]
 
 
 def fwd_candidates(d: int, dv: int, causal: bool) -> list[FwdConfig]:
     dp = pad_head_dim(max(d, dv))
     cands = [default_fwd(d, dv, causal)]
     bns = (32, 64) if dp >= 256 else (64, 128)
+    # 8 warps only where the tile is big enough to feed two warpgroups.
     for bm in (64, 128):
         for bn in bns:
             for w in (4, 8):
@@ -109,10 +115,10 @@ def bwd_candidates(d: int, dv: int, causal: bool) -> list[BwdConfig]:
     dp = pad_head_dim(max(d, dv))
     cands = [default_bwd(d, dv, causal)]
     if dp >= 256:
-        tiles = [(32, 64, 64, 32), (16, 64, 64, 16), (32, 32, 32, 32)]
+        tiles = [(16, 64, 64, 16), (32, 64, 64, 32), (16, 32, 64, 16)]
         stages = (1, 2)
     else:
-        tiles = [(32, 128, 128, 32), (64, 128, 128, 64), (64, 64, 64, 64)]
+        tiles = [(32, 128, 128, 32), (16, 128, 128, 16), (64, 128, 128, 64), (32, 64, 64, 32)]
         stages = (2, 3)
     for t in tiles:
         for w in (4, 8):

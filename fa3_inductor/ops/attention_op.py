@@ -37,7 +37,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], key_p
     s = AttentionSpec.from_json(spec)
     _check_args(q, k, v, s)
     bias = _expand_bias(bias, q, k)
-    impl = dispatch.choose(q, k, v, bias, s)
+    impl = dispatch.choose_forward(q, k, v, bias, s)
     out, lse = impl.forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, s)
     out = fully_masked.fix_forward(out, lse, v, s)
     return out, lse

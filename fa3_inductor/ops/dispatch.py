@@ -19,6 +19,7 @@ _IMPL_MODULES = {
     "reference": "fa3_inductor.ops.reference_impl",
     "triton": "fa3_inductor.ops.triton_impl",
     "cuda": "fa3_inductor.ops.cuda_impl",
+    "fp8": "fa3_inductor.fp8.attention",
 }
 _loaded: dict = {}
 _warned: set = set()
@@ -43,6 +44,23 @@ def _kernel_order(kernel: str) -> list[str]:
     if kernel == "auto":
         return ["cuda", "triton"]
     return [kernel]
+
+
+def choose_forward(q, k, v, bias, spec):
+    """The forward of an fp8 spec runs the FP8 kernel where it supports the call."""
+    if spec.fp8 and q.device.type == "cuda" and hopper_available(q.device):
+        try:
+            impl = implementation("fp8")
+            why_not = impl.supports(q, k, v, bias, spec)
+        except Exception as exc:  # noqa: BLE001 - a broken optional path falls back, loudly once
+            why_not = f"unavailable ({exc})"
+        if why_not is None:
+            return impl
+        key = ("fp8", why_not)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("fa3: fp8 requested but not used for this call: %s", why_not)
+    return choose(q, k, v, bias, spec)
 
 
 def choose(q, k, v, bias, spec, *, kernel: str | None = None):

@@ -39,6 +39,9 @@
 #ifndef FA3_WARP_SPEC
 #define FA3_WARP_SPEC 1
 #endif
+#ifndef FA3_PERSISTENT
+#define FA3_PERSISTENT 0
+#endif
 
 namespace {
 
@@ -46,7 +49,7 @@ using Element = std::conditional_t<FA3_DTYPE_BF16, cutlass::bfloat16_t, cutlass:
 using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
-                        bool(FA3_WARP_SPEC)>;
+                        bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT)>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;
@@ -105,7 +108,20 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
   // (which would be wrong across devices).
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return int(err);
-  dim3 grid(p.num_m_blocks, hq, b);
+  // One CTA per tile, or (persistent) one per SM looping over tiles: shared memory allows
+  // a single CTA per SM anyway.
+  int64_t const num_tiles = int64_t(p.num_m_blocks) * hq * b;
+  if (num_tiles > INT32_MAX) return kErrBadArgs;
+  int grid_x = int(num_tiles);
+  if (Cfg::kPersistent) {
+    int dev = 0, sms = 0;
+    err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return int(err);
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return int(err);
+    grid_x = int(num_tiles < sms ? num_tiles : sms);
+  }
+  dim3 grid(grid_x, 1, 1);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
   return int(cudaGetLastError());
 }

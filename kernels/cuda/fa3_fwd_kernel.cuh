@@ -51,11 +51,13 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 }
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
-          bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_>
+          bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
+          bool kPersistent_ = false>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr bool kHasWL = kHasWL_, kHasWR = kHasWR_;
   static constexpr bool kPingpong = kPingpong_, kIntraWG = kIntraWG_, kWarpSpec = kWarpSpec_;
+  static constexpr bool kPersistent = kPersistent_;  // one CTA per SM looping over tiles
   using Element = Element_;
   using OutT = OutT_;
 
@@ -92,7 +94,8 @@ struct Config {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
-    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;
+    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;        // Q landed (TMA tx count)
+    alignas(16) cutlass::arch::ClusterBarrier barrier_q_empty;             // consumers done with Q
     alignas(16) typename PipelineK::SharedStorage pipe_k;
     alignas(16) typename PipelineV::SharedStorage pipe_v;
   };
@@ -183,6 +186,24 @@ CUTE_DEVICE bool block_needs_mask(Params<Cfg> const& p, int m_block, int n) {
 
 enum : uint32_t { kBarSchedWG0 = 1 };  // named barriers kBarSchedWG0 + wg (above CUTLASS' reserved ids)
 
+struct TileCoord {
+  int m_block, head, batch;
+};
+
+// Tile t of the (m block, head, batch) grid.  reverse_m (causal): the m index is the slowest and
+// runs from the last block down, so the longest tiles start first and the short ones fill the
+// tail.  Otherwise m is the fastest index: consecutive tiles share K/V of one head in L2.
+template <class Cfg>
+CUTE_DEVICE TileCoord decode_tile(Params<Cfg> const& p, int t) {
+  if (p.reverse_m) {
+    int const bh = p.hq * p.b;
+    int const r = t % bh;
+    return {p.num_m_blocks - 1 - t / bh, r % p.hq, r / p.hq};
+  }
+  int const r = t / p.num_m_blocks;
+  return {t % p.num_m_blocks, r % p.hq, r / p.hq};
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
 fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
@@ -191,13 +212,14 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   using SS = typename Cfg::SharedStorage;
   using PipelineK = typename Cfg::PipelineK;
   using PipelineV = typename Cfg::PipelineV;
+  using PipeState = cutlass::PipelineState<Cfg::kStages>;
 
   extern __shared__ __align__(1024) char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
-  int const m_block = p.reverse_m ? (p.num_m_blocks - 1 - int(blockIdx.x)) : int(blockIdx.x);
-  int const head = blockIdx.y, batch = blockIdx.z;
-  int const kv_head = p.gqa_div ? head / p.group : head % p.hk;
+  // Persistent: a CTA loops over tiles blockIdx.x, +gridDim.x, ...; otherwise one tile per CTA.
+  int const num_tiles = p.num_m_blocks * p.hq * p.b;
+  int const tile_stride = Cfg::kPersistent ? int(gridDim.x) : num_tiles;
 
   int const warp_group = threadIdx.x / 128;
   bool const is_producer_wg = Cfg::kWarpSpec && warp_group == 0;
@@ -210,6 +232,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     ss.barrier_q.init(1);
+    ss.barrier_q_empty.init(Cfg::kMmaThreads);
   }
 
   typename PipelineK::Params pk;
@@ -226,57 +249,62 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  int n_min, n_max;
-  block_range<Cfg>(p, m_block, n_min, n_max);
-  bool const empty_tile = n_max <= n_min;
-
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
-
-  // ---------------------------------------------------------------- loads (producer side)
   Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.sq, int32_t(D), p.hq, p.b));
   Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.sk, int32_t(D), p.hk, p.b));
   Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(D), p.sk, p.hk, p.b));
-  Tensor gQ = local_tile(mQ(_, _, head, batch), Shape<Int<BM>, Int<D>>{}, make_coord(m_block, _0{}));
-  Tensor gK = local_tile(mK(_, _, kv_head, batch), Shape<Int<BN>, Int<D>>{}, make_coord(_, _0{}));
-  Tensor gVt = local_tile(mVt(_, _, kv_head, batch), Shape<Int<D>, Int<BN>>{}, make_coord(_0{}, _));
-  // (C++17 lambdas cannot capture structured bindings, hence get<>.)
-  auto tq = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-  auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-  auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
-  Tensor tQgQ = get<0>(tq); Tensor tQsQ = get<1>(tq);
-  Tensor tKgK = get<0>(tk); Tensor tKsK = get<1>(tk);
-  Tensor tVgV = get<0>(tv); Tensor tVsV = get<1>(tv);
 
-  auto load_q = [&]() {
+  // Producer-side state, persistent across tiles.
+  PipeState wk = cutlass::make_producer_start_state<PipelineK>();
+  PipeState wv = cutlass::make_producer_start_state<PipelineV>();
+  int q_empty_phase = 0;
+  bool q_loaded = false;  // a previous tile's Q is (or was) in smem: wait until consumers free it
+
+  // Loads for one tile, as closures over its global tiles.
+  auto load_q = [&](TileCoord const& tc) {
+    if (q_loaded) { ss.barrier_q_empty.wait(q_empty_phase); q_empty_phase ^= 1; }
+    q_loaded = true;
+    Tensor gQ = local_tile(mQ(_, _, tc.head, tc.batch), Shape<Int<BM>, Int<D>>{}, make_coord(tc.m_block, _0{}));
+    auto tq = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     ss.barrier_q.arrive_and_expect_tx(Cfg::kBytesQ);
-    copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQgQ, tQsQ);
+    copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), get<0>(tq), get<1>(tq));
   };
-  auto load_k = [&](cutlass::PipelineState<Cfg::kStages>& st, int n) {
-    pipe_k.producer_acquire(st);
-    copy(p.tma_k.with(*pipe_k.producer_get_barrier(st), 0), tKgK(_, n), tKsK(_, st.index()));
-    ++st;
+  auto load_k = [&](TileCoord const& tc, int kv_head, int n) {
+    Tensor gK = local_tile(mK(_, _, kv_head, tc.batch), Shape<Int<BN>, Int<D>>{}, make_coord(_, _0{}));
+    auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    pipe_k.producer_acquire(wk);
+    copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk), 0), get<0>(tk)(_, n), get<1>(tk)(_, wk.index()));
+    ++wk;
   };
-  auto load_v = [&](cutlass::PipelineState<Cfg::kStages>& st, int n) {
-    pipe_v.producer_acquire(st);
-    copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
-    ++st;
+  auto load_v = [&](TileCoord const& tc, int kv_head, int n) {
+    Tensor gVt = local_tile(mVt(_, _, kv_head, tc.batch), Shape<Int<D>, Int<BN>>{}, make_coord(_0{}, _));
+    auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+    pipe_v.producer_acquire(wv);
+    copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv), 0), get<0>(tv)(_, n), get<1>(tv)(_, wv.index()));
+    ++wv;
   };
+  auto kv_head_of = [&](int head) { return p.gqa_div ? head / p.group : head % p.hk; };
 
   if (is_producer_wg) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
-    if (is_loader && !empty_tile) {
-      auto wk = cutlass::make_producer_start_state<PipelineK>();
-      auto wv = cutlass::make_producer_start_state<PipelineV>();
-      load_q();
-      // Order matches consumption: with intra-WG overlap K_{j+1} is needed before V_j.
-      load_k(wk, n_max - 1);
-      for (int n = n_max - 1; n > n_min; --n) {
-        if constexpr (Cfg::kIntraWG) { load_k(wk, n - 1); load_v(wv, n); }
-        else { load_v(wv, n); load_k(wk, n - 1); }
+    if (is_loader) {
+      for (int t = blockIdx.x; t < num_tiles; t += tile_stride) {
+        TileCoord const tc = decode_tile<Cfg>(p, t);
+        int n_min, n_max;
+        block_range<Cfg>(p, tc.m_block, n_min, n_max);
+        if (n_max <= n_min) continue;
+        int const kvh = kv_head_of(tc.head);
+        load_q(tc);
+        // Order matches consumption: with intra-WG overlap K_{j+1} is needed before V_j.
+        load_k(tc, kvh, n_max - 1);
+        for (int n = n_max - 1; n > n_min; --n) {
+          if constexpr (Cfg::kIntraWG) { load_k(tc, kvh, n - 1); load_v(tc, kvh, n); }
+          else { load_v(tc, kvh, n); load_k(tc, kvh, n - 1); }
+        }
+        load_v(tc, kvh, n_min);
       }
-      load_v(wv, n_min);
     }
     return;
   }
@@ -285,27 +313,6 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   if constexpr (Cfg::kWarpSpec) { cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>(); }
   int const wg = mma_tid / 128;  // consumer warpgroup 0 or 1
 
-  // Without a producer warpgroup, thread 0 keeps loads kStages-1 blocks ahead of compute.  K and V
-  // run ahead separately: refilling a V stage must only wait for a V block this thread's own
-  // warpgroup has already released, else it would deadlock on itself.
-  auto wk = cutlass::make_producer_start_state<PipelineK>();
-  auto wv = cutlass::make_producer_start_state<PipelineV>();
-  int next_k = n_max - 1, next_v = n_max - 1;  // next key blocks to load (descending)
-  auto inline_load_k = [&](int upto) {
-    if constexpr (!Cfg::kWarpSpec) {
-      if (is_loader) for (; next_k >= max(upto, n_min); --next_k) load_k(wk, next_k);
-    }
-  };
-  auto inline_load_v = [&](int upto) {
-    if constexpr (!Cfg::kWarpSpec) {
-      if (is_loader) for (; next_v >= max(upto, n_min); --next_v) load_v(wv, next_v);
-    }
-  };
-  if constexpr (!Cfg::kWarpSpec) {
-    if (is_loader && !empty_tile) load_q();
-    if (!empty_tile) { inline_load_k(n_max - Cfg::kStages); inline_load_v(n_max - Cfg::kStages); }
-  }
-
   typename Cfg::TiledMmaQK mma_qk;
   typename Cfg::TiledMmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(mma_tid);
@@ -313,14 +320,15 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
   Tensor tSrK = thr_qk.partition_fragment_B(sK);
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);
-  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
-  Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
   Tensor cS = make_identity_tensor(Shape<Int<BM>, Int<BN>>{});
   Tensor tScS = thr_qk.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
-  OnlineSoftmax<kRows> softmax(p.scale_log2);
-  clear(tOrO);
+  Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<D>>{});
+  Tensor tOcO = thr_pv.partition_C(cO);
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+
+  PipeState rk, rv;  // consumer read states (index 0, phase 0), persistent across tiles
+  int q_phase = 0;
 
   auto sched_sync = [&]() {
     if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + wg);
@@ -328,80 +336,67 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   auto sched_arrive = [&]() {
     if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + (1 - wg));
   };
-  auto mask = [&](auto& tSrS, int n) {
-    if (block_needs_mask<Cfg>(p, m_block, n)) {
-      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-      apply_mask<Cfg::kHasWL, Cfg::kHasWR>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off, p.wl, p.wr);
-    }
-  };
-  auto rescale_o = [&](float const (&alpha)[kRows]) {
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= alpha[r];
-    }
-  };
 
-  if (!empty_tile) {
-    cutlass::PipelineState<Cfg::kStages> rk, rv;  // consumer read states (index 0, phase 0)
-    // The first consumer warpgroup holds the token first.
-    if constexpr (Cfg::kPingpong) {
-      if (wg == 0) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + 0);
-    }
-    ss.barrier_q.wait(0);
+  for (int t = blockIdx.x; t < num_tiles; t += tile_stride) {
+    TileCoord const tc = decode_tile<Cfg>(p, t);
+    int const m_block = tc.m_block;
+    int n_min, n_max;
+    block_range<Cfg>(p, m_block, n_min, n_max);
+    bool const empty_tile = n_max <= n_min;
+    int const kvh = kv_head_of(tc.head);
 
-    if constexpr (Cfg::kIntraWG) {
-      // Prologue: S for the first (highest) key block.
-      Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
-      pipe_k.consumer_wait(rk);
-      sched_sync();
-      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
-      sched_arrive();
-      warpgroup_wait<0>();
-      pipe_k.consumer_release(rk);
-      ++rk;
-      mask(tSrS, n_max - 1);
-      float alpha[kRows];
-      {
+    // Without a producer warpgroup, thread 0 keeps loads kStages-1 blocks ahead of compute.  K and
+    // V run ahead separately: refilling a V stage must only wait for a V block this thread's own
+    // warpgroup has already released, else it would deadlock on itself.
+    int next_k = n_max - 1, next_v = n_max - 1;  // next key blocks to load (descending)
+    auto inline_load_k = [&](int upto) {
+      if constexpr (!Cfg::kWarpSpec) {
+        if (is_loader) for (; next_k >= max(upto, n_min); --next_k) load_k(tc, kvh, next_k);
+      }
+    };
+    auto inline_load_v = [&](int upto) {
+      if constexpr (!Cfg::kWarpSpec) {
+        if (is_loader) for (; next_v >= max(upto, n_min); --next_v) load_v(tc, kvh, next_v);
+      }
+    };
+    if constexpr (!Cfg::kWarpSpec) {
+      if (!empty_tile) {
+        if (is_loader) load_q(tc);
+        inline_load_k(n_max - Cfg::kStages);
+        inline_load_v(n_max - Cfg::kStages);
+      }
+    }
+
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
+    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
+    OnlineSoftmax<kRows> softmax(p.scale_log2);
+    clear(tOrO);
+
+    auto mask = [&](auto& tSrS, int n) {
+      if (block_needs_mask<Cfg>(p, m_block, n)) {
         Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-        softmax.template step<true>(s_rc, alpha);
+        apply_mask<Cfg::kHasWL, Cfg::kHasWR>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off, p.wl, p.wr);
       }
-      // P lives in registers (16-bit) and feeds the PV GEMM as its A operand.
-      Tensor rP = make_tensor<Element>(tSrS.layout());
-      convert_into(tSrS, rP);
-      Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
-      for (int n = n_max - 2; n >= n_min; --n) {
-        inline_load_k(n - Cfg::kStages + 1);
-        inline_load_v(n - Cfg::kStages + 2);
-        Tensor tSrS2 = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
-        pipe_k.consumer_wait(rk);
-        sched_sync();
-        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS2);
-        pipe_v.consumer_wait(rv);
-        wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
-        sched_arrive();
-        warpgroup_wait<1>();  // S_{j+1} done; P_j V_j may still run under the softmax below
-        pipe_k.consumer_release(rk);
-        ++rk;
-        mask(tSrS2, n);
-        {
-          Tensor s_rc = make_tensor(tSrS2.data(), acc_rowcol(tSrS2.layout()));
-          softmax.template step<false>(s_rc, alpha);
-        }
-        warpgroup_wait<0>();
-        pipe_v.consumer_release(rv);
-        ++rv;
-        rescale_o(alpha);
-        convert_into(tSrS2, rP);  // safe: the PV GEMM reading rP has completed
+    };
+    auto rescale_o = [&](float const (&alpha)[kRows]) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= alpha[r];
       }
-      pipe_v.consumer_wait(rv);
-      wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
-      pipe_v.consumer_release(rv);
-      ++rv;
-    } else {
-      for (int n = n_max - 1; n >= n_min; --n) {
-        inline_load_k(n - Cfg::kStages + 1);
-        inline_load_v(n - Cfg::kStages + 1);
+    };
+
+    if (!empty_tile) {
+      // The first consumer warpgroup holds the token first.
+      if constexpr (Cfg::kPingpong) {
+        if (wg == 0) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + 0);
+      }
+      ss.barrier_q.wait(q_phase);
+      q_phase ^= 1;
+
+      if constexpr (Cfg::kIntraWG) {
+        // Prologue: S for the first (highest) key block.
         Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
         pipe_k.consumer_wait(rk);
         sched_sync();
@@ -410,53 +405,103 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         warpgroup_wait<0>();
         pipe_k.consumer_release(rk);
         ++rk;
-        mask(tSrS, n);
+        mask(tSrS, n_max - 1);
         float alpha[kRows];
-        Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-        if (n == n_max - 1) softmax.template step<true>(s_rc, alpha);
-        else softmax.template step<false>(s_rc, alpha);
-        rescale_o(alpha);
+        {
+          Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+          softmax.template step<true>(s_rc, alpha);
+        }
+        // P lives in registers (16-bit) and feeds the PV GEMM as its A operand.
         Tensor rP = make_tensor<Element>(tSrS.layout());
         convert_into(tSrS, rP);
         Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+        for (int n = n_max - 2; n >= n_min; --n) {
+          inline_load_k(n - Cfg::kStages + 1);
+          inline_load_v(n - Cfg::kStages + 2);
+          Tensor tSrS2 = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+          pipe_k.consumer_wait(rk);
+          sched_sync();
+          wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS2);
+          pipe_v.consumer_wait(rv);
+          wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
+          sched_arrive();
+          warpgroup_wait<1>();  // S_{j+1} done; P_j V_j may still run under the softmax below
+          pipe_k.consumer_release(rk);
+          ++rk;
+          mask(tSrS2, n);
+          {
+            Tensor s_rc = make_tensor(tSrS2.data(), acc_rowcol(tSrS2.layout()));
+            softmax.template step<false>(s_rc, alpha);
+          }
+          warpgroup_wait<0>();
+          pipe_v.consumer_release(rv);
+          ++rv;
+          rescale_o(alpha);
+          convert_into(tSrS2, rP);  // safe: the PV GEMM reading rP has completed
+        }
         pipe_v.consumer_wait(rv);
         wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
         pipe_v.consumer_release(rv);
         ++rv;
+      } else {
+        for (int n = n_max - 1; n >= n_min; --n) {
+          inline_load_k(n - Cfg::kStages + 1);
+          inline_load_v(n - Cfg::kStages + 1);
+          Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+          pipe_k.consumer_wait(rk);
+          sched_sync();
+          wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
+          sched_arrive();
+          warpgroup_wait<0>();
+          pipe_k.consumer_release(rk);
+          ++rk;
+          mask(tSrS, n);
+          float alpha[kRows];
+          Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+          if (n == n_max - 1) softmax.template step<true>(s_rc, alpha);
+          else softmax.template step<false>(s_rc, alpha);
+          rescale_o(alpha);
+          Tensor rP = make_tensor<Element>(tSrS.layout());
+          convert_into(tSrS, rP);
+          Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+          pipe_v.consumer_wait(rv);
+          wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
+          pipe_v.consumer_release(rv);
+          ++rv;
+        }
+      }
+      // Every GEMM reading sQ has completed: the producer may load the next tile's Q.
+      ss.barrier_q_empty.arrive();
+      // Take back the token the other warpgroup passed after its last GEMMs, leaving both named
+      // barriers balanced at the end of every tile.
+      if constexpr (Cfg::kPingpong) {
+        if (wg == 0) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + 0);
       }
     }
-    // Take back the token the other warpgroup passed after its last GEMMs, leaving both named
-    // barriers balanced at exit.
-    if constexpr (Cfg::kPingpong) {
-      if (wg == 0) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + 0);
-    }
-  }
 
-  // ---------------------------------------------------------------- epilogue
-  // O /= l, written straight from registers: each thread owns pairs of adjacent columns of two
-  // rows.  LSE by the first lane of each quad.  Empty tiles write O = 0, LSE = -inf.
-  float inv[kRows], lse[kRows];
-  softmax.finalize(inv, lse);
-  Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<D>>{});
-  Tensor tOcO = thr_pv.partition_C(cO);
-  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-  using OutT = typename Cfg::OutT;
-  OutT* out_bh = p.out + batch * p.o_sb + head * p.o_sh;
-  float* lse_bh = p.lse + (int64_t(batch) * p.hq + head) * p.sq;
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    int const row = m_block * BM + get<0>(tOcO_rc(r, 0));
-    if (row < p.sq) {
-      OutT* orow = out_bh + row * p.o_ss;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(tOcO_rc); c += 2) {
-        int const col = get<1>(tOcO_rc(r, c));
-        cutlass::Array<OutT, 2> v2;
-        v2[0] = OutT(tOrO_rc(r, c) * inv[r]);
-        v2[1] = OutT(tOrO_rc(r, c + 1) * inv[r]);
-        *reinterpret_cast<cutlass::Array<OutT, 2>*>(orow + col) = v2;
+    // ---------------------------------------------------------------- epilogue
+    // O /= l, written straight from registers: each thread owns pairs of adjacent columns of two
+    // rows.  LSE by the first lane of each quad.  Empty tiles write O = 0, LSE = -inf.
+    float inv[kRows], lse[kRows];
+    softmax.finalize(inv, lse);
+    using OutT = typename Cfg::OutT;
+    OutT* out_bh = p.out + tc.batch * p.o_sb + tc.head * p.o_sh;
+    float* lse_bh = p.lse + (int64_t(tc.batch) * p.hq + tc.head) * p.sq;
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      int const row = m_block * BM + get<0>(tOcO_rc(r, 0));
+      if (row < p.sq) {
+        OutT* orow = out_bh + row * p.o_ss;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(tOcO_rc); c += 2) {
+          int const col = get<1>(tOcO_rc(r, c));
+          cutlass::Array<OutT, 2> v2;
+          v2[0] = OutT(tOrO_rc(r, c) * inv[r]);
+          v2[1] = OutT(tOrO_rc(r, c + 1) * inv[r]);
+          *reinterpret_cast<cutlass::Array<OutT, 2>*>(orow + col) = v2;
+        }
+        if (mma_tid % 4 == 0) lse_bh[row] = lse[r];
       }
-      if (mma_tid % 4 == 0) lse_bh[row] = lse[r];
     }
   }
 }

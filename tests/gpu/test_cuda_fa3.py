@@ -129,10 +129,12 @@ def test_windows(wl, wr):
 
 
 @pytest.mark.parametrize("ablation", [dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
-                                      dict(intra_wg=False, pingpong=False, warp_spec=False)])
+                                      dict(intra_wg=False, pingpong=False, warp_spec=False),
+                                      dict(persistent=True), dict(persistent=True, warp_spec=False)])
 @pytest.mark.parametrize("causal", ["none", "top_left"])
 def test_ablations(ablation, causal):
-    q, k, v = _make(2, 4, 4, 1000, 1000, 128, torch.float16)
+    # 2 x 8 heads x 8 m-blocks = 128 tiles: more than one tile per CTA when persistent.
+    q, k, v = _make(2, 8, 8, 1000, 1000, 128, torch.float16)
     _check(q, k, v, _spec(causal), **ablation)
 
 

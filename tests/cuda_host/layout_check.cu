@@ -1,0 +1,55 @@
+// Host-only check (no GPU) of the register-layout helpers in fa3_utils.cuh against CuTe's own
+// WGMMA partitions: the accumulator (row, col) view, and the accumulator-as-A-operand view used to
+// feed P to the PV GEMM.  Build: nvcc -std=c++17 --expt-relaxed-constexpr -I<cutlass> -I kernels/cuda
+// Prints "OK" and exits 0 when every thread's coordinates agree.
+#include <cstdio>
+#include "fa3_fwd_kernel.cuh"
+
+using namespace cute;
+
+template <int D, int BN>
+int check() {
+  using Cfg = fa3::Config<D, 128, BN, 2, cutlass::half_t, cutlass::half_t, false, true, true, true, true>;
+  typename Cfg::TiledMmaQK mma_qk;
+  typename Cfg::TiledMmaPV mma_pv;
+  int bad = 0;
+  for (int t = 0; t < 256; ++t) {
+    auto thr_qk = mma_qk.get_thread_slice(t);
+    auto thr_pv = mma_pv.get_thread_slice(t);
+    Tensor cS = make_identity_tensor(Shape<Int<128>, Int<BN>>{});
+    Tensor tScS = thr_qk.partition_C(cS);
+    Tensor rc = make_tensor(tScS.data(), fa3::acc_rowcol(tScS.layout()));
+    int w = t / 128, warp = (t % 128) / 32, lane = t % 32;
+    for (int r = 0; r < size<0>(rc); ++r)
+      for (int c = 0; c < size<1>(rc); ++c) {
+        int row = w * 64 + warp * 16 + lane / 4 + 8 * r;
+        int col = (lane % 4) * 2 + (c % 2) + 8 * (c / 2);
+        if (get<0>(rc(r, c)) != row || get<1>(rc(r, c)) != col) {
+          if (bad++ < 5) printf("rowcol mismatch t=%d r=%d c=%d got (%d,%d) want (%d,%d)\n", t, r, c,
+                                int(get<0>(rc(r, c))), int(get<1>(rc(r, c))), row, col);
+        }
+      }
+    // P as operand A of the PV GEMM: CuTe's A partition of a (128, BN) tile must hold, element for
+    // element, the same (row, key) coordinates as our reinterpretation of the S accumulator.
+    Tensor tOcP = thr_pv.partition_A(cS);
+    Tensor asA = make_tensor(tScS.data(), fa3::acc_as_operand_a(tScS.layout()));
+    if (size(tOcP) != size(asA)) { printf("size mismatch %d vs %d\n", int(size(tOcP)), int(size(asA))); return 1; }
+    for (int i = 0; i < size(tOcP); ++i) {
+      if (tOcP(i) != asA(i)) {
+        if (bad++ < 5) printf("operand-A mismatch t=%d i=%d got (%d,%d) want (%d,%d)\n", t, i,
+                              int(get<0>(asA(i))), int(get<1>(asA(i))), int(get<0>(tOcP(i))), int(get<1>(tOcP(i))));
+      }
+    }
+  }
+  printf("D=%d BN=%d: %s\n", D, BN, bad ? "MISMATCH" : "OK");
+  return bad != 0;
+}
+
+int main() {
+  int bad = 0;
+  bad += check<128, 128>();
+  bad += check<256, 80>();
+  bad += check<64, 128>();
+  bad += check<192, 96>();
+  return bad;
+}
