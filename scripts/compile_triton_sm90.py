@@ -164,8 +164,8 @@ def main(argv=None):
         for dt in ("fp16", "bf16"):
             for spec in specs:
                 is_main = spec.mask_kind is None and not spec.dropout_p and not spec.alibi and not spec.key_padding
-                fcfgs = [triton_configs.default_fwd(d, d, spec.causal)]
-                bcfgs = [triton_configs.default_bwd(d, d, spec.causal)]
+                fcfgs = [triton_configs.for_spec(triton_configs.default_fwd(d, d, spec.causal), spec)]
+                bcfgs = [triton_configs.for_spec(triton_configs.default_bwd(d, d, spec.causal), spec)]
                 if args.candidates:
                     fcfgs = triton_configs.fwd_candidates(d, d, spec.causal)
                     bcfgs = triton_configs.bwd_candidates(d, d, spec.causal)

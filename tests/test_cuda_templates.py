@@ -104,3 +104,68 @@ def test_compile_one_sm90a():
     rep = cuda_jit.ptxas_report(cfg)
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep["log"][-2000:]
     assert not rep["wgmma_serialized"], rep["log"][-2000:]
+
+
+# ---- the kernel's block-skipping logic (block_range / block_needs_mask in fa3_fwd_kernel.cuh),
+# mirrored in Python and checked against the reference keep-mask: a skipped block must hold no
+# kept key, and a block run without masking must hold only kept keys (for rows < sq).
+def _block_range(sq, sk, off, wl, wr, m, BM, BN):
+    row_lo, row_hi = m * BM, min(sq, m * BM + BM) - 1
+    n_min, n_max = 0, (sk + BN - 1) // BN
+    if wr is not None:
+        x = row_hi + off + wr + 1
+        n_max = 0 if x <= 0 else min(n_max, (x + BN - 1) // BN)
+    if wl is not None:
+        y = row_lo + off - wl
+        n_min = 0 if y <= 0 else y // BN
+    return n_min, n_max
+
+
+def _needs_mask(sk, off, wl, wr, m, n, BM, BN):
+    row_lo, row_hi = m * BM, m * BM + BM - 1
+    need = (n + 1) * BN > sk
+    if wr is not None:
+        need |= (n + 1) * BN - 1 > row_lo + off + wr
+    if wl is not None:
+        need |= n * BN < row_hi + off - wl
+    return need
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 300), (300, 17), (257, 513), (1000, 1000), (129, 80)])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("wl,wr", [(None, None), (None, 0), (64, 0), (5, 17), (100, None), (None, 50)])
+@pytest.mark.parametrize("BN", [80, 128])
+def test_block_skipping_matches_reference(sq, sk, align, wl, wr, BN):
+    from fa3_inductor import reference
+    BM = 128
+    spec = AttentionSpec(align=align, window_left=wl, window_right=wr)
+    keep = reference.keep_mask(spec, torch.arange(sq), sq, sk, "cpu", None, None)
+    keep = torch.ones(sq, sk, dtype=torch.bool) if keep is None else keep.view(sq, sk)
+    off = sk - sq if align == "bottom_right" else 0
+    for m in range((sq + BM - 1) // BM):
+        rows = keep[m * BM:(m + 1) * BM]
+        n_min, n_max = _block_range(sq, sk, off, wl, wr, m, BM, BN)
+        for n in range((sk + BN - 1) // BN):
+            blk = rows[:, n * BN:(n + 1) * BN]
+            if not (n_min <= n < n_max):
+                assert not blk.any(), (m, n, "skipped block has kept keys")
+            elif not _needs_mask(sk, off, wl, wr, m, n, BM, BN):
+                assert blk.all() and blk.shape[1] == BN, (m, n, "unmasked block has masked keys")
+
+
+@pytest.mark.slow
+def test_layout_helpers_match_cute(tmp_path):
+    """Host-only program (no GPU): acc_rowcol / acc_as_operand_a agree with CuTe's WGMMA partitions
+    for every consumer thread, i.e. P can be fed from the S registers to the PV GEMM as is."""
+    import pathlib
+    import subprocess
+    if cuda_jit.toolchain_problem():
+        pytest.skip(cuda_jit.toolchain_problem())
+    src = pathlib.Path(__file__).parent / "cuda_host" / "layout_check.cu"
+    exe = tmp_path / "layout_check"
+    cmd = [cuda_jit.find_nvcc(), "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
+           f"-I{cuda_jit.cutlass_include()}", f"-I{kernels_dir() / 'cuda'}", str(src), "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.count("OK") == 4, out.stdout

@@ -89,6 +89,7 @@ ABLATIONS = {
     "no pingpong": dict(pingpong=False),
     "no warp specialization": dict(warp_spec=False),
     "full + persistent": dict(persistent=True),
+    "full, 128x176 tile": dict(block_n=176),
 }
 
 

@@ -93,6 +93,16 @@ def default_bwd(d: int, dv: int, causal: bool) -> BwdConfig:
     return _override.get("bwd") or _BWD_TABLE[(pad_head_dim(max(d, dv)), bool(causal))]
 
 
+def for_spec(cfg, spec):
+    """Specs with a [B,H,Sq,Sk] tensor operand (bias / bool mask) pipeline a score-sized tile of
+    it next to K and V: narrower key tiles and fewer stages keep them in registers and smem."""
+    if _override or spec.mask_kind is None:
+        return cfg
+    if isinstance(cfg, FwdConfig):
+        return dataclasses.replace(cfg, block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 2))
+    return dataclasses.replace(cfg, block_m1=min(cfg.block_m1, 16), block_n2=min(cfg.block_n2, 16))
+
+
 def fwd_candidates(d: int, dv: int, causal: bool) -> list[FwdConfig]:
     dp = pad_head_dim(max(d, dv))
     cands = [default_fwd(d, dv, causal)]

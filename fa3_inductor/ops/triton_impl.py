@@ -9,6 +9,8 @@ be contiguous; otherwise a contiguous copy is made here (one extra pass over tha
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..codegen import triton_configs, triton_render
@@ -69,7 +71,7 @@ def _fwd_config(q, k, v, spec):
     d, dv = q.shape[-1], v.shape[-1]
     if autotune.enabled() and q.is_cuda:
         return autotune.best_fwd(q, k, v, spec)
-    return triton_configs.default_fwd(d, dv, spec.causal)
+    return triton_configs.for_spec(triton_configs.default_fwd(d, dv, spec.causal), spec)
 
 
 def _bwd_config(q, k, v, spec):
@@ -77,7 +79,7 @@ def _bwd_config(q, k, v, spec):
     d, dv = q.shape[-1], v.shape[-1]
     if autotune.enabled() and q.is_cuda:
         return autotune.best_bwd(q, k, v, spec)
-    return triton_configs.default_bwd(d, dv, spec.causal)
+    return triton_configs.for_spec(triton_configs.default_bwd(d, dv, spec.causal), spec)
 
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
@@ -93,8 +95,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
     cfg = config or _fwd_config(q, k, v, spec)
     bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
     mod = triton_render.load("fwd", spec)
-    grid = (triton_cdiv(Sq, cfg.block_m), B * H)
-    mod.attn_fwd[grid](
+    _launch(cfg, lambda cfg: mod.attn_fwd[(triton_cdiv(Sq, cfg.block_m), B * H)](
         q, k, v, out, lse, bias_t, kp, slopes, seed_t,
         float(scale), Sq, Sk, H, HK,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -103,7 +104,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
         HEAD_D=D, HEAD_DV=Dv, D_PAD=triton_configs.pad_head_dim(D), DV_PAD=triton_configs.pad_head_dim(Dv),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ))
     return out, lse
 
 
@@ -141,17 +142,45 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     common = (bias_t, kp, slopes, seed_t, float(scale), Sq, Sk, H, HK,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    mod.attn_bwd_dkdv[(triton_cdiv(Sk, cfg.block_n1), B * HK)](
+    _launch(cfg, lambda cfg: mod.attn_bwd_dkdv[(triton_cdiv(Sk, cfg.block_n1), B * HK)](
         q, k, v, dout, lse, delta, dk, dv, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
-        **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
+        **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    _launch(cfg, lambda cfg: mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
         q, k, v, dout, lse, delta, dq, dbias if want_dbias else None, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
-        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return dq, dk, dv, dbias
+
+
+def _shrink(cfg):
+    """Smaller variants of a config, tried in order when a launch runs out of shared memory or
+    registers (e.g. a bias tile pipelined in 3 stages next to 128x128 K/V tiles)."""
+    yield cfg
+    if cfg.num_stages > 1:
+        yield dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if isinstance(cfg, triton_configs.FwdConfig):
+        if cfg.block_n > 32:
+            yield dataclasses.replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+        yield triton_configs.FwdConfig(64, 32, 4, 1)
+    else:
+        yield dataclasses.replace(cfg, block_m1=max(16, cfg.block_m1 // 2), block_n2=max(16, cfg.block_n2 // 2),
+                                  num_stages=1)
+        yield triton_configs.BwdConfig(16, 32, 32, 16, 4, 1)
+
+
+def _launch(cfg, launch):
+    """launch(cfg) with the first variant of cfg that fits the device."""
+    from triton.runtime.errors import OutOfResources
+    last = None
+    for c in _shrink(cfg):
+        try:
+            return launch(c)
+        except OutOfResources as exc:
+            last = exc
+    raise last
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -3,6 +3,7 @@
 // feed P to the PV GEMM.  Build: nvcc -std=c++17 --expt-relaxed-constexpr -I<cutlass> -I kernels/cuda
 // Prints "OK" and exits 0 when every thread's coordinates agree.
 #include <cstdio>
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1  // 64x80 atoms for the hdim-256 tile, as cuda_jit renders it
 #include "fa3_fwd_kernel.cuh"
 
 using namespace cute;

@@ -154,3 +154,9 @@ def test_dispatch_prefers_cuda():
     q, k, v = _make(1, 2, 2, 128, 128, 128, torch.float16)
     impl = dispatch.choose(q, k, v, None, _spec("none"), kernel="cuda")
     assert impl is cuda_impl
+
+
+def test_tile_176():
+    # The FA3 paper's hdim-128 non-causal tile (64x176 WGMMA atoms, 11 k-steps in PV).
+    q, k, v = _make(2, 4, 4, 1000, 1001, 128, torch.float16)
+    _check(q, k, v, _spec("none"), block_n=176)

@@ -131,16 +131,13 @@ def test_structure(name, shape):
 
 
 @pytest.mark.parametrize("name", [n for n in SPECS if n not in ("plain", "causal_tl", "causal_br")])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 113, 1000, 64), (1, 4, 4, 1000, 1000, 128)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_features(name, shape):
-    _run(SPECS[name], shape)
+def test_features(name):
+    # One shape per feature (each spec compiles its own kernels: keep the run bounded).
+    _run(SPECS[name], (2, 4, 2, 113, 1000, 64))
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 2, 1000, 1000, 128), (1, 4, 4, 4097, 4097, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_bf16(shape):
-    _run(AttentionSpec(window_right=0, out_dtype="bfloat16"), shape, dtype=torch.bfloat16)
+def test_bf16():
+    _run(AttentionSpec(window_right=0, out_dtype="bfloat16"), (2, 8, 2, 1000, 1000, 128), dtype=torch.bfloat16)
 
 
 def test_dropout_matches_reference_mask():

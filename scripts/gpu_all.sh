@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Everything the H100 checks in one call (< 9.5 minutes): install, GPU tests of the Triton,
+# CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
+# with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
+# Only 8 files come back from the device, so every log lands in one tarball plus run.log.
+#   PARTS="triton cuda fp8 bench models" bash scripts/gpu_all.sh
+set -u
+cd "$(dirname "$0")/.."
+FINAL=${OUT:-$PWD/bench_out}
+W=/tmp/fa3_run
+rm -rf "$W"; mkdir -p "$W" "$FINAL"
+PARTS=${PARTS:-"triton cuda fp8 bench"}
+T0=$(date +%s)
+LOG="$FINAL/run.log"
+export PYTHONUNBUFFERED=1
+export FA3_CUTLASS_INCLUDE="${FA3_CUTLASS_INCLUDE:-$PWD/.carry/cutlass_include}"
+if [ -d .carry/fa3_cache ]; then export FA3_INDUCTOR_CACHE="$PWD/.carry/fa3_cache"; else export FA3_INDUCTOR_CACHE=$W/cache; fi
+say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+
+say "device: $(nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader 2>&1)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+python3 -m pip install -q --no-deps --no-build-isolation . > "$W/pip.log" 2>&1 || { say "pip install failed"; tail -20 "$W/pip.log" | tee -a "$LOG"; }
+
+if has triton; then
+  say "== triton GPU tests"
+  timeout ${T_TRITON:-170} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_triton_gpu.py > "$W/pytest_triton.log" 2>&1
+  say "triton tests rc=$?"; tail -15 "$W/pytest_triton.log" | tee -a "$LOG"
+fi
+if has cuda; then
+  say "== cuda GPU tests + rows"
+  timeout ${T_CUDA:-120} bash scripts/gpu_cuda_check.sh > "$W/cuda.log" 2>&1
+  say "cuda rc=$?"; tail -40 "$W/cuda.log" | tee -a "$LOG"
+fi
+if has fp8; then
+  say "== fp8 GPU tests + rows"
+  timeout ${T_FP8:-70} python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_fp8_gpu.py > "$W/pytest_fp8.log" 2>&1
+  say "fp8 tests rc=$?"; tail -12 "$W/pytest_fp8.log" | tee -a "$LOG"
+  timeout ${T_FP8ROWS:-60} python3 -m fa3_inductor.bench.fp8_rows --json "$W/fp8_rows.json" > "$W/fp8_rows.md" 2>&1
+  cat "$W/fp8_rows.md" | tail -20 | tee -a "$LOG"
+fi
+if has gpumodels; then
+  say "== real models on the GPU through backend=fa3"
+  timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_models_gpu.py > "$W/pytest_models.log" 2>&1
+  say "gpu model tests rc=$?"; tail -15 "$W/pytest_models.log" | tee -a "$LOG"
+fi
+if has models; then
+  say "== model grid"
+  timeout ${T_MODELS:-240} python3 -m fa3_inductor.bench --models --quick --out "$W" --budget-s ${MODELS_BUDGET:-180} > "$W/models.log" 2> "$W/models_progress.log"
+  say "models rc=$?"; tail -30 "$W/models.log" | tee -a "$LOG"
+fi
+if has bench; then
+  say "== kernel grid"
+  timeout ${T_BENCH:-200} python3 -m fa3_inductor.bench --kernels --quick --out "$W" --budget-s ${BENCH_BUDGET:-120} \
+      > "$W/bench.log" 2> "$W/bench_progress.log"
+  say "bench rc=$?"
+fi
+tar czf "$FINAL/results.tgz" -C "$W" --exclude=cache . 2>/dev/null
+say "== summary"
+[ -s "$W/models.log" ] && tee -a "$LOG" < "$W/models.log"
+[ -s "$W/models.log" ] || { tail -20 "$W/models_progress.log" 2>/dev/null | tee -a "$LOG"; }
+[ -s "$W/bench.log" ] && tee -a "$LOG" < "$W/bench.log"
+[ -s "$W/bench.log" ] || { tail -30 "$W/bench_progress.log" 2>/dev/null | tee -a "$LOG"; }
