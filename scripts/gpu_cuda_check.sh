@@ -13,7 +13,7 @@ PY=${PY:-python3}
 echo "== install"; $PY -m pip install -q --no-deps --no-build-isolation . || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader || true
 echo "== build (sm_90a, parallel)"
-$PY scripts/compile_cuda_sm90.py --ablations --jobs 12 2>&1 | tail -25
+$PY scripts/compile_cuda_sm90.py --ablations --jobs 14 2>&1 | tail -40
 echo "== GPU tests"
 $PY -m pytest -q --maxfail=10 -m gpu tests/gpu/test_cuda_fa3.py -p no:cacheprovider 2>&1 | tail -25
 echo "== forward rows (fp16) + ablation"

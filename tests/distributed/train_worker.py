@@ -197,11 +197,18 @@ class OpCalls:
     def __init__(self):
         self.fwd = 0
         self.bwd = 0
+        self.fwd_impls: dict = {}   # implementation module -> forward calls
 
     @contextlib.contextmanager
     def active(self):
-        from fa3_inductor.ops import fully_masked
-        f0, b0 = fully_masked.fix_forward, fully_masked.fix_backward
+        from fa3_inductor.ops import dispatch, fully_masked
+        f0, b0, c0 = fully_masked.fix_forward, fully_masked.fix_backward, dispatch.choose_forward
+
+        def choose_forward(*a, **k):
+            impl = c0(*a, **k)
+            name = getattr(impl, "__name__", str(impl)).rsplit(".", 1)[-1]
+            self.fwd_impls[name] = self.fwd_impls.get(name, 0) + 1
+            return impl
 
         def fwd(*a, **k):
             self.fwd += 1
@@ -211,7 +218,8 @@ class OpCalls:
             self.bwd += 1
             return b0(*a, **k)
         with mock.patch.object(fully_masked, "fix_forward", fwd), \
-                mock.patch.object(fully_masked, "fix_backward", bwd):
+                mock.patch.object(fully_masked, "fix_backward", bwd), \
+                mock.patch.object(dispatch, "choose_forward", choose_forward):
             yield self
 
 
@@ -255,7 +263,7 @@ def wrap(model, mode, device, bucket_cap_mb):
 
 def run_case(model_name, mode, *, device, steps, codegen, world, rank, bucket_cap_mb=None,
              dtype=torch.float32, dims=None, batch=GLOBAL_BATCH, seq=SEQ, force_rewrite=True):
-    dims = dict(dims or (SPLIT_DIMS if mode.endswith("_split") else {}))
+    dims = dict(SPLIT_DIMS if mode.endswith("_split") else {}, **(dims or {}))
     vocab = dims.get("vocab", VOCAB)
     torch._dynamo.reset()
     fa3_backend_mod.REPORTS.clear()
@@ -292,7 +300,7 @@ def run_case(model_name, mode, *, device, steps, codegen, world, rank, bucket_ca
             graphs_after.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
             recompiles_after.append(len(rc.reasons))
     sd = {}
-    base = model.module if mode == "ddp" else model
+    base = model.module if mode.startswith("ddp") else model
     for name, p in base.named_parameters():
         sd[name] = _full(p.detach()).float().cpu()
     flat = torch.cat([sd[k].reshape(-1) for k in sorted(sd)])
@@ -321,6 +329,7 @@ def run_case(model_name, mode, *, device, steps, codegen, world, rank, bucket_ca
         "recompiles_after_step": recompiles_after,
         "op_fwd_calls_per_step": fwd_calls,
         "op_bwd_calls_per_step": bwd_calls,
+        "op_fwd_implementations": ops.fwd_impls,
         "recompile_reasons": rc.reasons[:10],
     }
     del compiled, model, opt
@@ -345,6 +354,8 @@ def main(argv=None):
     ap.add_argument("--force-rewrite", default=None, choices=["0", "1"],
                     help="fa3_inductor.config.force_rewrite (default: 1 on cpu, 0 on cuda, where the "
                          "bf16/fp16 sites are rewritten to the real kernels)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help=f"model width for every case (default {HIDDEN}; {SPLIT_DIMS['hidden']} for *_split)")
     ap.add_argument("--bucket-cap-mb", type=float, default=None,
                     help="DDP bucket size (small values make DDPOptimizer split the graph)")
     args = ap.parse_args(argv)
@@ -384,7 +395,8 @@ def main(argv=None):
         try:
             res, sd = run_case(name, mode, device=device, steps=args.steps, codegen=codegen,
                            world=world, rank=rank, bucket_cap_mb=args.bucket_cap_mb,
-                           dtype=getattr(torch, args.dtype), force_rewrite=force_rewrite)
+                           dtype=getattr(torch, args.dtype), force_rewrite=force_rewrite,
+                           dims={"hidden": args.hidden} if args.hidden else None)
             res["seconds"] = time.perf_counter() - t0
             results["cases"][key] = res
             params[key] = sd
