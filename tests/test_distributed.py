@@ -11,8 +11,9 @@ Checked per case and rank (tests/distributed/harness.py):
   softmax in every graph was rewritten (nothing unmatched or left alone);
 - graphs: DDP with default buckets compiles one graph holding both sites (as single-process);
   DDP with 1 MB buckets (ddp_split, wider model) is split by DDPOptimizer into several graphs and
-  each site survives whole in one of them; FSDP2 compiles per FSDP unit (its hooks are not
-  traced) and one block graph serves both blocks;
+  each site survives whole in one of them; under FSDP2 (whole-model compile) the root forward runs
+  eagerly (graph break in its block loop at the dynamo-disabled FSDP hooks) and one compiled block
+  graph serves both blocks;
 - no recompiles after the first step (none at all for DDP, single-process and nanoGPT/FSDP2).
 
 The worker replaces Inductor's CPU code generation with AOTAutograd + eager (15-30 s per graph

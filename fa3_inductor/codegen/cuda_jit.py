@@ -191,8 +191,10 @@ def nvcc_version() -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def toolchain_problem() -> str | None:
-    """None when nvcc and the headers are present, else the reason (cheap after the first call)."""
+    """None when nvcc and the headers are present, else the reason (cached: the lookups raise
+    when something is missing, and lru_cache does not remember exceptions)."""
     try:
         find_nvcc()
         cutlass_include()
