@@ -17,7 +17,10 @@ from .patterns import nodes as N
 
 # (head_dim, causal, structured_mask) -> minimum seqlen_k from which ours measured faster.
 # Filled from measurements (docs/perf.md); a key that is absent means "not measured faster".
-MEASURED_FASTER: dict = {}
+MEASURED_FASTER: dict = {
+    # H100, 2026-11-25 model grid (docs/perf.md): Llama sdpa padded 4k 1.15x, Mistral 1.30x.
+    (128, True, True): 4096,
+}
 
 
 def why_not(site, spec) -> Optional[str]:
