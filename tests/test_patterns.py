@@ -260,7 +260,6 @@ def padding_mask(dtype=torch.long, sk=S):
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: scores.expand_as counts as a second use of the scores (walk_scores)")
 @pytest.mark.xfail(strict=True, reason="matcher gap: DistilBERT-style padding form (sfdp15) is not matched yet; "
                    "listed in the issue 3 note")
 def test_sfdp15_distilbert_padding():
