@@ -4,6 +4,8 @@ from . import config  # noqa: F401
 from .spec import AttentionSpec  # noqa: F401
 # The function shadows its module's name on the package on purpose: fa3_inductor.explain(...).
 from .explain import explain  # noqa: F401,E402
+# Registers torch.ops.fa3.attention_fwd / attention_bwd (needs only torch; kernels load lazily).
+from .ops import attention_op as _attention_op  # noqa: F401,E402
 
 __version__ = "0.1.0"
 

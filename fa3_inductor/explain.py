@@ -42,20 +42,37 @@ class ExplainReport:
                  f"{len(self.unmatched)} softmax left alone, {self.graphs} graph(s)"]
         if self.matched:
             lines.append("")
-            lines.append(f"{'#':>3}  {'source':<48} {'q / k / v':<40} spec")
+            lines.append(f"{'#':>3}  {'file:line':<32} {'q / k / v':<40} spec")
             for i, m in enumerate(self.matched):
+                where, code = _split_source(m.source)
                 shapes = f"{_fmt(m.q_shape)} {_fmt(m.k_shape)} {_fmt(m.v_shape)}"
                 extra = "" if m.rewritten_on_this_machine else f"  [not rewritten here: {m.note}]"
                 gqa = f" gqa={m.gqa_group}:1" if m.gqa_group > 1 else ""
-                lines.append(f"{i:>3}  {m.source[:48]:<48} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
+                lines.append(f"{i:>3}  {where:<32} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
+                if code:
+                    lines.append(f"       {code}")
         if self.unmatched:
             lines.append("")
             lines.append("left alone:")
             for u in self.unmatched:
-                lines.append(f"  {u.source[:60]:<60} {u.reason}")
+                where, code = _split_source(u.source)
+                lines.append(f"  {where}: {u.reason}")
+                if code:
+                    lines.append(f"       {code}")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _split_source(source: str) -> tuple:
+    """Split a site's source 'file.py:12 code' into ('file.py:12', 'code'); anything else
+    comes back whole as (source, '')."""
+    source = (source or "").strip()
+    head, _, code = source.partition(" ")
+    if ":" in head and head.rsplit(":", 1)[1].isdigit():
+        path, line = head.rsplit(":", 1)
+        return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}", code.strip()
+    return source, ""
 
 
 def _fmt(shape) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .spec import AttentionSpec
+from .spec import BIAS_MASKED, AttentionSpec
 from .ops import rng
 
 # Rows per chunk: chunk * sk fp32 scores per (b, h) slice stay near 64 MiB.
@@ -81,7 +81,8 @@ def _scores(spec, q, k, scale, rows, sk, bias, alibi_slopes):
         slopes = alibi_slopes.to(s.dtype).view(1, -1, 1, 1)
         s = s + (slopes * rel if spec.alibi == "linear" else -slopes * rel.abs())
     if spec.mask_kind == "additive":
-        s = s + bias.to(s.dtype)  # already the rows of this chunk
+        b = bias.to(s.dtype)  # already the rows of this chunk
+        s = torch.where(b <= BIAS_MASKED, torch.full((), float("-inf"), dtype=s.dtype, device=s.device), s + b)
     return s, tanh
 
 

@@ -10,6 +10,8 @@ Canonical math (per batch b, query head h, query row i, key column j):
     s      = s + alibi_slope[h] * (j - (i + off))        if alibi == "linear"
     s      = s - alibi_slope[h] * |j - (i + off)|        if alibi == "abs"
     s      = s + bias[b,h,i,j]                           if mask_kind == "additive"
+             (a bias value <= BIAS_MASKED, i.e. a finfo.min or -inf mask entry, masks the score:
+              keep is False there; adding it literally would overflow the kernels' log2 domain)
     keep   = window rule(i, j) and key_padding[b,j] and bool_mask[b,h,i,j]
     s      = where(keep, s, MASKED)                      MASKED: -inf or a finite minimum
     p      = softmax_j(s)       (dropout: p * keep_rng / (1 - dropout_p))
@@ -42,6 +44,9 @@ _DTYPES = {
     "float64": torch.float64,
 }
 
+# Additive bias values at or below this are mask entries (finfo(fp32/bf16).min, -inf).
+BIAS_MASKED = -1e30
+
 ALIGNS = ("top_left", "bottom_right")
 MASK_KINDS = (None, "additive", "bool")
 ALIBI_KINDS = (None, "linear", "abs")
@@ -60,7 +65,8 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"AttentionSpec: unknown dtype name {name!r}; allowed: {sorted(_DTYPES)}") from None
+        raise ValueError(f"AttentionSpec: unknown dtype name {name!r} (a dtype field such as out_dtype or "
+                         f"softmax_dtype); allowed: {sorted(_DTYPES)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +112,10 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec.gqa_mapping={self.gqa_mapping!r}; allowed: {GQA_MAPPINGS}")
         if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"AttentionSpec.dropout_p={self.dropout_p!r}; allowed: a float in [0, 1)")
-        dtype_from_name(self.softmax_dtype)
-        dtype_from_name(self.out_dtype)
+        for name in ("softmax_dtype", "out_dtype"):
+            val = getattr(self, name)
+            if not isinstance(val, str) or val not in _DTYPES:
+                raise ValueError(f"AttentionSpec.{name}={val!r}; allowed: {sorted(_DTYPES)}")
 
     # ---- derived views -------------------------------------------------------------
     @property

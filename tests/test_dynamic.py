@@ -104,12 +104,7 @@ def run_lengths(m, hk, compile_fn, mark=False):
     return outs
 
 
-SPECIALIZES = pytest.mark.xfail(strict=True, reason="KNOWN BUG: mask analysis specializes sizes (int() on SymInt in masks._broadcastable / matcher._check_shapes): one graph per length")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SPECIALIZES) if n in ("arange_causal", "triu_additive",
-                                                                           "nanogpt_buffer") else n
-                                  for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_dynamic_true_no_recompile(name):
     cls, hk = MODELS[name]
     m = cls()
@@ -121,8 +116,7 @@ def test_dynamic_true_no_recompile(name):
     assert len(rewritten_sites()) == 1, describe_reports()
 
 
-@pytest.mark.parametrize("name", ["plain", pytest.param("arange_causal", marks=SPECIALIZES),
-                                  pytest.param("nanogpt_buffer", marks=SPECIALIZES)])
+@pytest.mark.parametrize("name", ["plain", "arange_causal", "nanogpt_buffer"])
 def test_mark_dynamic_sequence(name):
     cls, hk = MODELS[name]
     m = cls()
@@ -133,7 +127,6 @@ def test_mark_dynamic_sequence(name):
     assert len(rewritten_sites()) == 1, describe_reports()
 
 
-@SPECIALIZES
 def test_automatic_dynamic_after_first_length():
     """Default torch.compile: the second length recompiles once as dynamic, the third reuses it."""
     m = ArangeCausal()
@@ -144,7 +137,6 @@ def test_automatic_dynamic_after_first_length():
     assert len(rewritten_sites()) == 2, describe_reports()
 
 
-@SPECIALIZES
 def test_dynamic_inductor_end_to_end():
     """Real Inductor with symbolic sequence length (fake impl of the op under SymInts)."""
     m = ArangeCausal()
@@ -155,7 +147,6 @@ def test_dynamic_inductor_end_to_end():
     assert len(rewritten_sites()) == 1, describe_reports()
 
 
-@SPECIALIZES
 def test_dynamic_batch_and_padding_mask():
     class Pad(nn.Module):
         def forward(self, q, k, v, am):
@@ -167,7 +158,9 @@ def test_dynamic_batch_and_padding_mask():
     c = torch.compile(m, backend=be, dynamic=True)
     clear_reports()
     with fa3_inductor.config.patch(force_rewrite=True), torch._dynamo.config.patch(error_on_recompile=True):
-        for bsz, T in ((2, 8), (3, 11), (4, 13)):
+        # Batch sizes never equal the head count (2): Dynamo's duck sizing would otherwise
+        # guard on batch == heads from the first call, which has nothing to do with fa3.
+        for bsz, T in ((3, 8), (4, 11), (5, 13)):
             g = torch.Generator().manual_seed(T)
             q, k, v = (torch.randn(bsz, 2, T, 6, generator=g) for _ in range(3))
             am = torch.ones(bsz, T, dtype=torch.long)

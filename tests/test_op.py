@@ -416,15 +416,9 @@ def _bad_calls():
 
 
 _BAD = {name: (args, word) for name, args, word in _bad_calls()}
-_BAD_KNOWN = {"head dim mismatch", "batch mismatch", "k/v length mismatch", "key_padding missing",
-              "key_padding shape", "alibi slopes missing", "seed missing", "bias missing",
-              "bias not broadcastable", "bias without mask_kind"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: op does not validate this argument "
-                                                                 "(RuntimeError/AttributeError deep inside)"))
-    if n in _BAD_KNOWN else n for n in _BAD])
+@pytest.mark.parametrize("name", list(_BAD))
 def test_bad_args_clear_value_error(name):
     args, word = _BAD[name]
     args = list(args)
@@ -441,10 +435,7 @@ def test_bad_args_clear_value_error(name):
     ("align", "center"), ("window_left", -1), ("window_right", 1.5), ("window_left", True),
     ("softcap", 0.0), ("softcap", -2.0), ("alibi", "quadratic"), ("mask_kind", "float"),
     ("masked_value", "nan"), ("gqa_mapping", "interleave"), ("dropout_p", 1.0), ("dropout_p", -0.1),
-    pytest.param("softmax_dtype", "int8", marks=pytest.mark.xfail(
-        strict=True, reason="KNOWN BUG: dtype errors do not name the field")),
-    pytest.param("out_dtype", "float8", marks=pytest.mark.xfail(
-        strict=True, reason="KNOWN BUG: dtype errors do not name the field")),
+    ("softmax_dtype", "int8"), ("out_dtype", "float8"),
 ])
 def test_spec_validation_names_field(field, value):
     with pytest.raises(ValueError) as ei:

@@ -72,6 +72,9 @@ def _constants(spec: AttentionSpec, dbias: bool) -> str:
     return "\n".join(lines)
 
 
+from ..spec import BIAS_MASKED  # noqa: E402
+
+
 def _score_mod(spec: AttentionSpec) -> str:
     ind = "    "
     out = []
@@ -86,8 +89,11 @@ def _score_mod(spec: AttentionSpec) -> str:
         out.append("s = s - slope2 * tl.abs(j - (i + OFF)).to(tl.float32)")
     if spec.mask_kind == "additive":
         # Bias tile loaded through its own strides (often 0 from expand()): never materialised.
-        out.append("s = s + tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), "
-                   "other=0.0).to(tl.float32) * LOG2E")
+        # Values <= BIAS_MASKED (finfo.min / -inf mask entries) mask the score: adding them
+        # literally would overflow the log2 domain (-3.4e38 * log2e = -inf, then NaN).
+        out.append("b = tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), "
+                   "other=0.0).to(tl.float32)")
+        out.append(f"s = tl.where(b <= {BIAS_MASKED!r}, float(\"-inf\"), s + b * LOG2E)")
     return "\n".join(ind + line for line in out)
 
 

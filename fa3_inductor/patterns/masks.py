@@ -42,12 +42,8 @@ def _broadcastable(mask_shape, sq_shape) -> bool:
     if mask_shape is None or len(mask_shape) > len(sq_shape):
         return False
     for m, s in zip(reversed(mask_shape), reversed(sq_shape)):
-        try:
-            if int(m) != 1 and int(m) != int(s):
-                return False
-        except TypeError:
-            if not (str(m) == str(s)):
-                return False
+        if N.static_int(m) != 1 and not N.same_size(m, s):
+            return False
     return True
 
 
@@ -134,10 +130,7 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
 
 
 def _same(a, b) -> bool:
-    try:
-        return int(a) == int(b)
-    except TypeError:
-        return str(a) == str(b)
+    return N.same_size(a, b)
 
 
 def _tensor_route(site, biases, fills, score_dtype):
@@ -151,6 +144,10 @@ def _tensor_route(site, biases, fills, score_dtype):
         # One additive tensor: literal values, so fully masked rows behave exactly as in eager
         # (finite minimums give uniform rows, -inf gives NaN through the contract's dead rows).
         f["mask_kind"] = "additive"
-        f["masked_value"] = "neg_inf"
+        # Entries <= BIAS_MASKED are masks (spec.py); a row of finfo.min entries is uniform in
+        # eager, a row of -inf entries NaN.  Fills say which; a bias tensor is taken as finfo.min
+        # (what transformers and most code build); an all -inf additive row then differs.
+        only_inf = bool(fills) and not biases and kinds == {"neg_inf"}
+        f["masked_value"] = "neg_inf" if only_inf else "min_additive"
         site.bias = ("additive", list(biases), [(cond, keep_is_cond, val) for cond, keep_is_cond, val in fills])
     site.notes.append(("mask", "tensor"))

@@ -198,11 +198,9 @@ def _check_shapes(site: Site, qk: fx.Node, pv: fx.Node):
         _ = ks
         if qs is not None and vs is not None and len(qs) == 4 and len(vs) == 4:
             hq, hk = qs[1], vs[1]
-            try:
-                if int(hq) % int(hk) != 0:
-                    raise NoMatch(f"query heads {hq} are not a multiple of key/value heads {hk}")
-            except TypeError:
-                pass
+            ihq, ihk = N.static_int(hq), N.static_int(hk)
+            if ihq is not None and ihk is not None and ihq % ihk != 0:
+                raise NoMatch(f"query heads {hq} are not a multiple of key/value heads {hk}")
 
 
 __all__ = ["find_sites", "match_softmax"]

@@ -42,6 +42,7 @@ _FUNCTIONS = {
     torch.cat: "cat", torch.broadcast_to: "expand",
     F.scaled_dot_product_attention: "sdpa",
     torch.clone: "clone",
+    torch.tensor: "tensor", torch.scalar_tensor: "tensor",
 }
 
 _METHODS = {
@@ -60,6 +61,11 @@ _METHODS = {
     "__and__": "and", "__or__": "or", "__invert__": "not",
     "tril": "tril", "triu": "triu", "new_ones": "new_ones", "new_zeros": "new_zeros",
     "new_full": "new_full", "abs": "abs", "t": "t", "mT": "mT",
+    # Dynamo (torch 2.11 at least) records some operators on tensors as dunder method calls.
+    "__eq__": "eq", "__ne__": "ne", "__le__": "le", "__lt__": "lt", "__ge__": "ge", "__gt__": "gt",
+    "__add__": "add", "__radd__": "add", "__mul__": "mul", "__rmul__": "mul", "__sub__": "sub",
+    "__truediv__": "div", "__neg__": "neg", "__matmul__": "matmul", "__getitem__": "getitem",
+    "__rsub__": "rsub", "__rtruediv__": "rdiv", "__rand__": "and", "__ror__": "or", "__xor__": None,
 }
 
 # Ops that only reinterpret or copy a tensor without changing any value.
@@ -108,6 +114,34 @@ def ndim(node: Any) -> Optional[int]:
 def dtype(node: Any) -> Optional[torch.dtype]:
     t = tensor_meta(node)
     return None if t is None else t.dtype
+
+
+def static_int(x: Any) -> Optional[int]:
+    """A size as a python int when it is one at compile time, else None -- without adding a
+    guard (int() on a SymInt would specialise the graph to today's size)."""
+    v = val(x) if isinstance(x, fx.Node) else x
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, torch.SymInt):
+        expr = v.node.expr
+        return int(expr) if getattr(expr, "is_Integer", False) else None
+    return None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Are two sizes provably equal (ints, or equal symbolic expressions)? Adds no guard."""
+    ia, ib = static_int(a), static_int(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    ea = a.node.expr if isinstance(a, torch.SymInt) else a
+    eb = b.node.expr if isinstance(b, torch.SymInt) else b
+    try:
+        import sympy
+        return sympy.simplify(sympy.sympify(ea) - sympy.sympify(eb)) == 0
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def norm_dim(d: int, rank: int) -> int:

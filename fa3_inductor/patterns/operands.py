@@ -86,10 +86,7 @@ def peel_last_transpose(x: fx.Node) -> Optional[fx.Node]:
 
 
 def _int(x) -> Optional[int]:
-    try:
-        return int(N.val(x)) if isinstance(x, fx.Node) else int(x)
-    except (TypeError, ValueError):
-        return None
+    return N.static_int(x)
 
 
 def peel_repeat_kv(x: fx.Node):

@@ -45,11 +45,9 @@ def match_sdpa(node: fx.Node, ev) -> Site:
     site.notes.append(("k_transpose", False))
     site.notes.append(("sdpa", True))
     if scale is None:
-        d = qs[-1]
-        try:
-            site.scale_factors.append((1.0 / math.sqrt(int(d)), False))
-        except TypeError:
-            raise NoMatch("SDPA default scale on a symbolic head dim") from None
+        # The head dim is specialised (a guard on it alone): head dims do not vary between
+        # calls, sequence lengths and batch sizes stay dynamic.
+        site.scale_factors.append((1.0 / math.sqrt(int(qs[-1])), False))
     else:
         site.scale_factors.append((scale, False))
     f = site.spec_fields

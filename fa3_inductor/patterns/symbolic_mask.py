@@ -161,6 +161,17 @@ class Evaluator:
             ea, eb = _num(a), _num(b)
             e = {"add": ea + eb, "sub": ea - eb, "mul": ea * eb, "div": ea / eb}[k]
             return Sym(e, max(a.rank, b.rank), False)
+        if k in ("rsub", "rdiv"):
+            a, b = self.eval(N.arg(n, 0, "input")), self.eval(N.arg(n, 1, "other"))
+            e = _num(b) - _num(a) if k == "rsub" else _num(b) / _num(a)
+            return Sym(e, max(a.rank, b.rank), False)
+        if k == "tensor":
+            data = N.arg(n, 0, "data")
+            if isinstance(data, fx.Node) or not isinstance(data, (int, float, bool)):
+                raise NotSymbolic("torch.tensor of non-scalar data")
+            if isinstance(data, bool):
+                return Sym(sympy.true if data else sympy.false, 0, True)
+            return Sym(scalar_expr(data), 0, False)
         if k == "neg":
             a = self.eval(N.arg(n, 0, "input"))
             return Sym(-_num(a), a.rank, False)
@@ -383,10 +394,7 @@ def _subs(expr, subs: dict):
 
 
 def _is_one(s) -> bool:
-    try:
-        return int(s) == 1
-    except (TypeError, ValueError):
-        return False
+    return N.static_int(s) == 1
 
 
 def _same_size(a, b) -> bool:
