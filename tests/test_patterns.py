@@ -260,8 +260,6 @@ def padding_mask(dtype=torch.long, sk=S):
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="matcher gap: DistilBERT-style padding form (sfdp15) is not matched yet; "
-                   "listed in the issue 3 note")
 def test_sfdp15_distilbert_padding():
     check(sfdp15, bshd() + (padding_mask(),),
           expect=dict(key_padding=True, mask_kind=None, masked_value="neg_inf", window_right=None))
@@ -296,14 +294,12 @@ def test_sfdp16_bert_dropout():
     check(BertDropout(16).eval(), bshd() + (rnd(B, 1, 1, S, seed=4),), expect=dict(mask_kind="additive"))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: scores.expand_as counts as a second use of the scores (walk_scores)")
 @pytest.mark.parametrize("form", [17, 20])
 def test_sfdp17_20_distilbert_dropout(form):
     check(BertDropout(form).eval(), bshd() + (padding_mask(),),
           expect=dict(key_padding=True, mask_kind=None, scale=1 / math.sqrt(D)))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: scores.expand_as counts as a second use of the scores (walk_scores)")
 def test_sfdp17_training_dropout_spec():
     rep = explain(BertDropout(17).train(), *bshd(), padding_mask())
     assert len(rep.matched) == 1 and rep.matched[0].spec.dropout_p == pytest.approx(0.1), str(rep)
@@ -517,17 +513,13 @@ class GenericMask(nn.Module):
 
 
 @pytest.mark.parametrize("kind,fill,exp", [
-    pytest.param("triu", float("-inf"), dict(window_right=0, window_left=None, masked_value="neg_inf"),
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: triu(ones).bool() leaves Eq(Piecewise(..), 0) residual")),
+    pytest.param("triu", float("-inf"), dict(window_right=0, window_left=None, masked_value="neg_inf")),
     ("tril_keep", float("-inf"), dict(window_right=0, masked_value="neg_inf")),
-    pytest.param("triu", FMIN, dict(window_right=0, masked_value="min_fill"),
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: triu(ones).bool() leaves Eq(Piecewise(..), 0) residual")),
+    pytest.param("triu", FMIN, dict(window_right=0, masked_value="min_fill")),
     ("arange", float("-inf"), dict(window_right=0, window_left=None)),
     ("arange_where", FMIN, dict(window_right=0, masked_value="min_fill")),
-    pytest.param("window", float("-inf"), dict(window_right=0, window_left=3),
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: masked_fill((j > i) | (j < i - w)): Not(Or) residual")),
-    pytest.param("window_sym", float("-inf"), dict(window_right=3, window_left=3),
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: |j - i| <= w: Abs residual")),
+    pytest.param("window", float("-inf"), dict(window_right=0, window_left=3)),
+    pytest.param("window_sym", float("-inf"), dict(window_right=3, window_left=3)),
     ("additive_min", None, dict(window_right=0, masked_value="min_additive")),
     ("additive_window_min", None, dict(window_right=0, window_left=2, masked_value="min_additive")),
 ])
@@ -742,7 +734,6 @@ def test_einsum_bhqd():
     check(einsum_bhqd, bhsd(), expect=dict(scale=1 / math.sqrt(D)))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: _check_shapes reads heads from unpermuted einsum operands")
 def test_einsum_bqhd():
     check(einsum_bqhd, bshd(sq=6, sk=10), expect=dict(scale=1 / math.sqrt(D)))
 
@@ -834,7 +825,6 @@ def test_sdpa_bool_mask_fully_masked_rows_zero():
     check(sdpa_bool_mask, bhsd() + (m,), config=SDPA_CFG, expect=dict(masked_value="zero"))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: explain gqa_group is 1 for SDPA enable_gqa (no gqa note)")
 def test_sdpa_enable_gqa():
     check(sdpa_gqa, bhsd(h=4, hk=2), config=SDPA_CFG, gqa=2, k_heads=2, expect=dict(window_right=0))
 

@@ -3,11 +3,13 @@
 `supports()` is where the kernel for a call's configuration is built (first use: one nvcc run,
 then the on-disk cache), so that a missing toolchain or a failed compile turns into "not
 supported" and dispatch falls back to Triton; such problems are logged once per reason.
+FA3_DISABLE_CUDA=1 switches the template off (a kill switch while it is validated on hardware).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -50,6 +52,8 @@ def _tma_ok(t: torch.Tensor) -> str | None:
 
 
 def supports(q, k, v, bias, spec: AttentionSpec):
+    if os.environ.get("FA3_DISABLE_CUDA", "0") not in ("", "0"):
+        return "disabled by FA3_DISABLE_CUDA"
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device) != (9, 0):

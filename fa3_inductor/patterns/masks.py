@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from . import nodes as N
 from .scores import NoMatch
-from .symbolic_mask import NotSymbolic, classify_additive, split_keep
+from .symbolic_mask import NotSymbolic, _compare, classify_additive, split_keep
 
 import sympy
 
@@ -71,7 +71,7 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         for cond, keep_is_cond, val in fills:
             c = ev.eval(cond)
             if not c.is_bool:
-                c_expr = sympy.Ne(c.expr, 0)
+                c_expr = _compare(sympy.Ne, c.expr, sympy.Integer(0))
             else:
                 c_expr = c.expr
             keeps.append(c_expr if keep_is_cond else sympy.Not(c_expr))

@@ -194,8 +194,12 @@ def _check_shapes(site: Site, qk: fx.Node, pv: fx.Node):
     if sq_shape is None:
         raise NoMatch("scores have no recorded shape")
     if site.rank == 4:
-        qs, ks, vs = N.shape(site.q), None, N.shape(site.v)
-        _ = ks
+        qs, vs = N.shape(site.q), N.shape(site.v)
+        perms = next((n[1:] for n in site.notes if n[0] == "perms"), (None, None, None))
+        if qs is not None and perms[0] is not None:
+            qs = tuple(qs[i] for i in perms[0])
+        if vs is not None and perms[2] is not None:
+            vs = tuple(vs[i] for i in perms[2])
         if qs is not None and vs is not None and len(qs) == 4 and len(vs) == 4:
             hq, hk = qs[1], vs[1]
             ihq, ihk = N.static_int(hq), N.static_int(hk)

@@ -144,6 +144,24 @@ def same_size(a: Any, b: Any) -> bool:
         return False
 
 
+_SHAPE_ONLY_METHODS = {"size", "dim", "expand_as", "view_as", "reshape_as", "new_empty", "new_zeros",
+                       "new_ones", "new_full", "type_as"}
+
+
+def value_users(node: fx.Node) -> list:
+    """Users that read the node's values; `mask.expand_as(scores)`, `scores.size()` and
+    friends read only its shape or dtype (x.type_as(node) reads only node's dtype)."""
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target in _SHAPE_ONLY_METHODS and (
+                u.target in ("size", "dim") or (len(u.args) > 1 and u.args[0] is not node)):
+            continue
+        if u.op == "call_function" and getattr(u.target, "__name__", "") in ("sym_size", "sym_numel"):
+            continue
+        out.append(u)
+    return out
+
+
 def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 

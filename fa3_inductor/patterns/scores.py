@@ -38,7 +38,8 @@ def walk_scores(start: fx.Node, softmax: fx.Node):
     cur = start
     while True:
         k = N.kind(cur)
-        if cur is not start and len(cur.users) > 1:
+        others = [u for u in N.value_users(cur) if u is not softmax] if cur is start else N.value_users(cur)
+        if (cur is start and others) or (cur is not start and len(others) > 1):
             raise NoMatch(f"the scores at '{cur.name}' have another use besides the softmax")
         if k in PRODUCTS:
             steps.reverse()

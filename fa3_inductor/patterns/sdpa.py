@@ -50,6 +50,10 @@ def match_sdpa(node: fx.Node, ev) -> Site:
         site.scale_factors.append((1.0 / math.sqrt(int(qs[-1])), False))
     else:
         site.scale_factors.append((scale, False))
+    if enable_gqa:
+        hq, hk = N.static_int(qs[1]), N.static_int(ks[1])
+        if hq and hk and hq != hk:
+            site.notes.append(("gqa", hq // hk, "div"))
     f = site.spec_fields
     f["dropout_p"] = float(dropout_p)
     f["masked_value"] = "zero"

@@ -198,7 +198,7 @@ class Evaluator:
             a = self.eval(N.arg(n, 0, "input"))
             out_dtype = N.dtype(n)
             if out_dtype == torch.bool and not a.is_bool:
-                return Sym(sympy.Ne(a.expr, 0), a.rank, True)
+                return Sym(_compare(sympy.Ne, a.expr, sympy.Integer(0)), a.rank, True)
             if out_dtype is not None and out_dtype != torch.bool and a.is_bool:
                 return Sym(sympy.Piecewise((1, a.expr), (0, True)), a.rank, False)
             return a
@@ -424,6 +424,7 @@ def split_keep(cond, sq, sk) -> Structure:
     st = Structure()
     if cond is sympy.true:
         return st
+    cond = _normalise_keep(cond)
     atoms = list(cond.args) if isinstance(cond, sympy.And) else [cond]
     rights, lefts = [], []
     sq_e, sk_e = sympify_size(sq), sympify_size(sk)
@@ -464,6 +465,26 @@ def split_keep(cond, sq, sk) -> Structure:
         else:
             st.residual.append(f"diagonal bound j >= i + {c}")
     return st
+
+
+def _normalise_keep(cond):
+    """Push negations into the relations (Not(j > i) -> j <= i), split |j - i| <= w into two
+    bounds, and put the condition in conjunctive form so its atoms can be read one by one."""
+    def expand_abs(e):
+        if isinstance(e, (sympy.Le, sympy.Lt)) and isinstance(e.lhs, sympy.Abs):
+            x = e.lhs.args[0]
+            return sympy.And(type(e)(x, e.rhs), type(e)(-x, e.rhs))
+        if isinstance(e, (sympy.Ge, sympy.Gt)) and isinstance(e.rhs, sympy.Abs):
+            x = e.rhs.args[0]
+            rel = sympy.Le if isinstance(e, sympy.Ge) else sympy.Lt
+            return sympy.And(rel(x, e.lhs), rel(-x, e.lhs))
+        return e
+    try:
+        c = sympy.to_cnf(cond, simplify=False)
+        c = c.replace(lambda e: isinstance(e, sympy.Rel), expand_abs)
+        return sympy.to_cnf(c, simplify=False)
+    except Exception:  # noqa: BLE001 - an odd expression is simply not structural
+        return cond
 
 
 def _diag_bound(atom):
@@ -511,6 +532,13 @@ def _key_padding_atom(atom):
 
 def classify_additive(expr):
     """An additive mask value expression -> (keep_condition, masked_value) or None for a true bias."""
+    if not isinstance(expr, sympy.Piecewise):
+        try:  # (1 - Piecewise((1, c), (0, True))) * MIN  ->  Piecewise((0, c), (MIN, True))
+            expr = sympy.piecewise_fold(sympy.expand(expr))
+        except Exception:  # noqa: BLE001
+            return None
+        if isinstance(expr, sympy.Piecewise):
+            expr = sympy.Piecewise(*[(sympy.simplify(v), c) for v, c in expr.args])
     if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
         (v1, c1), (v2, c2) = expr.args
         if c2 is sympy.true:
