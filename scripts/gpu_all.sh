@@ -46,7 +46,7 @@ if has gpumodels; then
 fi
 if has models; then
   say "== model grid"
-  timeout ${T_MODELS:-240} python3 -m fa3_inductor.bench --models --quick --out "$W" --budget-s ${MODELS_BUDGET:-180} > "$W/models.log" 2> "$W/models_progress.log"
+  timeout ${T_MODELS:-240} python3 -m fa3_inductor.bench --models --quick --out "$W" --budget-s ${MODELS_BUDGET:-180} --cases ${MODEL_CASES:-all} > "$W/models.log" 2> "$W/models_progress.log"
   say "models rc=$?"; tail -30 "$W/models.log" | tee -a "$LOG"
 fi
 if has bench; then
