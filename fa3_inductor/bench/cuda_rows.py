@@ -13,22 +13,15 @@ import math
 
 import torch
 
+from .timing import time_ms
+
 from ..spec import AttentionSpec
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
-def _time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
+    return time_ms(fn, warmup=warmup, iters=iters)
 
 
 def _inputs(b, h, s, d, dtype):

@@ -17,18 +17,11 @@ import math
 
 import torch
 
+from .timing import time_ms
 
-def _time_ms(fn, iters=20, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+
+def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
+    return time_ms(fn, warmup=warmup, iters=iters)
 
 
 def _cudnn_fp8(q, k, v, causal, scale):

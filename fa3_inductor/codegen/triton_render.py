@@ -15,12 +15,8 @@ options, triton version), and imported with importlib: Triton's JIT needs a real
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
-import os
 import pathlib
-import sys
-import tempfile
 import threading
 
 import numpy as np
@@ -35,11 +31,7 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> pathlib.Path:
-    root = os.environ.get("FA3_INDUCTOR_CACHE")
-    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "fa3_inductor"
-    path = base / "triton"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root("triton")
 
 
 def _triton_version() -> str:
@@ -73,6 +65,7 @@ def _constants(spec: AttentionSpec, dbias: bool) -> str:
 
 
 from ..spec import BIAS_MASKED  # noqa: E402
+from .source_cache import cache_root, import_source  # noqa: E402
 
 
 def _score_mod(spec: AttentionSpec) -> str:
@@ -166,17 +159,6 @@ def load(kind: str, spec: AttentionSpec, *, dbias: bool = False):
             return mod
         key = _key(kind, spec, dbias)
         path = cache_dir() / f"attn_{kind}_{key}.py"
-        if not path.exists():
-            src = render_source(kind, spec, dbias=dbias)
-            # Atomic publish: concurrent processes may render the same module.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)
-        name = f"fa3_triton_attn_{kind}_{key}"
-        modspec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(modspec)
-        sys.modules[name] = mod
-        modspec.loader.exec_module(mod)
+        mod = import_source(path, render_source(kind, spec, dbias=dbias), f"fa3_triton_attn_{kind}_{key}")
         _memo[memo_key] = mod
         return mod

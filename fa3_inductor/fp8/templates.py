@@ -8,22 +8,19 @@ tl.constexpr), so the text is used as is.  Importing triton happens here, on fir
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pathlib
-import sys
-import tempfile
 
 from ..kernels_path import read_template
 
 _MODULES: dict = {}
 
 
+from ..codegen.source_cache import cache_root, import_source  # noqa: E402
+
+
 def _cache_dir() -> pathlib.Path:
-    base = os.environ.get("FA3_INDUCTOR_CACHE") or os.path.join(tempfile.gettempdir(), f"fa3_inductor_{os.getuid()}")
-    path = pathlib.Path(base) / "fp8"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root("fp8")
 
 
 def interpreting() -> bool:
@@ -39,14 +36,6 @@ def load(name: str):
     text = read_template(f"triton/{name}.tmpl")
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     modname = f"fa3_fp8_{name}_{digest}"
-    path = _cache_dir() / f"{modname}.py"
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)  # atomic: concurrent ranks never import a half-written file
-    spec = importlib.util.spec_from_file_location(modname, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
+    mod = import_source(_cache_dir() / f"{modname}.py", text, modname)
     _MODULES[name] = mod
     return mod
