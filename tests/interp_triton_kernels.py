@@ -1,0 +1,231 @@
+"""The Triton attention kernels against fa3_inductor.reference, on CPU through Triton's
+interpreter (TRITON_INTERPRET=1, set by tests/triton_interp.py before triton is imported).
+
+Small shapes and small tiles (16/32) so every path runs: several query/key blocks, masked and
+interior block runs, window skipping, boundary tiles, padded head dims.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import triton_interp  # noqa: E402,F401  (must precede any triton import)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fa3_inductor import reference  # noqa: E402
+from fa3_inductor.codegen import triton_render  # noqa: E402
+from fa3_inductor.codegen.triton_configs import BwdConfig, FwdConfig  # noqa: E402
+from fa3_inductor.ops import rng, triton_impl  # noqa: E402
+from fa3_inductor.spec import AttentionSpec  # noqa: E402
+
+FWD_CFG = FwdConfig(16, 16, 4, 1)
+BWD_CFG = BwdConfig(16, 16, 16, 16, 4, 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_dir(tmp_path_factory):
+    old = os.environ.get("FA3_INDUCTOR_CACHE")
+    os.environ["FA3_INDUCTOR_CACHE"] = str(tmp_path_factory.mktemp("fa3cache"))
+    yield
+    if old is None:
+        os.environ.pop("FA3_INDUCTOR_CACHE", None)
+    else:
+        os.environ["FA3_INDUCTOR_CACHE"] = old
+
+
+def _inputs(B, H, HK, Sq, Sk, D, Dv=None, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+    q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, HK, Sk, D, generator=g).to(dtype)
+    v = torch.randn(B, HK, Sk, Dv, generator=g).to(dtype)
+    return q, k, v
+
+
+def _close(name, got, want, atol, rtol=2e-2):
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{name}: NaN where the reference has none"
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _check(spec, q, k, v, *, bias=None, key_padding=None, alibi=None, seed=None, scale=None,
+           backward=True, bias_grad=False, fwd_cfg=FWD_CFG, bwd_cfg=BWD_CFG):
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    args = (bias, key_padding, alibi, seed, scale, spec)
+    out, lse = triton_impl.forward(q, k, v, *args, config=fwd_cfg)
+    r_out, r_lse = reference.forward(q, k, v, *args)
+    assert out.dtype == spec.out_torch_dtype and out.is_contiguous()
+    _close("out", out, r_out, atol=2e-3 if q.dtype == torch.float16 else 1.6e-2)
+    _close("lse", lse, r_lse, atol=1e-3, rtol=1e-4)
+    if not backward:
+        return
+    g = torch.Generator().manual_seed(123)
+    dout = torch.randn(out.shape, generator=g).to(q.dtype)
+    # Both backwards get the same out/lse (the reference's), so only the backward is compared.
+    got = triton_impl.backward(dout, q, k, v, r_out.to(q.dtype), r_lse, *args[:-1], spec, bias_grad,
+                               config=bwd_cfg)
+    want = reference.backward(dout, q, k, v, r_out.to(q.dtype), r_lse, *args[:-1], spec, bias_grad)
+    tol = 4e-3 if q.dtype == torch.float16 else 3e-2
+    for name, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        assert a.dtype == b.dtype
+        _close(name, a, b, atol=tol * max(1.0, b.abs().max().item() / 4))
+    if bias_grad and spec.mask_kind == "additive":
+        _close("dbias", got[3], want[3], atol=2e-3)
+    else:
+        assert got[3].numel() == 0
+
+
+# ---- structure: causal, windows, GQA, odd sizes ------------------------------------------
+
+@pytest.mark.parametrize("Sq,Sk", [(37, 45), (45, 29), (1, 17), (17, 1)])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_causal(Sq, Sk, align):
+    q, k, v = _inputs(1, 2, 2, Sq, Sk, 32)
+    _check(AttentionSpec(window_right=0, align=align), q, k, v)
+
+
+@pytest.mark.parametrize("wl,wr,align", [(5, 3, "top_left"), (7, 0, "bottom_right"), (20, None, "top_left"),
+                                         (None, 9, "bottom_right"), (0, 0, "top_left")])
+def test_window(wl, wr, align):
+    q, k, v = _inputs(1, 2, 1, 41, 53, 32)
+    _check(AttentionSpec(window_left=wl, window_right=wr, align=align), q, k, v)
+
+
+def test_window_dead_rows():
+    # bottom_right causal with Sq > Sk: the first rows see no key -> out 0, lse -inf, no NaN.
+    q, k, v = _inputs(1, 2, 2, 40, 20, 32)
+    spec = AttentionSpec(window_right=0, align="bottom_right")
+    out, lse = triton_impl.forward(q, k, v, None, None, None, None, 0.2, spec, config=FWD_CFG)
+    assert torch.isneginf(lse[:, :, :20]).all() and (out[:, :, :20] == 0).all()
+    _check(spec, q, k, v)
+
+
+@pytest.mark.parametrize("mapping", ["div", "mod"])
+def test_gqa(mapping):
+    q, k, v = _inputs(1, 6, 2, 33, 35, 32)
+    _check(AttentionSpec(gqa_mapping=mapping, window_right=0), q, k, v)
+
+
+@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (48, 96)])
+def test_head_dims(D, Dv):
+    q, k, v = _inputs(1, 2, 1, 19, 27, D, Dv)
+    _check(AttentionSpec(), q, k, v)
+
+
+@pytest.mark.slow
+def test_head_dim_128_multi_block():
+    q, k, v = _inputs(1, 2, 2, 70, 90, 128)
+    _check(AttentionSpec(window_right=0, align="bottom_right"), q, k, v,
+           fwd_cfg=FwdConfig(32, 16, 4, 1), bwd_cfg=BwdConfig(16, 32, 32, 16, 4, 1))
+
+
+def test_bf16_and_out_dtype():
+    q, k, v = _inputs(1, 2, 2, 23, 31, 32, dtype=torch.bfloat16)
+    _check(AttentionSpec(out_dtype="bfloat16"), q, k, v)
+    q, k, v = _inputs(1, 2, 2, 23, 31, 32)
+    _check(AttentionSpec(out_dtype="float32"), q, k, v, backward=False)
+
+
+def test_strided_inputs():
+    # [B, S, H, D] storage viewed as [B, H, S, D] (what a model's transpose(1, 2) gives).
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(2, 2, 2, 21, 26, 32))
+    _check(AttentionSpec(window_right=0), q, k, v)
+
+
+# ---- score modifications -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "abs"])
+def test_alibi(kind):
+    q, k, v = _inputs(1, 4, 2, 29, 37, 32)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    _check(AttentionSpec(alibi=kind, window_right=0, align="bottom_right"), q, k, v, alibi=slopes)
+
+
+def test_softcap():
+    q, k, v = _inputs(1, 2, 2, 27, 33, 32)
+    q = q * 4  # large scores so the cap matters
+    _check(AttentionSpec(softcap=5.0), q, k, v)
+
+
+@pytest.mark.parametrize("shape", ["full", "batch_key", "head_query"])
+def test_additive_bias(shape):
+    B, H, Sq, Sk = 2, 2, 25, 34
+    q, k, v = _inputs(B, H, H, Sq, Sk, 32)
+    g = torch.Generator().manual_seed(7)
+    if shape == "full":
+        bias = torch.randn(B, H, Sq, Sk, generator=g)
+    elif shape == "batch_key":   # padding-style [B, 1, 1, Sk] with -inf entries, expanded
+        base = torch.zeros(B, 1, 1, Sk)
+        base[1, :, :, 30:] = float("-inf")
+        bias = base.expand(B, H, Sq, Sk)
+    else:                         # [1, H, Sq, Sk] relative-position style, fp16, expanded
+        bias = torch.randn(1, H, Sq, Sk, generator=g).half().expand(B, H, Sq, Sk)
+    _check(AttentionSpec(mask_kind="additive"), q, k, v, bias=bias, bias_grad=(shape == "full"))
+
+
+def test_additive_bias_grad_with_window():
+    q, k, v = _inputs(1, 2, 2, 33, 33, 32)
+    bias = torch.randn(1, 2, 33, 33)
+    _check(AttentionSpec(mask_kind="additive", window_right=0, window_left=8), q, k, v,
+           bias=bias, bias_grad=True)
+
+
+def test_bool_mask_broadcast():
+    B, H, Sq, Sk = 2, 2, 27, 31
+    q, k, v = _inputs(B, H, 1, Sq, Sk, 32)
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(B, 1, Sq, Sk, generator=g) > 0.3
+    m[0, 0, 5] = False  # one fully masked row -> out 0, lse -inf
+    _check(AttentionSpec(mask_kind="bool"), q, k, v, bias=m.expand(B, H, Sq, Sk))
+
+
+def test_key_padding():
+    B, H, Sq, Sk = 3, 2, 22, 37
+    q, k, v = _inputs(B, H, H, Sq, Sk, 32)
+    kp = torch.ones(B, Sk, dtype=torch.bool)
+    kp[1, 20:] = False
+    kp[2, :] = False  # a batch with every key padded: dead rows everywhere
+    _check(AttentionSpec(key_padding=True, window_right=0, align="bottom_right"), q, k, v, key_padding=kp)
+
+
+# ---- dropout -----------------------------------------------------------------------------
+
+def test_dropout_bitwise_mask():
+    B, H, Sq, Sk = 1, 2, 26, 35
+    q, k, v = _inputs(B, H, 1, Sq, Sk, 32)
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    _check(AttentionSpec(dropout_p=0.3, window_right=0, gqa_mapping="mod"), q, k, v, seed=seed)
+
+
+def test_dropout_threshold_exact():
+    # keep iff u >= float32(p): the integer threshold used by the kernels agrees everywhere.
+    for p in (0.1, 0.3, 0.5, 1e-7, 0.999):
+        t = triton_render.dropout_threshold(p)
+        u_lo = torch.tensor([(t - 1) * 2.0 ** -24, t * 2.0 ** -24], dtype=torch.float32)
+        assert (u_lo >= p).tolist() == [False, True]
+    assert rng.uniform is not None
+
+
+# ---- combined + rendering ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_everything_at_once():
+    B, H, HK, Sq, Sk = 2, 4, 2, 45, 52
+    q, k, v = _inputs(B, H, HK, Sq, Sk, 80)
+    kp = torch.ones(B, Sk, dtype=torch.bool)
+    kp[0, 40:] = False
+    bias = torch.randn(1, H, Sq, Sk).expand(B, H, Sq, Sk)
+    spec = AttentionSpec(window_left=16, window_right=2, align="bottom_right", softcap=8.0, alibi="abs",
+                         mask_kind="additive", key_padding=True, gqa_mapping="div", dropout_p=0.2)
+    _check(spec, q, k, v, bias=bias, key_padding=kp, alibi=torch.rand(H),
+           seed=torch.tensor([5, 6], dtype=torch.int64), bias_grad=False)
+
+
+def test_render_only_needed_code():
+    plain = triton_render.render_source("fwd", AttentionSpec())
+    assert "HAS_DROPOUT = tl.constexpr(False)" in plain and "tl.load(Bias_bh" not in plain
+    rich = triton_render.render_source("bwd", AttentionSpec(mask_kind="additive", softcap=3.0), dbias=True)
+    assert "WRITE_DBIAS = tl.constexpr(True)" in rich and "_tanh(qk" in rich
+    compile(plain, "fwd", "exec")
+    compile(rich, "bwd", "exec")
