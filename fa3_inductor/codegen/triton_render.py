@@ -19,7 +19,7 @@ import math
 import pathlib
 import threading
 
-import numpy as np
+import struct
 
 from ..kernels_path import read_template
 from ..spec import AttentionSpec
@@ -115,7 +115,8 @@ def _mask_mod(spec: AttentionSpec) -> str:
 
 def dropout_threshold(p: float) -> int:
     """keep iff (h >> 8) * 2^-24 >= float32(p)  <=>  (h >> 8) >= ceil(float32(p) * 2^24) (exact)."""
-    return int(math.ceil(float(np.float32(p)) * (1 << 24)))
+    p32 = struct.unpack("f", struct.pack("f", p))[0]  # p rounded to float32, as the kernel compares
+    return int(math.ceil(p32 * (1 << 24)))
 
 
 def _dropout_keep(spec: AttentionSpec) -> str:
