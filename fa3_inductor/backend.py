@@ -76,7 +76,7 @@ def _site_why_not(site, spec) -> Optional[str]:
         # tensor ran nanoGPT at 0.48x of Inductor; "never slower than inductor" wins.
         return ("a dense [Sq, Sk] mask tensor remains (its structure was not derived): the fused kernel "
                 "with a dense mask is measured slower than Inductor; left to Inductor")
-    if any(n[0] == "sdpa" for n in site.notes):
+    if site.is_sdpa:
         from . import sdpa_policy
         return sdpa_policy.why_not(site, spec)
     return None
@@ -114,7 +114,7 @@ def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True
         why_not = hw_reason
         if why_not is None and not config.force_rewrite:
             why_not = _site_why_not(site, spec)
-        if why_not is None and any(n[0] == "sdpa" for n in site.notes) and config.sdpa_rewrite == "never":
+        if why_not is None and site.is_sdpa and config.sdpa_rewrite == "never":
             why_not = "config.sdpa_rewrite='never'"
         do_it = rewrite and why_not is None
         if do_it:

@@ -10,7 +10,6 @@ import dataclasses
 
 import torch
 
-from . import config
 
 
 @dataclasses.dataclass
@@ -91,10 +90,7 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
         report = analyse_and_rewrite(gm, example_inputs, rewrite=False)
         for site, _done, why_not in report.matched:
             qs, ks, vs = N.shape(site.q) or (), N.shape(site.k) or (), N.shape(site.v) or ()
-            group = 1
-            for note in site.notes:
-                if note[0] == "gqa":
-                    group = note[1]
+            group = site.gqa_group
             would = why_not == ""
             matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
                                        tuple(qs), tuple(ks), tuple(vs), group))
@@ -105,19 +101,7 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
     torch._dynamo.reset()
     try:
         compiled = torch.compile(fn_or_module, backend=collect)
-        with torch.no_grad() if not torch.is_grad_enabled() else _null():
-            compiled(*args, **kwargs)
+        compiled(*args, **kwargs)
     finally:
         torch._dynamo.reset()
     return ExplainReport(matched, unmatched, graphs[0])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-_ = config

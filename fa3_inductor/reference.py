@@ -8,7 +8,6 @@ processed in chunks so a 16k x 16k fp32 score matrix never exists at once.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -214,4 +213,3 @@ def naive_eager(q, k, v, scale, spec: AttentionSpec, bias=None, key_padding=None
 
 
 __all__ = ["forward", "backward", "naive_eager", "expand_kv", "reduce_kv", "kv_head_index", "keep_mask"]
-_ = math

@@ -33,8 +33,7 @@ def why_not(site, spec) -> Optional[str]:
         d, sk = int(qs[-1]), int(ks[-2])
     except (TypeError, ValueError):
         return "SDPA site with symbolic sizes: no measurement covers it"
-    structured = spec.key_padding or (spec.has_window and spec.mask_kind is None and
-                                      any(n[0] == "mask" for n in site.notes))
+    structured = spec.key_padding or (spec.has_window and site.mask_route == "structural")
     key = (d, spec.causal, bool(structured))
     min_sk = MEASURED_FASTER.get(key)
     if min_sk is None or sk < min_sk:

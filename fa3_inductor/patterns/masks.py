@@ -8,14 +8,14 @@ tile with broadcast strides, which is always exact.
 """
 from __future__ import annotations
 
+import sympy
 import torch
-import torch.fx as fx
 
 from . import nodes as N
 from .scores import NoMatch
-from .symbolic_mask import NotSymbolic, _compare, classify_additive, split_keep
+from .symbolic_mask import NotSymbolic, compare, classify_additive, split_keep
 
-import sympy
+
 
 
 def is_min(val) -> bool:
@@ -71,7 +71,7 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         for cond, keep_is_cond, val in fills:
             c = ev.eval(cond)
             if not c.is_bool:
-                c_expr = _compare(sympy.Ne, c.expr, sympy.Integer(0))
+                c_expr = compare(sympy.Ne, c.expr, sympy.Integer(0))
             else:
                 c_expr = c.expr
             keeps.append(c_expr if keep_is_cond else sympy.Not(c_expr))
@@ -122,10 +122,8 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         f["key_padding"] = True
         site.key_padding = kp_node
     for lf in ev.leaves.values():
-        for g in lf.guards:
-            if g not in [x[1] for x in site.guards if x[0] is lf.node]:
-                site.guards.append((lf.node, g))
-    site.notes.append(("mask", "structural"))
+        site.guards.extend((lf.node, g) for g in lf.guards)
+    site.mask_route = "structural"
     return True
 
 
@@ -150,4 +148,4 @@ def _tensor_route(site, biases, fills, score_dtype):
         only_inf = bool(fills) and not biases and kinds == {"neg_inf"}
         f["masked_value"] = "neg_inf" if only_inf else "min_additive"
         site.bias = ("additive", list(biases), [(cond, keep_is_cond, val) for cond, keep_is_cond, val in fills])
-    site.notes.append(("mask", "tensor"))
+    site.mask_route = "tensor"

@@ -5,11 +5,7 @@ Unmatched (with its reason) per softmax left alone.  SDPA calls are read by sdpa
 """
 from __future__ import annotations
 
-import math
-from typing import Any
 
-import sympy
-import torch
 import torch.fx as fx
 
 from . import masks
@@ -125,8 +121,8 @@ def match_softmax(sm: fx.Node, ev: Evaluator) -> Site:
                 site.scale_factors.append((c, is_div))
     else:
         k_node, k_needs_transpose = b_t, True
-    site.notes.append(("k_transpose", k_needs_transpose))
-    site.notes.append(("perms", perm_a, perm_b, perm_v))
+    site.k_transpose = k_needs_transpose
+    site.perms = (perm_a, perm_b, perm_v)
 
     # GQA: native when K and V are repeated the same way.
     if perm_b is None and perm_v is None and not k_needs_transpose and rank == 4:
@@ -134,7 +130,7 @@ def match_softmax(sm: fx.Node, ev: Evaluator) -> Site:
         if rk is not None and rv is not None and rk[1:] == rv[1:]:
             k_node, v = rk[0], rv[0]
             site.spec_fields["gqa_mapping"] = rk[2]
-            site.notes.append(("gqa", rk[1], rk[2]))
+            site.gqa_group = rk[1]
     site.q, site.k, site.v = a, k_node, v
 
     _apply_steps(site, steps, ev, qk)
@@ -142,7 +138,7 @@ def match_softmax(sm: fx.Node, ev: Evaluator) -> Site:
     site.spec_fields["out_dtype"] = _dtype_name(N.dtype(pv))
     softmax_in = sm_dtype or N.dtype(x)
     site.spec_fields["softmax_dtype"] = _dtype_name(softmax_in)
-    _check_shapes(site, qk, pv)
+    _check_shapes(site, qk)
     return site
 
 
@@ -189,17 +185,17 @@ def _apply_steps(site: Site, steps: list, ev: Evaluator, qk: fx.Node):
     masks.apply(site, biases, fills, ev, N.shape(qk), N.dtype(qk))
 
 
-def _check_shapes(site: Site, qk: fx.Node, pv: fx.Node):
+def _check_shapes(site: Site, qk: fx.Node):
     sq_shape = N.shape(qk)
     if sq_shape is None:
         raise NoMatch("scores have no recorded shape")
     if site.rank == 4:
         qs, vs = N.shape(site.q), N.shape(site.v)
-        perms = next((n[1:] for n in site.notes if n[0] == "perms"), (None, None, None))
-        if qs is not None and perms[0] is not None:
-            qs = tuple(qs[i] for i in perms[0])
-        if vs is not None and perms[2] is not None:
-            vs = tuple(vs[i] for i in perms[2])
+        perm_a, _, perm_v = site.perms
+        if qs is not None and perm_a is not None:
+            qs = tuple(qs[i] for i in perm_a)
+        if vs is not None and perm_v is not None:
+            vs = tuple(vs[i] for i in perm_v)
         if qs is not None and vs is not None and len(qs) == 4 and len(vs) == 4:
             hq, hk = qs[1], vs[1]
             ihq, ihk = N.static_int(hq), N.static_int(hk)
@@ -208,4 +204,3 @@ def _check_shapes(site: Site, qk: fx.Node, pv: fx.Node):
 
 
 __all__ = ["find_sites", "match_softmax"]
-_ = (math, sympy, torch, Any)

@@ -27,13 +27,6 @@ def tril_guard(buf: torch.Tensor, lower: bool) -> None:
     torch._assert_async((keep == ref).all(), "fa3_inductor: a causal mask buffer changed after compilation")
 
 
-def _note(site, key):
-    for n in site.notes:
-        if n[0] == key:
-            return n[1:]
-    return None
-
-
 def build_spec(site) -> AttentionSpec:
     fields = dict(site.spec_fields)
     static = site.static_scale()
@@ -45,9 +38,7 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
     g = gm.graph
     spec = site.spec or build_spec(site)
     site.spec = spec
-    perms = _note(site, "perms") or (None, None, None)
-    perm_a, perm_b, perm_v = perms if len(perms) == 3 else (None, None, None)
-    k_transpose = (_note(site, "k_transpose") or (False,))[0]
+    perm_a, perm_b, perm_v = site.perms
     with g.inserting_before(site.out_node):
         q = site.q if perm_a is None else g.call_method("permute", (site.q, *perm_a))
         k = site.k
@@ -55,7 +46,7 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
             # perm_b orders b as [batch.., d, k]; k wants [batch.., k, d].
             pk = list(perm_b[:-2]) + [perm_b[-1], perm_b[-2]]
             k = g.call_method("permute", (k, *pk))
-        elif k_transpose:
+        elif site.k_transpose:
             k = g.call_function(torch.transpose, (k, -2, -1))
         v = site.v if perm_v is None else g.call_method("permute", (site.v, *perm_v))
         if site.rank == 3:
@@ -74,9 +65,7 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
             if leaf in guarded:
                 continue
             guarded.add(leaf)
-            flat = guard[1]
-            lower = bool(torch.equal(flat, torch.ones_like(flat).tril()))
-            g.call_function(tril_guard, (leaf, lower))
+            g.call_function(tril_guard, (leaf, guard == "tril"))
         call = g.call_function(torch.ops.fa3.attention_fwd.default,
                                (q, k, v, bias, kp, None, seed, scale, spec.to_json()))
         out = g.call_function(operator.getitem, (call, 0))

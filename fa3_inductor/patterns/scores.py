@@ -71,13 +71,12 @@ def walk_scores(start: fx.Node, softmax: fx.Node):
             a, b = N.arg(cur, 0, "input"), N.arg(cur, 1, "other")
             if N.arg(cur, 2, "alpha", 1) != 1:
                 raise NoMatch(f"add with alpha at '{cur.name}'")
-            side, other, negate = _scores_side(a, b)
+            side, other = _scores_side(a, b)
             if side is None:
                 raise NoMatch(f"neither operand of '{cur.name}' leads to a Q K^T product")
-            if k == "sub":
-                if side is b:
-                    raise NoMatch(f"the scores are subtracted from a tensor at '{cur.name}'")
-                negate = True
+            if k == "sub" and side is b:
+                raise NoMatch(f"the scores are subtracted from a tensor at '{cur.name}'")
+            negate = k == "sub"
             if not isinstance(other, fx.Node) or N.tensor_meta(other) is None:
                 if isinstance(other, (int, float)):
                     steps.append(("cast",))  # adding a constant to every score changes nothing
@@ -147,13 +146,13 @@ def _reaches_product(x: Any, depth: int = 64) -> bool:
 def _scores_side(a, b):
     ra, rb = _reaches_product(a), _reaches_product(b)
     if ra and not rb:
-        return a, b, False
+        return a, b
     if rb and not ra:
-        return b, a, False
+        return b, a
     if ra and rb:
         # Both reach a product (e.g. a bias computed with its own matmul): the scores are the
         # side whose shape is the add's shape and which is used only here.
         for side, other in ((a, b), (b, a)):
             if isinstance(side, fx.Node) and len(side.users) == 1 and N.kind(side) in PRODUCTS + ("mul", "div"):
-                return side, other, False
-    return None, None, False
+                return side, other
+    return None, None

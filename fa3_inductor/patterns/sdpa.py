@@ -40,10 +40,9 @@ def match_sdpa(node: fx.Node, ev) -> Site:
     if rk is not None and rv is not None and rk[1:] == rv[1:] and not enable_gqa:
         site.k, site.v = rk[0], rv[0]
         site.spec_fields["gqa_mapping"] = rk[2]
-        site.notes.append(("gqa", rk[1], rk[2]))
+        site.gqa_group = rk[1]
     site.chain = [node]
-    site.notes.append(("k_transpose", False))
-    site.notes.append(("sdpa", True))
+    site.is_sdpa = True
     if scale is None:
         # The head dim is specialised (a guard on it alone): head dims do not vary between
         # calls, sequence lengths and batch sizes stay dynamic.
@@ -53,7 +52,7 @@ def match_sdpa(node: fx.Node, ev) -> Site:
     if enable_gqa:
         hq, hk = N.static_int(qs[1]), N.static_int(ks[1])
         if hq and hk and hq != hk:
-            site.notes.append(("gqa", hq // hk, "div"))
+            site.gqa_group = hq // hk
     f = site.spec_fields
     f["dropout_p"] = float(dropout_p)
     f["masked_value"] = "zero"

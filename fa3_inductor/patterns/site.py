@@ -25,9 +25,14 @@ class Site:
     guards: list = dataclasses.field(default_factory=list)
     chain: list = dataclasses.field(default_factory=list)   # nodes that become dead after the rewrite
     out_permute: Optional[list] = None   # einsum outputs in another order than [B, H, Sq, Dv]
+    k_transpose: bool = False            # k is the product's [.., D, Sk] operand: transpose it back
+    perms: tuple = (None, None, None)    # einsum permutations of the q, k^T and v operands
+    gqa_group: int = 1                   # query heads per kv head once K/V repeats are read through
+    is_sdpa: bool = False                # an F.scaled_dot_product_attention call (sdpa_policy applies)
+    mask_route: Optional[str] = None     # "structural" or "tensor" (masks.py), None without masks
     spec: Optional[AttentionSpec] = None
     source: str = ""
-    notes: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)  # diagnostics only: why a mask stayed a tensor
 
     @property
     def scale_is_static(self) -> bool:

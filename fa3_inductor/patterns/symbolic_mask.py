@@ -13,7 +13,6 @@ diagonal, a [B, Sk] key-padding vector) and reports anything left over.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import sympy
@@ -115,17 +114,16 @@ class Evaluator:
         if real.numel() != r * c or r * c > (1 << 26):
             return None
         flat = real.reshape(r, c).detach().cpu() != 0
-        for diag in (0,):
-            if torch.equal(flat, torch.ones(r, c, dtype=torch.bool).tril(diag)):
-                expr = sympy.Le(E[1] - E[2], diag)
-                break
-            if torch.equal(flat, torch.ones(r, c, dtype=torch.bool).triu(diag)):
-                expr = sympy.Ge(E[1] - E[2], diag)
-                break
+        ones = torch.ones(r, c, dtype=torch.bool)
+        if torch.equal(flat, ones.tril()):
+            kind, expr = "tril", sympy.Le(E[1] - E[2], 0)
+        elif torch.equal(flat, ones.triu()):
+            kind, expr = "triu", sympy.Ge(E[1] - E[2], 0)
         else:
             return None
         lf = self.leaves.setdefault(node, Leaf(node, sympy.Function(f"L_{node.name}")))
-        lf.guards.append(("constant_equal", flat))
+        if kind not in lf.guards:
+            lf.guards.append(kind)  # checked again at run time by rewrite.tril_guard
         if real.dtype == torch.bool:
             return Sym(expr, real.dim(), True)
         return Sym(sympy.Piecewise((1, expr), (0, True)), real.dim(), False)
@@ -182,7 +180,7 @@ class Evaluator:
             a, b = self.eval(N.arg(n, 0, "input")), self.eval(N.arg(n, 1, "other"))
             rel = {"eq": sympy.Eq, "ne": sympy.Ne, "le": sympy.Le, "lt": sympy.Lt,
                    "ge": sympy.Ge, "gt": sympy.Gt}[k]
-            return Sym(_compare(rel, _num(a), _num(b)), max(a.rank, b.rank), True)
+            return Sym(compare(rel, _num(a), _num(b)), max(a.rank, b.rank), True)
         if k in ("and", "or"):
             a, b = self.eval(N.arg(n, 0, "input")), self.eval(N.arg(n, 1, "other"))
             if not (a.is_bool and b.is_bool):
@@ -198,7 +196,7 @@ class Evaluator:
             a = self.eval(N.arg(n, 0, "input"))
             out_dtype = N.dtype(n)
             if out_dtype == torch.bool and not a.is_bool:
-                return Sym(_compare(sympy.Ne, a.expr, sympy.Integer(0)), a.rank, True)
+                return Sym(compare(sympy.Ne, a.expr, sympy.Integer(0)), a.rank, True)
             if out_dtype is not None and out_dtype != torch.bool and a.is_bool:
                 return Sym(sympy.Piecewise((1, a.expr), (0, True)), a.rank, False)
             return a
@@ -351,7 +349,7 @@ class Evaluator:
         return self.eval(live[0])
 
 
-def _compare(rel, a, b):
+def compare(rel, a, b):
     """rel(a, b), distributing over Piecewise branches so that e.g.
     Ne(Piecewise((1, C), (0, True)), 0) becomes C."""
     for side in (0, 1):
@@ -361,7 +359,7 @@ def _compare(rel, a, b):
             terms, covered = [], sympy.false
             for value, cond in pw.args:
                 this = sympy.And(cond, sympy.Not(covered))
-                r = _compare(rel, value, other) if side == 0 else _compare(rel, other, value)
+                r = compare(rel, value, other) if side == 0 else compare(rel, other, value)
                 terms.append(sympy.And(this, r))
                 covered = sympy.Or(covered, cond)
             return sympy.simplify_logic(sympy.Or(*terms)) if len(terms) < 6 else sympy.Or(*terms)
@@ -550,4 +548,3 @@ def classify_additive(expr):
 
 
 __all__ = ["Evaluator", "NotSymbolic", "split_keep", "classify_additive", "E", "MIN_SENTINEL", "NEG_INF"]
-_ = math
