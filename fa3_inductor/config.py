@@ -31,6 +31,12 @@ fp8_training: bool = False
 # "always" / "never" force the choice.
 sdpa_rewrite: str = "measured"
 
+# A mask that enters the graph as an input (built outside the compiled frame: FSDP2 blocks,
+# per-layer compile, SDPA attn_mask from the caller) takes the structural route when its
+# example is exactly causal / window / bidirectional with key padding; a device-side guard
+# checks every call (patterns/mask_inputs.py).  False keeps such masks as tensors.
+speculate_mask_inputs: bool = True
+
 # Leave rewritten sites' source lines in the log at INFO level.
 log_rewrites: bool = True
 

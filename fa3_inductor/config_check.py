@@ -7,7 +7,8 @@ ALLOWED = {
     "kernel": ("auto", "triton", "cuda", "reference"),
     "sdpa_rewrite": ("measured", "always", "never"),
 }
-BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward")
+BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward",
+         "speculate_mask_inputs")
 PREFIX = "fa3."
 
 

@@ -24,7 +24,7 @@ import time
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="fa3,inductor", help="comma list: fa3, inductor, inductor-sdpa")
+    ap.add_argument("--variants", default="inductor,fa3", help="comma list: fa3, inductor, inductor-sdpa")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
     ap.add_argument("--seq", type=int, default=2048)

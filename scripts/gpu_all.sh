@@ -3,7 +3,8 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="triton cuda fp8 bench models" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton cuda fp8 gpumodels models bench" bash scripts/gpu_all.sh
+# (ddp needs the 2-GPU kind; each part has its own T_<PART> timeout)
 set -u
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-$PWD/bench_out}
@@ -22,6 +23,17 @@ say "device: $(nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader 2
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 python3 -m pip install -q --no-deps --no-build-isolation . > "$W/pip.log" 2>&1 || { say "pip install failed"; tail -20 "$W/pip.log" | tee -a "$LOG"; }
 
+if has ddp; then
+  say "== 2-GPU DDP/FSDP2 tests + DDP throughput (issue 7)"
+  OUT=$W/ddp TORCHINDUCTOR_CACHE_DIR=/tmp/fa3_ddp_inductor timeout ${T_DDP:-240} bash scripts/gpu_ddp.sh > "$W/ddp_driver.log" 2>&1
+  say "ddp rc=$?"; grep -v '^== device' "$W/ddp/run.log" | tail -30 | tee -a "$LOG"
+fi
+if has cudaforced; then
+  say "== the CPU suite's real-model tests on CUDA tensors with force_rewrite"
+  FA3_TEST_DEVICE=cuda timeout ${T_CUDAFORCED:-90} python3 -m pytest -q -p no:cacheprovider \
+      tests/test_models_transformers.py -k "forced or sdpa or inductor" > "$W/pytest_cudaforced.log" 2>&1
+  say "cuda forced model tests rc=$?"; tail -12 "$W/pytest_cudaforced.log" | tee -a "$LOG"
+fi
 if has triton; then
   say "== triton GPU tests"
   timeout ${T_TRITON:-170} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_triton_gpu.py > "$W/pytest_triton.log" 2>&1
@@ -41,8 +53,8 @@ if has fp8; then
 fi
 if has gpumodels; then
   say "== real models on the GPU through backend=fa3"
-  timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_models_gpu.py > "$W/pytest_models.log" 2>&1
-  say "gpu model tests rc=$?"; tail -15 "$W/pytest_models.log" | tee -a "$LOG"
+  timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_models_gpu.py > "$W/pytest_models.log" 2>&1
+  say "gpu model tests rc=$?"; grep -E "passed|failed|FAILED|Error|^[0-9.]+s call" "$W/pytest_models.log" | tail -40 | tee -a "$LOG"
 fi
 if has models; then
   say "== model grid"

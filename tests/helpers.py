@@ -20,6 +20,9 @@ import fa3_inductor
 from fa3_inductor import backend as fa3_backend_mod
 
 ALL_INDUCTOR = os.environ.get("FA3_TESTS_INDUCTOR", "") == "1"
+# FA3_TEST_DEVICE=cuda runs run_and_compare's models and inputs on the GPU (the issue's "same
+# real-model tests on the H100 with force_rewrite on CUDA tensors"); the default is the CPU.
+TEST_DEVICE = os.environ.get("FA3_TEST_DEVICE", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +154,17 @@ def _clone_inputs(args, requires_grad: bool):
 
 def _cotangents(outs, seed=1234):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=g, dtype=torch.float32).to(o.dtype) for o in outs]
+    return [torch.randn(o.shape, generator=g, dtype=torch.float32).to(o.device, o.dtype) for o in outs]
+
+
+def _to_test_device(x):
+    if isinstance(x, torch.Tensor):
+        return x.to(TEST_DEVICE)
+    if isinstance(x, dict):
+        return {k: _to_test_device(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_test_device(v) for v in x)
+    return x
 
 
 def _backward(outs, cots):
@@ -173,6 +186,10 @@ def run_and_compare(model: Callable, args: tuple, kwargs: Optional[dict] = None,
 
     The eager run uses a deep copy of the module with identical parameters."""
     kwargs = dict(kwargs or {})
+    if TEST_DEVICE != "cpu":
+        if isinstance(model, torch.nn.Module):
+            model.to(TEST_DEVICE)
+        args, kwargs = _to_test_device(tuple(args)), _to_test_device(kwargs)
     cfg = {"force_rewrite": True}
     cfg.update(config or {})
     is_module = isinstance(model, torch.nn.Module)

@@ -35,85 +35,85 @@ def right_pad_mask(t=T):
     return am
 
 
-def _cfg(cls, attn, **kw):
-    cfg = cls(**kw)
+def _cfg(cls, attn, over, **kw):
+    cfg = cls(**{**kw, **over})  # `over`: a caller's sizes (the GPU tests build larger models)
     cfg._attn_implementation = attn
     return cfg
 
 
-def llama(attn):
+def llama(attn, **over):
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(_cfg(LlamaConfig, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return LlamaForCausalLM(_cfg(LlamaConfig, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=64))
 
 
-def mistral(attn):
+def mistral(attn, **over):
     from transformers import MistralConfig, MistralForCausalLM
-    return MistralForCausalLM(_cfg(MistralConfig, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return MistralForCausalLM(_cfg(MistralConfig, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=64, sliding_window=4))
 
 
-def qwen2(attn):
+def qwen2(attn, **over):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(_cfg(Qwen2Config, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return Qwen2ForCausalLM(_cfg(Qwen2Config, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                  max_position_embeddings=64))
 
 
-def gpt2(attn):
+def gpt2(attn, **over):
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(_cfg(GPT2Config, attn, vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+    return GPT2LMHeadModel(_cfg(GPT2Config, attn, over, vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
 
 
-def gpt_neox(attn):
+def gpt_neox(attn, **over):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    return GPTNeoXForCausalLM(_cfg(GPTNeoXConfig, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return GPTNeoXForCausalLM(_cfg(GPTNeoXConfig, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                                    attention_dropout=0.0, hidden_dropout=0.0))
 
 
-def opt(attn):
+def opt(attn, **over):
     from transformers import OPTConfig, OPTForCausalLM
-    return OPTForCausalLM(_cfg(OPTConfig, attn, vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+    return OPTForCausalLM(_cfg(OPTConfig, attn, over, vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
                                dropout=0.0, attention_dropout=0.0))
 
 
-def bert(attn):
+def bert(attn, **over):
     from transformers import BertConfig, BertModel
-    return BertModel(_cfg(BertConfig, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return BertModel(_cfg(BertConfig, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False)
 
 
-def t5(attn):
+def t5(attn, **over):
     from transformers import T5Config, T5Model
-    return T5Model(_cfg(T5Config, attn, vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+    return T5Model(_cfg(T5Config, attn, over, vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                         num_decoder_layers=1, num_heads=4, dropout_rate=0.0, relative_attention_num_buckets=8))
 
 
-def gemma2(attn):
+def gemma2(attn, **over):
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    return Gemma2ForCausalLM(_cfg(Gemma2Config, attn, vocab_size=V, hidden_size=32, intermediate_size=64,
+    return Gemma2ForCausalLM(_cfg(Gemma2Config, attn, over, vocab_size=V, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                   max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=5.0,
                                   final_logit_softcapping=None, query_pre_attn_scalar=8))
 
 
-def bart(attn):
+def bart(attn, **over):
     from transformers import BartConfig, BartModel
-    return BartModel(_cfg(BartConfig, attn, vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
+    return BartModel(_cfg(BartConfig, attn, over, vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                           decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
                           activation_dropout=0.0))
 
 
-def vit(attn):
+def vit(attn, **over):
     from transformers import ViTConfig, ViTModel
-    return ViTModel(_cfg(ViTConfig, attn, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    return ViTModel(_cfg(ViTConfig, attn, over, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, image_size=16, patch_size=4, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0), add_pooling_layer=False)
 
@@ -200,7 +200,7 @@ def test_llama_inductor_end_to_end():
 def _llama_gqa4_bf16():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = _cfg(LlamaConfig, "eager", vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    cfg = _cfg(LlamaConfig, "eager", {}, vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).to(torch.bfloat16).train()
 

@@ -508,6 +508,21 @@ class GenericMask(nn.Module):
         elif self.kind == "additive_window_min":
             keep = (j <= i) & (j > i - self.w)
             s = s + torch.where(keep, 0.0, torch.finfo(x.dtype).min)
+        elif self.kind == "hf517_packed_causal":
+            # transformers <= 5.17 under torch.compile, no attention_mask: a packed-sequence check on
+            # arange position ids, and-ed into the causal mask (identically true for arange)
+            pos = torch.arange(T, device=x.device).unsqueeze(0).expand(Bx, -1)
+            packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+            b = torch.arange(Bx, device=x.device)[:, None, None, None]
+            qi = torch.arange(T, device=x.device)[None, None, :, None]
+            kj = torch.arange(T, device=x.device)[None, None, None, :]
+            keep = (kj <= qi) & (packed[b, qi] == packed[b, kj])
+            s = s + torch.where(keep, torch.tensor(0.0, dtype=x.dtype), torch.finfo(x.dtype).min)
+        elif self.kind == "hf517_bidirectional":
+            # transformers <= 5.17 under torch.compile for an encoder without padding (ViT)
+            qi = torch.arange(T, device=x.device)[None, None, :, None]
+            keep = (qi >= 0).expand(Bx, -1, T, T)
+            s = s + torch.where(keep, torch.tensor(0.0, dtype=x.dtype), torch.finfo(x.dtype).min)
         p = s.softmax(-1)
         return (p @ v).transpose(1, 2).reshape(Bx, T, C)
 
@@ -522,10 +537,36 @@ class GenericMask(nn.Module):
     pytest.param("window_sym", float("-inf"), dict(window_right=3, window_left=3)),
     ("additive_min", None, dict(window_right=0, masked_value="min_additive")),
     ("additive_window_min", None, dict(window_right=0, window_left=2, masked_value="min_additive")),
+    ("hf517_packed_causal", None, dict(window_right=0, window_left=None, masked_value="min_additive")),
+    ("hf517_bidirectional", None, dict(window_right=None, window_left=None)),
 ])
 def test_in_graph_structural_masks(kind, fill, exp):
     m = GenericMask(kind, fill=fill if fill is not None else float("-inf"))
     check(m, (rnd(2, 12, 32),), expect=dict(exp, mask_kind=None, key_padding=False, align="top_left"))
+
+
+class PackedPositions(nn.Module):
+    """Real packed sequences: position ids from an input restart per document, so
+    (diff(pos) != 1).cumsum(-1) is data; the mask must stay a tensor (never a silent causal)."""
+
+    def forward(self, q, k, v, pos):
+        T = q.shape[-2]
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        qi = torch.arange(T)[None, None, :, None]
+        kj = torch.arange(T)[None, None, None, :]
+        keep = (kj <= qi) & (packed[b, qi] == packed[b, kj])
+        s = (q @ k.transpose(-1, -2)) * 0.35 + torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+        return s.softmax(-1) @ v
+
+
+def test_packed_sequence_positions_stay_a_mask():
+    q, k, v = bhsd(sq=10, sk=10)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], list(range(10))])
+    m = PackedPositions()
+    res = run_and_compare(m, (q, k, v, pos), n_rewritten=1, atol=2e-4, rtol=2e-4)
+    spec = res["rewritten"][0].spec
+    assert spec.mask_kind == "additive" and spec.window_right is None, spec.describe()
 
 
 class CrossCausalArange(nn.Module):

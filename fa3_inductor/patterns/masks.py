@@ -11,6 +11,7 @@ from __future__ import annotations
 import sympy
 import torch
 
+from . import mask_inputs
 from . import nodes as N
 from .scores import NoMatch
 from .symbolic_mask import NotSymbolic, compare, classify_additive, split_keep
@@ -61,6 +62,8 @@ def apply(site, biases: list, fills: list, ev, sq_shape: tuple, score_dtype):
         if fill_semantics(val, score_dtype) is None:
             raise NoMatch(f"masked_fill/where with value {val} is not a mask (-inf or a large negative)")
     if _structural(site, biases, fills, ev, sq_shape, score_dtype):
+        return
+    if mask_inputs.try_speculate(site, biases, fills, ev, sq_shape, score_dtype):
         return
     _tensor_route(site, biases, fills, score_dtype)
 

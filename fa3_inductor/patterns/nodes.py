@@ -43,6 +43,7 @@ _FUNCTIONS = {
     F.scaled_dot_product_attention: "sdpa",
     torch.clone: "clone",
     torch.tensor: "tensor", torch.scalar_tensor: "tensor",
+    torch.diff: "diff", torch.cumsum: "cumsum",
 }
 
 _METHODS = {
@@ -60,7 +61,7 @@ _METHODS = {
     "logical_and": "and", "logical_or": "or", "logical_not": "not", "bitwise_not": "not",
     "__and__": "and", "__or__": "or", "__invert__": "not",
     "tril": "tril", "triu": "triu", "new_ones": "new_ones", "new_zeros": "new_zeros",
-    "new_full": "new_full", "abs": "abs", "t": "t", "mT": "mT",
+    "new_full": "new_full", "abs": "abs", "t": "t", "mT": "mT", "diff": "diff", "cumsum": "cumsum",
     # Dynamo (torch 2.11 at least) records some operators on tensors as dunder method calls.
     "__eq__": "eq", "__ne__": "ne", "__le__": "le", "__lt__": "lt", "__ge__": "ge", "__gt__": "gt",
     "__add__": "add", "__radd__": "add", "__mul__": "mul", "__rmul__": "mul", "__sub__": "sub",

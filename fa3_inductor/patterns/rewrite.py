@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..ops import attention_op  # noqa: F401  (registers torch.ops.fa3.*)
 from ..ops.rng import make_seed
 from ..spec import AttentionSpec
+from . import mask_inputs
 from . import nodes as N
 
 FP32_MIN = torch.finfo(torch.float32).min
@@ -58,6 +59,12 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
             kp = site.key_padding
             if N.dtype(kp) != torch.bool:
                 kp = g.call_function(torch.ne, (kp, 0))
+        if site.speculated_mask is not None:
+            mask, additive, neg_inf = site.speculated_mask
+            bsz = g.call_method("size", (q, 0))   # q is [B, H, Sq, D] here (rank 4 only)
+            kp = g.call_function(mask_inputs.key_padding, (mask, additive, bsz))
+            g.call_function(mask_inputs.structure_guard,
+                            (mask, kp, additive, neg_inf, spec.align, spec.window_left, spec.window_right))
         seed = None
         if spec.dropout_p:
             seed = g.call_function(make_seed, (N.tensor_meta(site.q).device,))
@@ -128,7 +135,8 @@ def remove_dead(gm: fx.GraphModule, dead_before: set):
         for node in reversed(list(g.nodes)):
             if node.op in ("placeholder", "output") or node.users or node in dead_before:
                 continue
-            if node.op == "call_function" and node.target in (tril_guard, torch._assert_async):
+            if node.op == "call_function" and node.target in (tril_guard, mask_inputs.structure_guard,
+                                                              torch._assert_async):
                 continue
             g.erase_node(node)
             changed = True

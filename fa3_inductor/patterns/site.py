@@ -29,7 +29,8 @@ class Site:
     perms: tuple = (None, None, None)    # einsum permutations of the q, k^T and v operands
     gqa_group: int = 1                   # query heads per kv head once K/V repeats are read through
     is_sdpa: bool = False                # an F.scaled_dot_product_attention call (sdpa_policy applies)
-    mask_route: Optional[str] = None     # "structural" or "tensor" (masks.py), None without masks
+    mask_route: Optional[str] = None     # "structural", "speculated" or "tensor" (masks.py), None without masks
+    speculated_mask: Optional[tuple] = None  # (mask input node, additive, neg_inf): mask_inputs.py
     spec: Optional[AttentionSpec] = None
     source: str = ""
     notes: list = dataclasses.field(default_factory=list)  # diagnostics only: why a mask stayed a tensor

@@ -104,10 +104,14 @@ class Evaluator:
 
     def constant_tril(self, node: fx.Node) -> Optional[Sym]:
         """A real constant buffer (e.g. nanoGPT's registered tril) that is tril/triu of ones."""
+        from torch._subclasses.fake_tensor import FakeTensor
         real = self.example_of.get(node)
+        if real is None or isinstance(real, FakeTensor):
+            # DDP's graph splitting (DDPOptimizer) compiles each piece with fake inputs; Dynamo's
+            # GraphArg on the placeholder still holds the real buffer.
+            real = _grapharg_example(node)
         if real is None or not isinstance(real, torch.Tensor) or real.dim() < 2:
             return None
-        from torch._subclasses.fake_tensor import FakeTensor
         if isinstance(real, FakeTensor) or real.device.type == "meta":
             return None  # no data to inspect
         r, c = real.shape[-2], real.shape[-1]
@@ -235,6 +239,10 @@ class Evaluator:
             return self._getitem(n)
         if k == "cat":
             return self._cat(n)
+        if k == "diff":
+            return self._diff(n)
+        if k == "cumsum":
+            return self._cumsum(n)
         raise NotSymbolic(f"{n.name} ({n.op} {getattr(n.target, '__name__', n.target)}) is not modelled")
 
     def _arange(self, n: fx.Node) -> Sym:
@@ -334,6 +342,38 @@ class Evaluator:
         subs = {E[t.dim() - d]: _num(items[d]) for d in range(t.dim())}
         return Sym(_subs(base.expr, subs), rank, base.is_bool)
 
+    def _last_dim(self, n: fx.Node, dim) -> None:
+        nd = N.ndim(n)
+        if not isinstance(dim, int) or dim not in (-1, nd - 1):
+            raise NotSymbolic(f"{n.name}: only the last dim is modelled")
+
+    def _diff(self, n: fx.Node) -> Sym:
+        """torch.diff(x, n=1, dim=-1, prepend=p): out[j] = x[j] - (p[0] if j == 0 else x[j-1]).
+        transformers (<= 5.17) finds packed sequences as (diff(position_ids) != 1).cumsum(-1); for
+        arange positions this is identically 0, which is what lets a causal mask stay structural."""
+        x = self.eval(N.arg(n, 0, "input"))
+        self._last_dim(n, N.arg(n, 2, "dim", -1))
+        if N.arg(n, 1, "n", 1) != 1 or N.arg(n, 4, "append", None) is not None:
+            raise NotSymbolic("diff with n != 1 or append")
+        pre = N.arg(n, 3, "prepend", None)
+        xe, j = _num(x), E[1]
+        if pre is None:
+            return Sym(sympy.expand(_subs(xe, {j: j + 1}) - xe), x.rank, False)
+        p = self.eval(pre)
+        first = sympy.expand(_subs(xe, {j: 0}) - _subs(_num(p), {j: 0}))
+        rest = sympy.expand(xe - _subs(xe, {j: j - 1}))
+        e = rest if sympy.simplify(first - rest) == 0 else sympy.Piecewise((first, sympy.Eq(j, 0)), (rest, True))
+        return Sym(e, max(x.rank, p.rank), False)
+
+    def _cumsum(self, n: fx.Node) -> Sym:
+        """Only a cumulative sum of zeros (see _diff) is modelled."""
+        x = self.eval(N.arg(n, 0, "input"))
+        self._last_dim(n, N.arg(n, 1, "dim", None))
+        xe = _num(x)
+        if xe == 0 or xe is sympy.false:
+            return Sym(sympy.Integer(0), x.rank, False)
+        raise NotSymbolic(f"{n.name}: cumsum of a non-zero tensor is not modelled")
+
     def _cat(self, n: fx.Node) -> Sym:
         parts = N.arg(n, 0, "tensors")
         dim = N.arg(n, 1, "dim", 0)
@@ -370,6 +410,14 @@ def scalar_expr_or_size(x):
     if isinstance(x, fx.Node):
         return sympify_size(x)
     return scalar_expr(x)
+
+
+def _grapharg_example(n: fx.Node):
+    ga = n.meta.get("grapharg")
+    try:
+        return None if ga is None else ga.example
+    except Exception:  # noqa: BLE001 - a released weak reference: nothing to inspect
+        return None
 
 
 def _get_attr(n: fx.Node):
@@ -537,6 +585,10 @@ def classify_additive(expr):
             return None
         if isinstance(expr, sympy.Piecewise):
             expr = sympy.Piecewise(*[(sympy.simplify(v), c) for v, c in expr.args])
+    if expr == 0:
+        # Every entry kept: transformers <= 5.17 materialises `where(q_idx >= 0, 0, min)` under
+        # torch.compile for an encoder without padding (ViT), which folds to 0 here.
+        return sympy.true, "min_additive"
     if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2:
         (v1, c1), (v2, c2) = expr.args
         if c2 is sympy.true:

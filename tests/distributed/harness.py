@@ -105,6 +105,7 @@ def check_graphs(runs, key, fused_kernels=False):
         assert n == 2
         assert not c["unmatched"], f"{who} {key}: softmax left unmatched: {c['unmatched']}"
         assert not c["not_rewritten"], f"{who} {key}: matched but not rewritten: {c['not_rewritten']}"
+        assert not c["dense_masks"], f"{who} {key}: causal mask not derived: {c['dense_masks']}"
         # every attention layer ran through our op, forward and backward, on every step
         assert c["op_fwd_calls_per_step"] == [n] * steps, (who, key, c["op_fwd_calls_per_step"])
         assert c["op_bwd_calls_per_step"] == [n] * steps, (who, key, c["op_bwd_calls_per_step"])

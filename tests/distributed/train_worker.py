@@ -318,6 +318,9 @@ def run_case(model_name, mode, *, device, steps, codegen, world, rank, bucket_ca
         "rewritten_per_graph": per_graph,
         "rewritten_total": sum(per_graph),
         "not_rewritten": [f"{s.source}: {why}" for r in reports for s, done, why in r.matched if not done],
+        # the causal mask must be derived (kernel structure), not passed as a dense tensor
+        "dense_masks": [f"{s.source}: {s.spec.describe()} {s.notes}" for r in reports for s, done, _ in r.matched
+                        if s.spec is not None and (s.spec.mask_kind is not None or not s.spec.causal)],
         "unmatched": [f"{u.source}: {u.reason}" for r in reports for u in r.unmatched],
         "backend_calls": len(reports),
         "unique_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),

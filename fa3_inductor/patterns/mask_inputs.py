@@ -1,0 +1,179 @@
+"""Structure of a mask that enters the graph as an input, read from its example and checked
+on every call.
+
+When the mask is built outside the compiled frame (FSDP2 compiles each block as its own
+frame; users compile single decoder layers; an SDPA call gets attn_mask from the caller),
+there is nothing in the graph to analyse.  The example tensor Dynamo compiled with is real,
+though: if it is exactly "causal / sliding window / bidirectional, and'ed with a per-batch key
+padding vector", the site takes the structural route, with
+
+  * the key padding vector computed in the graph from the mask itself (keys no query sees), and
+  * a run-time guard that the whole mask still equals that structure (a device-side assert
+    naming this package: never a silent wrong answer).
+
+Reading the mask twice per call costs far less than a fused kernel reading it per head, and
+lets the kernel skip masked blocks.  `config.speculate_mask_inputs = False` turns it off (the
+mask then stays a tensor).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..spec import BIAS_MASKED
+from . import nodes as N
+
+GUARD_MESSAGE = ("fa3_inductor: an attention mask input no longer has the structure (causal / window / key "
+                 "padding) its example had at compile time; set fa3_inductor.config.speculate_mask_inputs = "
+                 "False to keep such masks as tensors")
+
+
+def keep_of(mask: torch.Tensor, additive: bool) -> torch.Tensor:
+    return (mask == 0) if additive else mask.bool()
+
+
+def _pattern(sq: int, sk: int, device, align: str, window_left, window_right) -> torch.Tensor:
+    """[Sq, Sk] keep pattern of the diagonal bounds (all True without any)."""
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq if align == "bottom_right" else 0)
+    j = torch.arange(sk, device=device)[None, :]
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window_right is not None:
+        keep = keep & (j <= i + window_right)
+    if window_left is not None:
+        keep = keep & (j >= i - window_left)
+    return keep
+
+
+def key_padding(mask: torch.Tensor, additive: bool, batch: int) -> torch.Tensor:
+    """[B, Sk] keys that some query of the batch row may see (run time, in the graph)."""
+    kp = keep_of(mask, additive).any(dim=-2)[:, 0, :]
+    return kp.expand(batch, kp.shape[-1])
+
+
+def structure_guard(mask: torch.Tensor, kp: torch.Tensor, additive: bool, neg_inf: bool, align: str,
+                    window_left: Optional[int], window_right: Optional[int]) -> None:
+    """The mask equals pattern & key padding (and, additive, holds only 0 and mask values of the
+    compile-time kind); checked on the device without a host sync."""
+    sq, sk = mask.shape[-2], mask.shape[-1]
+    keep = keep_of(mask, additive)
+    want = _pattern(sq, sk, mask.device, align, window_left, window_right)[None, None] & kp[:, None, None, :]
+    ok = (keep == want).all()
+    if additive:
+        masked = mask.float()
+        ok = ok & ((masked == 0) | (masked == float("-inf") if neg_inf else
+                                    (masked <= BIAS_MASKED) & (masked > float("-inf")))).all()
+    torch._assert_async(ok, GUARD_MESSAGE)
+
+
+def infer(example: torch.Tensor, additive: bool) -> Optional[dict]:
+    """Spec fields (align, window_left, window_right, masked_value) if the example mask is exactly a
+    diagonal pattern and'ed with per-batch key padding, else None.  Example: [B|1, 1, Sq, Sk]."""
+    if example.dim() != 4 or example.shape[1] != 1 or example.numel() == 0:
+        return None
+    sq, sk = example.shape[-2], example.shape[-1]
+    keep = keep_of(example, additive)
+    masked_value = "neg_inf"
+    if additive:
+        if not example.is_floating_point():
+            return None
+        m = example.float()
+        if not ((m == 0) | (m <= BIAS_MASKED)).all():
+            return None  # a true bias
+        dead = m[~keep]
+        if dead.numel() and bool((dead == float("-inf")).all()):
+            masked_value = "neg_inf"
+        elif dead.numel() == 0 or bool((dead > float("-inf")).all()):
+            masked_value = "min_additive"
+        else:
+            return None  # mixed -inf and finite minimums: fully masked rows would differ
+    elif example.dtype != torch.bool:
+        return None
+    kp = keep.any(dim=-2)[:, 0, :]
+    live = keep[kp[:, None, None, :].expand_as(keep)]
+    if live.numel() == 0:
+        return None  # everything masked: nothing tells the structure apart
+    # bottom-right first when Sq != Sk: "j <= i + (Sk - Sq)" is then causal, which is what a
+    # decoder with a KV prefix means (top-left with window_right = Sk - Sq reads the same)
+    aligns = (["bottom_right"] if sq != sk else []) + ["top_left"]
+    candidates = [("top_left", None, None)]
+    for align in aligns:
+        off = sk - sq if align == "bottom_right" else 0
+        i = torch.arange(sq, device=keep.device)[:, None] + off
+        j = torch.arange(sk, device=keep.device)[None, :]
+        d = (i - j).expand_as(keep)[keep]
+        if d.numel() == 0:
+            continue
+        right = int((-d).max())            # furthest kept key to the right of the diagonal
+        left = int(d.max())                # and to the left
+        wr = right if right < sk - 1 + off else None
+        wl = left if left < sq - 1 + off else None
+        candidates.append((align, wl, max(wr, 0) if wr is not None else None))
+    for align, wl, wr in candidates:
+        want = _pattern(sq, sk, keep.device, align, wl, wr)[None, None] & kp[:, None, None, :]
+        if torch.equal(keep, want):
+            return dict(align=align, window_left=wl, window_right=wr, masked_value=masked_value)
+    return None
+
+
+def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
+    """One mask input (an additive bias, or one keep/drop condition) whose example has structure."""
+    from .. import config
+    if not config.speculate_mask_inputs or site.rank != 4:
+        return False
+    if len(biases) + len(fills) != 1:
+        return False
+    if biases:
+        node, negate, mult = biases[0]
+        if negate or mult != 1.0:
+            return False
+        additive, keep_is_cond = True, True
+    else:
+        node, keep_is_cond, _ = fills[0]
+        additive = False
+        if not keep_is_cond:
+            return False   # masked_fill(mask, -inf): the input marks dropped entries; not handled here
+    example = _example(node, ev)
+    if example is None:
+        return False
+    fake = N.tensor_meta(node)
+    if example.requires_grad or (fake is not None and fake.requires_grad):
+        return False   # a learned mask/bias needs its gradient: the tensor route keeps it
+    shape = N.shape(node)
+    if shape is None or len(shape) != 4 or not N.same_size(shape[-2], sq_shape[-2]) \
+            or not N.same_size(shape[-1], sq_shape[-1]):
+        return False
+    if N.static_int(shape[0]) not in (1, None) and not N.same_size(shape[0], sq_shape[0]):
+        return False
+    if not additive and example.dtype != torch.bool:
+        return False
+    with torch.no_grad():
+        fields = infer(example.detach(), additive)
+    if fields is None:
+        return False
+    f = site.spec_fields
+    for key in ("align", "window_left", "window_right"):
+        f[key] = fields[key]
+    if not additive:
+        from .masks import fill_semantics
+        fields["masked_value"] = fill_semantics(fills[0][2], score_dtype)
+    f["masked_value"] = fields["masked_value"]
+    f["key_padding"] = True
+    site.speculated_mask = (node, additive, f["masked_value"] == "neg_inf")
+    site.mask_route = "speculated"
+    site.notes.append(("mask_speculated", f"{node.name}: structure read from the example, checked per call"))
+    return True
+
+
+def _example(node, ev) -> Optional[torch.Tensor]:
+    """The real tensor Dynamo compiled with, for a graph input (or a get_attr constant)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from .symbolic_mask import _grapharg_example
+    if node.op != "placeholder":
+        return None
+    real = ev.example_of.get(node)
+    if real is None or isinstance(real, FakeTensor):
+        real = _grapharg_example(node)
+    if not isinstance(real, torch.Tensor) or isinstance(real, FakeTensor) or real.device.type == "meta":
+        return None
+    return real
