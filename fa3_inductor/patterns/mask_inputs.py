@@ -17,12 +17,28 @@ mask then stays a tensor).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
+import torch.fx as fx
 
 from ..spec import BIAS_MASKED
 from . import nodes as N
+
+# DDP's graph splitting (DDPOptimizer) compiles a model's graph piece by piece with fake inputs:
+# transformers' mask is built in the first piece and read by attention in later ones, as a
+# placeholder without data.  Pieces share the original nodes' FakeTensor objects, so the
+# structure derived for a piece's output is remembered by that object and found again at the
+# placeholder that receives it.
+# id(FakeTensor) -> (weak reference, fields); tensors compare elementwise, so no WeakKeyDictionary.
+_DERIVED: dict = {}
+_DERIVED_MAX = 512
+
+
+def _derived(t) -> Optional[dict]:
+    hit = _DERIVED.get(id(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
 
 GUARD_MESSAGE = ("fa3_inductor: an attention mask input no longer has the structure (causal / window / key "
                  "padding) its example had at compile time; set fa3_inductor.config.speculate_mask_inputs = "
@@ -116,6 +132,41 @@ def infer(example: torch.Tensor, additive: bool) -> Optional[dict]:
     return None
 
 
+def remember_output_masks(gm: fx.GraphModule, ev) -> None:
+    """Derive the structure of every 4-D head-independent mask this graph outputs."""
+    from .symbolic_mask import classify_additive, split_keep
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return
+    for node in _flat_nodes(out.args):
+        t = N.tensor_meta(node)
+        if t is None or t.dim() != 4 or t.shape[1] != 1 or not (t.dtype == torch.bool or t.is_floating_point()):
+            continue
+        try:
+            sym = ev.eval(node)
+        except Exception:  # noqa: BLE001 - NotSymbolic or odd values: nothing to remember
+            continue
+        if t.dtype == torch.bool:
+            keep, mv = (sym.expr if sym.is_bool else None), None
+        else:
+            got = classify_additive(sym.expr)
+            keep, mv = (got if got is not None else (None, None))
+        if keep is None:
+            continue
+        st = split_keep(keep, t.shape[-2], t.shape[-1])
+        if st.explained:
+            if len(_DERIVED) >= _DERIVED_MAX:
+                _DERIVED.pop(next(iter(_DERIVED)))
+            _DERIVED[id(t)] = (weakref.ref(t), dict(align=st.align, window_left=st.window_left,
+                                                    window_right=st.window_right, masked_value=mv))
+
+
+def _flat_nodes(args) -> list:
+    found = []
+    fx.graph.map_arg(args, found.append)
+    return found
+
+
 def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     """One mask input (an additive bias, or one keep/drop condition) whose example has structure."""
     from .. import config
@@ -134,10 +185,11 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         if not keep_is_cond:
             return False   # masked_fill(mask, -inf): the input marks dropped entries; not handled here
     example = _example(node, ev)
-    if example is None:
-        return False
     fake = N.tensor_meta(node)
-    if example.requires_grad or (fake is not None and fake.requires_grad):
+    derived = _derived(fake) if fake is not None and node.op == "placeholder" else None
+    if example is None and derived is None:
+        return False
+    if (example is not None and example.requires_grad) or (fake is not None and fake.requires_grad):
         return False   # a learned mask/bias needs its gradient: the tensor route keeps it
     shape = N.shape(node)
     if shape is None or len(shape) != 4 or not N.same_size(shape[-2], sq_shape[-2]) \
@@ -145,10 +197,15 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         return False
     if N.static_int(shape[0]) not in (1, None) and not N.same_size(shape[0], sq_shape[0]):
         return False
-    if not additive and example.dtype != torch.bool:
+    if not additive and fake is not None and fake.dtype != torch.bool:
         return False
-    with torch.no_grad():
-        fields = infer(example.detach(), additive)
+    if example is not None:
+        with torch.no_grad():
+            fields = infer(example.detach(), additive)
+    else:
+        fields = dict(derived)
+        if additive and fields["masked_value"] is None:
+            return False
     if fields is None:
         return False
     f = site.spec_fields
@@ -161,7 +218,8 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     f["key_padding"] = True
     site.speculated_mask = (node, additive, f["masked_value"] == "neg_inf")
     site.mask_route = "speculated"
-    site.notes.append(("mask_speculated", f"{node.name}: structure read from the example, checked per call"))
+    how = "read from the example" if example is not None else "derived in an earlier graph piece"
+    site.notes.append(("mask_speculated", f"{node.name}: structure {how}, checked per call"))
     return True
 
 

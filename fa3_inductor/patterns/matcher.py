@@ -21,6 +21,8 @@ def find_sites(gm: fx.GraphModule, example_of: dict) -> tuple[list, list]:
     ev = Evaluator(example_of)
     sites, unmatched = [], []
     from . import sdpa  # noqa: late import keeps the module graph acyclic
+    from . import mask_inputs
+    mask_inputs.remember_output_masks(gm, ev)
     for node in list(gm.graph.nodes):
         k = N.kind(node)
         if k == "softmax":

@@ -132,7 +132,9 @@ def test_model_matches_eager(name, train, dtype):
         ref = _out(model64(**kw64))
     sites = [(s.source, done, why) for rep in fa3_backend_mod.REPORTS for s, done, why in rep.matched]
     left = [(src, why) for src, done, why in sites if not done]
-    assert len(sites) == n_sites, sites
+    # OPT's layerdrop graph break makes each decoder layer its own frame: one compiled layer
+    # graph (one site) serves both layers
+    assert len(sites) == (1 if (name, train) == ("opt", True) else n_sites), sites
     assert len(left) <= DENSE_LEFT.get((name, train), 0), left
     assert all("dense [Sq, Sk]" in why for _, why in left), left
     # NaN/inf only where eager (same precision) has them; errors where the float64 run is finite
