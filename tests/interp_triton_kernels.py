@@ -102,7 +102,14 @@ def test_window_dead_rows():
 
 
 @pytest.mark.parametrize("mapping", ["div", "mod"])
-def test_gqa(mapping):
+@pytest.mark.parametrize("splits", ["per_query_head", "whole_group"])
+def test_gqa(mapping, splits, monkeypatch):
+    """dK/dV of a GQA group: one program per query head (small grids: fp32 partials summed on the
+    host) or one per kv head looping over the group (grids that fill the machine)."""
+    if splits == "whole_group":
+        monkeypatch.setattr(triton_impl, "gqa_splits", lambda programs, group, device: 1)
+    else:
+        assert triton_impl.gqa_splits(4, 3, torch.device("cpu")) == 3
     q, k, v = _inputs(1, 6, 2, 33, 35, 32)
     _check(AttentionSpec(gqa_mapping=mapping, window_right=0), q, k, v)
 

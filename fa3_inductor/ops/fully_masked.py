@@ -48,7 +48,8 @@ def fix_forward(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: Att
     if spec.masked_value == "neg_inf":
         fill = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
     else:
-        vmean = expand_kv(v, out.shape[1], spec.gqa_mapping).float().mean(dim=2, keepdim=True)
+        # mean over keys on the kv heads, then mapped to query heads: [B, Hq, 1, Dv], no [B, Hq, Sk, Dv] copy
+        vmean = expand_kv(v.float().mean(dim=2, keepdim=True), out.shape[1], spec.gqa_mapping)
         fill = vmean.to(out.dtype)
     return torch.where(dead, fill, out)
 
@@ -59,23 +60,30 @@ def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
     if spec.masked_value in ("neg_inf", "zero") or not dead_rows_possible(spec, sq, sk) or sk == 0:
         return dq, dk, dv
     hq, hk = q.shape[1], k.shape[1]
-    dead = torch.isneginf(lse).unsqueeze(-1).float()          # [B, Hq, Sq, 1]
-    do_dead = dout.float() * dead                               # dO of dead rows only
-    vx = expand_kv(v, hq, spec.gqa_mapping).float()
+    # Runs on every call that may have dead rows (no host sync to ask whether it does), so it is
+    # kept to kv-head-sized products: sums over keys are taken on K/V before mapping heads, and
+    # the matrix products run in bf16 (fp32 accumulation) on tensor cores for bf16 inputs; fp16
+    # could overflow in sums over Sk, so fp16 (and fp32) inputs use fp32 products.
+    # Rows that are alive have dO_dead = 0, so they receive exactly nothing.
+    lp = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    dead = torch.isneginf(lse).unsqueeze(-1)                   # [B, Hq, Sq, 1]
+    do_dead = torch.where(dead, dout, torch.zeros((), dtype=dout.dtype, device=dout.device))
     # dV_j += sum_{dead i} dO_i / Sk, the same for every key j.
-    dv_add = do_dead.sum(dim=2, keepdim=True) / sk              # [B, Hq, 1, Dv]
-    dv = (dv.float() + reduce_kv(dv_add.expand(-1, -1, sk, -1), hk, spec.gqa_mapping)).to(dv.dtype)
+    dv_add = reduce_kv(do_dead.float().sum(dim=2, keepdim=True), hk, spec.gqa_mapping) / sk   # [B, Hk, 1, Dv]
+    dv = (dv.float() + dv_add).to(dv.dtype)
     if spec.masked_value == "min_additive":
-        kx = expand_kv(k, hq, spec.gqa_mapping).float()
-        vmean = vx.mean(dim=2, keepdim=True)                    # [B, Hq, 1, Dv]
-        d_row = (do_dead * vmean).sum(-1, keepdim=True)         # D_i = dO_i . vmean
-        kv = torch.matmul(kx.transpose(-1, -2), vx)             # [B, Hq, D, Dv]
-        ksum = kx.sum(dim=2, keepdim=True)                      # [B, Hq, 1, D]
-        dq_add = (torch.matmul(do_dead, kv.transpose(-1, -2)) - d_row * ksum) * (scale / sk)
-        qd = q.float() * dead
-        qdo = torch.matmul(qd.transpose(-1, -2), do_dead)       # [B, Hq, D, Dv]
-        qdsum = (qd * d_row).sum(dim=2, keepdim=True)           # [B, Hq, 1, D]
-        dk_add = (torch.matmul(vx, qdo.transpose(-1, -2)) - qdsum) * (scale / sk)
+        vmean = expand_kv(v.float().mean(dim=2, keepdim=True), hq, spec.gqa_mapping)     # [B, Hq, 1, Dv]
+        d_row = (do_dead.float() * vmean).sum(-1, keepdim=True)                      # D_i = dO_i . vmean
+        kv = expand_kv(torch.matmul(k.transpose(-1, -2).to(lp), v.to(lp)), hq, spec.gqa_mapping)  # [B, Hq, D, Dv]
+        ksum = expand_kv(k.float().sum(dim=2, keepdim=True), hq, spec.gqa_mapping)    # [B, Hq, 1, D]
+        dq_add = (torch.matmul(do_dead.to(lp), kv.transpose(-1, -2)).float() - d_row * ksum) * (scale / sk)
+        qd = torch.where(dead, q, torch.zeros((), dtype=q.dtype, device=q.device))
+        qdo = torch.matmul(qd.transpose(-1, -2).to(lp), do_dead.to(lp))               # [B, Hq, D, Dv]
+        qdsum = (qd.float() * d_row).sum(dim=2, keepdim=True)                        # [B, Hq, 1, D]
+        # the group's query heads are summed before the [Sk]-sized product: dk_add on kv heads
+        qdo_k = reduce_kv(qdo.float(), hk, spec.gqa_mapping)                         # [B, Hk, D, Dv]
+        dk_add = (torch.matmul(v.to(lp), qdo_k.transpose(-1, -2).to(lp)).float()
+                  - reduce_kv(qdsum, hk, spec.gqa_mapping)) * (scale / sk)
         dq = (dq.float() + dq_add).to(dq.dtype)
-        dk = (dk.float() + reduce_kv(dk_add, hk, spec.gqa_mapping)).to(dk.dtype)
+        dk = (dk.float() + dk_add).to(dk.dtype)
     return dq, dk, dv
