@@ -76,10 +76,43 @@ def _site_why_not(site, spec) -> Optional[str]:
         # tensor ran nanoGPT at 0.48x of Inductor; "never slower than inductor" wins.
         return ("a dense [Sq, Sk] mask tensor remains (its structure was not derived): the fused kernel "
                 "with a dense mask is measured slower than Inductor; left to Inductor")
+    if config.min_train_attention_flops and _needs_grad(site):
+        flops = attention_flops(site, spec)
+        if flops is not None and flops < config.min_train_attention_flops:
+            return (f"training attention of {flops / 1e9:.3g} GFLOP per call (forward + backward) is below "
+                    f"config.min_train_attention_flops={config.min_train_attention_flops:.3g}, where our op was "
+                    "measured slower than Inductor (per-call host work; docs/perf-notes.md); left to Inductor")
     if site.is_sdpa:
         from . import sdpa_policy
         return sdpa_policy.why_not(site, spec)
     return None
+
+
+def _needs_grad(site) -> bool:
+    return any(getattr(N.tensor_meta(x), "requires_grad", False) for x in (site.q, site.k, site.v))
+
+
+def _hint(x) -> Optional[int]:
+    if isinstance(x, torch.SymInt):
+        return x.node.hint
+    return int(x)
+
+
+def attention_flops(site, spec) -> Optional[float]:
+    """Forward + backward FLOPs of one call (4*B*H*Sq*Sk*(D+Dv)/2 forward, x3.5 with the backward;
+    causal halves), from the example sizes; None when a size has no hint."""
+    q, k, v = (N.tensor_meta(x) for x in (site.q, site.k, site.v))
+    if q is None or k is None or v is None:
+        return None
+    try:
+        rows = 1
+        for d in q.shape[:-1]:
+            rows *= _hint(d)
+        sk, d, dv = _hint(k.shape[-2]), _hint(q.shape[-1]), _hint(v.shape[-1])
+    except TypeError:
+        return None
+    fwd = 2.0 * rows * sk * (d + dv) * (0.5 if spec.causal else 1.0)
+    return 3.5 * fwd
 
 
 def _dense_rows(site) -> bool:

@@ -37,6 +37,13 @@ sdpa_rewrite: str = "measured"
 # checks every call (patterns/mask_inputs.py).  False keeps such masks as tensors.
 speculate_mask_inputs: bool = True
 
+# Training sites (q, k or v need gradients) whose attention is smaller than this many FLOPs per
+# call (forward + backward, causal halved) are left to Inductor.  Measured on the H100
+# (docs/perf-notes.md): at 6e10 FLOP (Llama 8/2 heads, d128, B=2, S=2048) our forward+backward
+# took 2.85 ms against Inductor's 0.85 ms, the per-call host work of the op dominating; at
+# 4.8e11 (16 heads, S=4096) the fused path was faster.  0 rewrites every size.
+min_train_attention_flops: float = 2.6e11
+
 # Leave rewritten sites' source lines in the log at INFO level.
 log_rewrites: bool = True
 

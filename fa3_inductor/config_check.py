@@ -9,6 +9,7 @@ ALLOWED = {
 }
 BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward",
          "speculate_mask_inputs")
+NUMBERS = ("min_train_attention_flops",)   # non-negative numbers
 PREFIX = "fa3."
 
 
@@ -19,13 +20,16 @@ def check_value(name: str, val) -> None:
     elif name in BOOLS:
         if not isinstance(val, bool):
             raise ValueError(f"fa3_inductor.config.{name}={val!r} is not allowed; it takes True or False")
+    elif name in NUMBERS:
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+            raise ValueError(f"fa3_inductor.config.{name}={val!r} is not allowed; it takes a number >= 0")
     else:
-        known = sorted(list(ALLOWED) + list(BOOLS))
+        known = sorted(list(ALLOWED) + list(BOOLS) + list(NUMBERS))
         raise ValueError(f"unknown fa3 option {name!r}; known options: {known}")
 
 
 def validate() -> None:
-    for name in list(ALLOWED) + list(BOOLS):
+    for name in list(ALLOWED) + list(BOOLS) + list(NUMBERS):
         check_value(name, getattr(config, name))
 
 

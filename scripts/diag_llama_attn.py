@@ -45,11 +45,25 @@ def main():
     do = torch.randn(B, H, S, D, device=dev, dtype=dt)
     flops = 4 * B * H * S * S * D * 0.5 * 3.5
     rows = []
+    # float32 eager reference of outputs and input gradients (same inputs)
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref_out = attn_mask_input(*ref_in, mask.float())
+    ref_out.backward(do.float())
+    ref = [ref_out.detach()] + [t.grad for t in ref_in]
+
+    def errors():
+        for t in (q, k, v):
+            t.grad = None
+        out = f(q, k, v, m)
+        out.backward(do)
+        return [(a.float() - b).abs().max().item() for a, b in zip([out.detach(), q.grad, k.grad, v.grad], ref)]
+    every = {"min_train_attention_flops": 0}   # the size policy would leave this size to Inductor
     variants = [("inductor", "mask input", attn_mask_input, mask, {}),
-                ("fa3", "mask input (speculated)", attn_mask_input, mask, {}),
-                ("fa3", "mask input (speculate off)", attn_mask_input, mask, {"speculate_mask_inputs": False}),
-                ("fa3", "in graph causal+padding", attn_in_graph, am, {}),
-                ("fa3", "in graph, kernel=triton", attn_in_graph, am, {"kernel": "triton"})]
+                ("fa3", "mask input (default policy)", attn_mask_input, mask, {}),
+                ("fa3", "mask input (speculated)", attn_mask_input, mask, every),
+                ("fa3", "mask input (speculate off)", attn_mask_input, mask, {"speculate_mask_inputs": False, **every}),
+                ("fa3", "in graph causal+padding", attn_in_graph, am, every),
+                ("fa3", "in graph, kernel=triton", attn_in_graph, am, {"kernel": "triton", **every})]
     for backend, what, fn, m, cfg in variants:
         torch._dynamo.reset()
         REPORTS.clear()
@@ -60,10 +74,11 @@ def main():
                 out = f(q, k, v, m)
                 out.backward(do)
             step()
+            err = errors()
             ms = triton.testing.do_bench(step, warmup=5, rep=40)
             spec = [s.spec.describe() if done else f"left: {why[:50]}" for r in REPORTS for s, done, why in r.matched]
-            rows.append((backend, what, ms, flops / ms / 1e9, spec))
-            if backend == "fa3" and what in ("mask input (speculated)", "in graph causal+padding"):
+            rows.append((backend, what, ms, flops / ms / 1e9, spec, err))
+            if backend == "fa3" and what == "mask input (speculated)":
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
@@ -71,9 +86,10 @@ def main():
                     torch.cuda.synchronize()
                 print(f"--- kernels, fa3 {what} (3 steps)")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-    print(f"\n{'backend':<9} {'variant':<28} {'ms fwd+bwd':>10} {'TFLOP/s':>8}  spec")
-    for b, w, ms, tf, spec in rows:
-        print(f"{b:<9} {w:<28} {ms:>10.3f} {tf:>8.1f}  {spec}")
+    print(f"\n{'backend':<9} {'variant':<28} {'ms fwd+bwd':>10} {'TFLOP/s':>8}  {'max err out/dq/dk/dv vs fp32':<34} spec")
+    for b, w, ms, tf, spec, err in rows:
+        e = "/".join(f"{x:.1e}" for x in err)
+        print(f"{b:<9} {w:<28} {ms:>10.3f} {tf:>8.1f}  {e:<34} {spec}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ echo "== throughput (DDP x2, Llama h1024 L4 H8/2 seq 2048 bf16)" | tee -a "$OUT/
 REMAIN=$(( 230 - ($(date +%s) - T0) ))
 [ $REMAIN -gt 150 ] && REMAIN=150
 [ $REMAIN -lt 60 ] && REMAIN=60
-timeout $REMAIN python3 scripts/ddp_throughput.py --steps 30 --warmup 3 --variants inductor,fa3 > "$OUT/throughput.log" 2> "$OUT/throughput.err"
+timeout $REMAIN python3 scripts/ddp_throughput.py --steps 30 --warmup 3 --variants inductor,fa3,fa3-all > "$OUT/throughput.log" 2> "$OUT/throughput.err"
 BENCH_RC=$?
 grep -v '^\[' "$OUT/throughput.log" | tee -a "$OUT/run.log"
 [ $BENCH_RC -ne 0 ] && tail -20 "$OUT/throughput.err" | tee -a "$OUT/run.log"

@@ -112,7 +112,8 @@ def _value_error(exc):
 
 
 @pytest.mark.parametrize("name,value", [("kernel", "x"), ("sdpa_rewrite", "sometimes"), ("force_rewrite", "yes"),
-                                        ("fp8", 1)])
+                                        ("fp8", 1), ("min_train_attention_flops", -1.0),
+                                        ("min_train_attention_flops", "big")])
 def test_bad_config_value_named_at_compile(name, value):
     setattr(fa3_inductor.config, name, value)  # the autouse fixture restores it
     with pytest.raises(Exception) as ei:
@@ -251,3 +252,23 @@ def test_reports_list_is_bounded():
         torch.compile(causal_attention, backend="fa3")(*qkv())
     assert len(fa3_backend_mod.REPORTS) <= 64
     fa3_backend_mod.REPORTS.clear()
+
+
+@pytest.mark.parametrize("grad,threshold,left", [(True, 1e15, True), (True, 0, False), (False, 1e15, False),
+                                                 (True, 1e3, False)])
+def test_small_training_attention_left_to_inductor(grad, threshold, left):
+    """The measured size policy (config.min_train_attention_flops) for sites that need gradients."""
+    q, k, v = (t.to(torch.bfloat16) for t in qkv())   # the kernels' dtypes (fp32 is left for its own reason)
+    q.requires_grad_(grad)
+    clear_reports()
+    explain(causal_attention, q, k, v)
+    site = fa3_backend_mod.REPORTS[-1].matched[0][0]
+    with fa3_inductor.config.patch(min_train_attention_flops=threshold):
+        why = fa3_backend_mod._site_why_not(site, site.spec)
+    flops = fa3_backend_mod.attention_flops(site, site.spec)
+    b, h, s, d = q.shape
+    assert flops == 3.5 * 2 * b * h * s * s * 2 * d * 0.5   # causal: half of 4*B*H*S*S*D, x3.5 with backward
+    if left:
+        assert "min_train_attention_flops" in why and "left to Inductor" in why, why
+    else:
+        assert why is None, why
