@@ -391,9 +391,36 @@ def sfdp24(query, key, value, attention_mask):
     return out.view(bs, n_head, seq_len, head_size)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: walk_scores does not look through view/reshape between bmm and softmax")
 def test_sfdp24_mbart_bmm_view_mask():
     check(sfdp24, bhsd() + (rnd(B, 1, S, S, seed=6),), expect=dict(mask_kind="additive", scale=1.0))
+
+
+def sfdp24_causal_padding(query, key, value, am):
+    """MBart's view form with a mask built in the graph: the structure is derived in the 4-D view."""
+    bs, n_head, seq_len, head_size = query.shape
+    i = torch.arange(seq_len)[:, None]
+    j = torch.arange(seq_len)[None, :]
+    keep = (j <= i)[None, None] & (am[:, None, None, :] != 0)
+    mask = torch.where(keep, 0.0, torch.finfo(query.dtype).min)
+    w = torch.bmm(query.reshape(bs * n_head, -1, head_size), key.reshape(bs * n_head, -1, head_size).transpose(1, 2))
+    w = (w * head_size ** -0.5).view(bs, n_head, seq_len, -1) + mask
+    w = F.softmax(w.view(bs * n_head, seq_len, -1), dim=-1)
+    return torch.bmm(w, value.reshape(bs * n_head, -1, head_size)).view(bs, n_head, seq_len, head_size)
+
+
+def test_sfdp24_view_form_structural_mask():
+    check(sfdp24_causal_padding, bhsd() + (padding_mask(torch.long),),
+          expect=dict(mask_kind=None, key_padding=True, window_right=0))
+
+
+def test_bmm_scores_reshaped_otherwise_left_alone():
+    def fn(q, k, v):
+        b, h, s, d = q.shape
+        w = torch.bmm(q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2))
+        w = w.view(b, h * s, s).view(b * h, s, s)    # not a [B, H, Sq, Sk] view
+        return torch.bmm(F.softmax(w, dim=-1), v.reshape(b * h, s, d))
+    rep = explain(fn, *bhsd())
+    assert not rep.matched and rep.unmatched, str(rep)
 
 
 def test_sfdp28_noncontiguous():
@@ -612,13 +639,24 @@ class PaddingMask(nn.Module):
 @pytest.mark.parametrize("style,dtype,exp", [
     ("bool_none", torch.bool, dict(masked_value="neg_inf")),
     ("int_eq0", torch.long, dict(masked_value="neg_inf")),
-    pytest.param("additive_min", torch.long, dict(masked_value="min_additive"),
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN BUG: (1 - mask) * finfo.min not read as key padding")),
+    ("additive_min", torch.long, dict(masked_value="min_additive")),   # 0/1 values guarded at run time
     ("unsqueeze", torch.int32, dict(masked_value="min_fill")),
     ("causal_and_pad", torch.long, dict(masked_value="neg_inf", window_right=0)),
 ])
 def test_padding_masks(style, dtype, exp):
     check(PaddingMask(style), bhsd() + (padding_mask(dtype),), expect=dict(exp, key_padding=True, mask_kind=None))
+
+
+def test_zero_one_mask_guard():
+    """(1 - mask) * finfo.min was compiled as key padding; a mask with other values must not run as one."""
+    m = PaddingMask("additive_min")
+    q, k, v = bhsd()
+    am = padding_mask(torch.long)
+    with fa3_inductor.config.patch(force_rewrite=True):
+        f = compile_fa3(m)
+        torch.testing.assert_close(f(q, k, v, am), m(q, k, v, am), atol=1e-4, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="other than 0 and 1"):
+            f(q, k, v, am * 2)
 
 
 def test_fully_padded_batch_row_semantics():
@@ -907,3 +945,48 @@ def test_two_sites_in_one_graph():
 
 def test_flatten_helper_sanity():
     assert len(flatten((torch.ones(1), [torch.ones(2)], {"a": torch.ones(3)}))) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi written in the graph
+# ---------------------------------------------------------------------------------------------
+def _slopes(h):
+    return torch.tensor([2.0 ** (-8.0 * (n + 1) / h) for n in range(h)])
+
+
+class AlibiAttention(nn.Module):
+    """Self-attention with an ALiBi bias built in the graph (fairseq / MPT / BLOOM styles)."""
+
+    def __init__(self, style, causal=True, nh=H):
+        super().__init__()
+        self.style, self.causal = style, causal
+        self.register_buffer("slopes", _slopes(nh))
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        i = torch.arange(T)[:, None]
+        j = torch.arange(T)[None, :]
+        s = q @ k.transpose(-1, -2) / math.sqrt(D)
+        if self.style == "relative":        # slopes[h] * (j - i)
+            s = s + self.slopes[:, None, None] * (j - i)[None]
+        elif self.style == "positions":     # BLOOM: slopes[h] * j (the per-row shift is irrelevant)
+            s = s + self.slopes.view(1, -1, 1, 1) * torch.arange(T).view(1, 1, 1, T)
+        elif self.style == "symmetric":     # -slopes[h] * |j - i|
+            s = s - self.slopes.view(-1, 1, 1) * (j - i).abs()
+        elif self.style == "per_query":     # near-miss: "slopes" that vary along the queries
+            s = s + torch.arange(T, dtype=q.dtype).view(1, 1, T, 1) * (j - i)
+        if self.causal:
+            s = s.masked_fill(j > i, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("style,causal,kind", [("relative", True, "linear"), ("positions", True, "linear"),
+                                               ("symmetric", False, "abs"), ("relative", False, "linear")])
+def test_alibi_from_graph(style, causal, kind):
+    exp = dict(alibi=kind, mask_kind=None, window_right=0 if causal else None)
+    check(AlibiAttention(style, causal), bhsd(), expect=exp)
+
+
+def test_alibi_like_bias_varying_by_query_stays_a_bias():
+    rep = explain(AlibiAttention("per_query"), *bhsd())
+    assert rep.matched[0].spec.alibi is None and rep.matched[0].spec.mask_kind == "additive", str(rep)

@@ -170,7 +170,7 @@ def _flat_nodes(args) -> list:
 def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     """One mask input (an additive bias, or one keep/drop condition) whose example has structure."""
     from .. import config
-    if not config.speculate_mask_inputs or site.rank != 4:
+    if not config.speculate_mask_inputs or (site.rank != 4 and site.heads is None):
         return False
     if len(biases) + len(fills) != 1:
         return False

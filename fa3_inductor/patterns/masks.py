@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sympy
 import torch
+import torch.fx as fx
 
 from . import mask_inputs
 from . import nodes as N
 from .scores import NoMatch
-from .symbolic_mask import NotSymbolic, compare, classify_additive, split_keep
+from .symbolic_mask import E, NotSymbolic, assume_zero_one, compare, classify_additive, split_keep
 
 
 
@@ -70,6 +71,8 @@ def apply(site, biases: list, fills: list, ev, sq_shape: tuple, score_dtype):
 
 def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     keeps, kinds = [], set()
+    zero_one = []   # leaves read as 0/1 masks: guarded only if the structural route is taken
+    alibi = None    # (kind, slopes node, sign): one bias that is slopes[h] * (j - i) or -|j - i|
     try:
         for cond, keep_is_cond, val in fills:
             c = ev.eval(cond)
@@ -80,12 +83,22 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
             keeps.append(c_expr if keep_is_cond else sympy.Not(c_expr))
             kinds.add(fill_semantics(val, score_dtype))
         for b, negate, mult in biases:
+            ab = alibi_of(b, ev, sq_shape) if mult == 1.0 and alibi is None else None
+            if ab is not None:
+                alibi = (ab[0], ab[1], -ab[2] if negate else ab[2])   # scores - bias: slopes change sign
+                continue
             if negate or mult != 1.0:
                 return False
             e = ev.eval(b)
             got = classify_additive(e.expr)
             if got is None:
-                return False
+                # (1 - mask) * finfo.min with an integer/float 0/1 mask: structural under a
+                # run-time check that the mask holds only 0 and 1
+                e01, leaves01 = assume_zero_one(e.expr, ev)
+                got = classify_additive(e01) if leaves01 else None
+                if got is None:
+                    return False
+                zero_one.extend(leaves01)
             keeps.append(got[0])
             kinds.add(got[1])
     except NotSymbolic as exc:
@@ -93,14 +106,16 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         return False
     if "neg_inf" in kinds and len(kinds) > 1:
         return False
-    keep = sympy.And(*keeps) if len(keeps) > 1 else keeps[0]
+    keep = sympy.And(*keeps) if len(keeps) > 1 else (keeps[0] if keeps else sympy.true)
     st = split_keep(keep, sq_shape[-2], sq_shape[-1])
     if not st.explained:
         site.notes.append(("mask_residual", [str(r) for r in st.residual]))
         return False
+    if alibi is not None and alibi[0] == "abs" and st.align != "top_left":
+        return False   # |j - i| as written is measured from the top-left diagonal
     kp_node = None
     if st.key_padding is not None:
-        if site.rank != 4:
+        if (site.rank != 4 and site.heads is None):
             return False
         func = st.key_padding[0]
         leaf = next((lf for lf in ev.leaves.values() if lf.func == func), None)
@@ -112,10 +127,15 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
             return False
         kp_node = leaf.node
     f = site.spec_fields
+    if alibi is not None:
+        f["alibi"] = alibi[0]
+        site.alibi_slopes = (alibi[1], alibi[2])
     f["align"] = st.align
     f["window_left"] = st.window_left
     f["window_right"] = st.window_right
-    if kinds == {"neg_inf"}:
+    if not kinds:
+        f["masked_value"] = "neg_inf"   # nothing masked (an ALiBi bias alone)
+    elif kinds == {"neg_inf"}:
         f["masked_value"] = "neg_inf"
     elif "min_additive" in kinds:
         f["masked_value"] = "min_additive"
@@ -124,10 +144,61 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     if kp_node is not None:
         f["key_padding"] = True
         site.key_padding = kp_node
+    for lf in zero_one:
+        if "01" not in lf.guards:
+            lf.guards.append("01")
     for lf in ev.leaves.values():
         site.guards.extend((lf.node, g) for g in lf.guards)
     site.mask_route = "structural"
     return True
+
+
+def alibi_of(b, ev, sq_shape):
+    """ALiBi written in the graph: bias = slopes * rel (or -(slopes * rel)) where `slopes` varies
+    only along the head axis and rel evaluates to j - i (+ anything per row: softmax ignores it)
+    -> ("linear", slopes, sign), or to -|j - i| / |j - i| -> ("abs", slopes, sign).
+    sign is +1 or -1 (the slopes passed to the op are sign * slopes)."""
+    sign = 1.0
+    node = b
+    if N.kind(node) == "neg":
+        sign, node = -1.0, N.arg(node, 0, "input")
+    if N.kind(node) != "mul" or len(sq_shape) != 4:
+        return None
+    x, y = N.arg(node, 0, "input"), N.arg(node, 1, "other")
+    for slopes, rel in ((x, y), (y, x)):
+        if not isinstance(slopes, fx.Node) or not isinstance(rel, fx.Node) or not _heads_only(slopes, sq_shape):
+            continue
+        t = N.tensor_meta(slopes)
+        if t is None or t.requires_grad or not t.is_floating_point():
+            continue
+        try:
+            r = ev.eval(rel)
+        except NotSymbolic:
+            continue
+        if r.is_bool:
+            continue
+        e = sympy.expand(r.expr)
+        j, i = E[1], E[2]
+        if e.coeff(j) == 1 and not sympy.expand(e - j).has(j, E[3], E[4]) and not _has_unknown(e):
+            return ("linear", slopes, sign)
+        for a_sign, expr in ((-1.0, -e), (1.0, e)):
+            if isinstance(expr, sympy.Abs) and sympy.expand(expr.args[0] ** 2 - (j - i) ** 2) == 0:
+                # bias = a_sign * slopes * |j - i|; the spec's "abs" is -slope * |j - i|
+                return ("abs", slopes, -a_sign * sign)
+    return None
+
+
+def _heads_only(x, sq_shape) -> bool:
+    sh = N.shape(x)
+    if sh is None or len(sh) > 4:
+        return False
+    sh = (1,) * (4 - len(sh)) + tuple(sh)
+    return (all(N.static_int(sh[d]) == 1 for d in (0, 2, 3)) and N.same_size(sh[1], sq_shape[1])
+            and N.static_int(sq_shape[1]) != 1)
+
+
+def _has_unknown(e) -> bool:
+    return any(isinstance(a, sympy.core.function.AppliedUndef) for a in sympy.preorder_traversal(e))
 
 
 def _same(a, b) -> bool:

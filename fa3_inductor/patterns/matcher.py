@@ -135,7 +135,11 @@ def match_softmax(sm: fx.Node, ev: Evaluator) -> Site:
             site.gqa_group = rk[1]
     site.q, site.k, site.v = a, k_node, v
 
-    _apply_steps(site, steps, ev, qk)
+    views = [st[1] for st in steps if st[0] == "heads_view"]
+    sq_shape = N.shape(qk)
+    if views:
+        site.heads, sq_shape = _heads_of(views, rank, N.shape(qk))
+    _apply_steps(site, steps, ev, sq_shape, N.dtype(qk))
     site.spec_fields["dropout_p"] = dropout_p
     site.spec_fields["out_dtype"] = _dtype_name(N.dtype(pv))
     softmax_in = sm_dtype or N.dtype(x)
@@ -149,13 +153,27 @@ def _dtype_name(dt) -> str:
     return dtype_name(dt)
 
 
-def _apply_steps(site: Site, steps: list, ev: Evaluator, qk: fx.Node):
+def _heads_of(views: list, rank: int, qk_shape) -> tuple:
+    """MBart's form: bmm scores [B*H, Sq, Sk] viewed as [B, H, Sq, Sk] (masked there) and back.
+    Returns ((B, H) as graph values, the 4-D scores shape)."""
+    if rank != 3 or len(views) != 2 or len(N.shape(views[0]) or ()) != 4 or len(N.shape(views[1]) or ()) != 3:
+        raise NoMatch("the scores are reshaped in a way other than [B*H, Sq, Sk] -> [B, H, Sq, Sk] -> back")
+    split = views[0]
+    sizes = list(split.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    if len(sizes) != 4 or any(isinstance(x, int) and x < 0 for x in sizes[:2]):
+        raise NoMatch(f"the 4-D view of the scores at '{split.name}' does not name B and H explicitly")
+    return (sizes[0], sizes[1]), N.shape(split)
+
+
+def _apply_steps(site: Site, steps: list, ev: Evaluator, sq_shape, sq_dtype):
     """Turn the ordered score steps into spec fields: scale, softcap, masks, biases."""
     seen_mask = False
     biases, fills = [], []
     for st in steps:
         tag = st[0]
-        if tag == "cast":
+        if tag in ("cast", "heads_view"):
             continue
         if tag == "scale":
             c, is_div = st[1], st[2]
@@ -184,7 +202,7 @@ def _apply_steps(site: Site, steps: list, ev: Evaluator, qk: fx.Node):
             seen_mask = True
             fills.append((st[1], st[2], st[3]))
             continue
-    masks.apply(site, biases, fills, ev, N.shape(qk), N.dtype(qk))
+    masks.apply(site, biases, fills, ev, sq_shape, sq_dtype)
 
 
 def _check_shapes(site: Site, qk: fx.Node):

@@ -28,6 +28,13 @@ def tril_guard(buf: torch.Tensor, lower: bool) -> None:
     torch._assert_async((keep == ref).all(), "fa3_inductor: a causal mask buffer changed after compilation")
 
 
+def zero_one_guard(mask: torch.Tensor) -> None:
+    """A mask used as (1 - mask) * finfo.min was read as key padding: check it holds only 0 and 1."""
+    torch._assert_async(((mask == 0) | (mask == 1)).all(),
+                        "fa3_inductor: an attention mask used as (1 - mask) * finfo.min holds values other "
+                        "than 0 and 1; it was compiled as a key-padding mask")
+
+
 def build_spec(site) -> AttentionSpec:
     fields = dict(site.spec_fields)
     static = site.static_scale()
@@ -50,7 +57,9 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
         elif site.k_transpose:
             k = g.call_function(torch.transpose, (k, -2, -1))
         v = site.v if perm_v is None else g.call_method("permute", (site.v, *perm_v))
-        if site.rank == 3:
+        if site.heads is not None:   # [B*H, S, D] -> [B, H, S, D]: the mask lives in that view
+            q, k, v = (g.call_function(torch.unflatten, (x, 0, tuple(site.heads))) for x in (q, k, v))
+        elif site.rank == 3:
             q, k, v = (g.call_function(torch.unsqueeze, (x, 1)) for x in (q, k, v))
         scale = _scale_node(g, site)
         bias = _bias_node(g, site)
@@ -65,18 +74,29 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
             kp = g.call_function(mask_inputs.key_padding, (mask, additive, bsz))
             g.call_function(mask_inputs.structure_guard,
                             (mask, kp, additive, neg_inf, spec.align, spec.window_left, spec.window_right))
+        slopes = None
+        if site.alibi_slopes is not None:
+            node, sign = site.alibi_slopes
+            slopes = g.call_method("float", (g.call_method("reshape", (node, -1)),))
+            if sign != 1.0:
+                slopes = g.call_function(operator.mul, (slopes, sign))
         seed = None
         if spec.dropout_p:
             seed = g.call_function(make_seed, (N.tensor_meta(site.q).device,))
         for leaf, guard in site.guards:
-            if leaf in guarded:
+            if (leaf, guard) in guarded:
                 continue
-            guarded.add(leaf)
-            g.call_function(tril_guard, (leaf, guard == "tril"))
+            guarded.add((leaf, guard))
+            if guard == "01":
+                g.call_function(zero_one_guard, (leaf,))
+            else:
+                g.call_function(tril_guard, (leaf, guard == "tril"))
         call = g.call_function(torch.ops.fa3.attention_fwd.default,
-                               (q, k, v, bias, kp, None, seed, scale, spec.to_json()))
+                               (q, k, v, bias, kp, slopes, seed, scale, spec.to_json()))
         out = g.call_function(operator.getitem, (call, 0))
-        if site.rank == 3:
+        if site.heads is not None:
+            out = g.call_function(torch.flatten, (out, 0, 1))
+        elif site.rank == 3:
             out = g.call_function(torch.squeeze, (out, 1))
         if site.out_permute is not None:
             out = g.call_method("permute", (out, *site.out_permute))
@@ -121,7 +141,7 @@ def _bias_node(g, site):
             term = g.call_function(torch.where, (keep, 0.0, fill))
             total = term if total is None else g.call_function(operator.add, (total, term))
         out = total
-    if site.rank == 3:
+    if site.rank == 3 and site.heads is None:
         out = g.call_function(torch.unsqueeze, (out, 1))
     return out
 
@@ -135,8 +155,8 @@ def remove_dead(gm: fx.GraphModule, dead_before: set):
         for node in reversed(list(g.nodes)):
             if node.op in ("placeholder", "output") or node.users or node in dead_before:
                 continue
-            if node.op == "call_function" and node.target in (tril_guard, mask_inputs.structure_guard,
-                                                              torch._assert_async):
+            if node.op == "call_function" and node.target in (tril_guard, zero_one_guard,
+                                                              mask_inputs.structure_guard, torch._assert_async):
                 continue
             g.erase_node(node)
             changed = True

@@ -6,6 +6,8 @@ Every step between the product and the softmax is one of:
   ("softcap", c)                tanh(x / c) * c
   ("bias", node, negate)        x + b, x - b  (b does not depend on the scores)
   ("fill", cond_node, keep_is_cond, value)   masked_fill / where with a scalar
+  ("heads_view", node)          a view/reshape that splits [B*H, Sq, Sk] into [B, H, Sq, Sk] or
+                                merges it back (MBart adds its mask in a 4-D view of bmm scores)
 The walk returns the product node and the steps in the order they are applied
 (innermost first), or raises NoMatch with the reason.
 """
@@ -106,8 +108,23 @@ def walk_scores(start: fx.Node, softmax: fx.Node):
                 cur = b
                 continue
             raise NoMatch(f"torch.where at '{cur.name}' does not choose between the scores and a constant")
+        if k in ("view", "reshape"):
+            src = N.arg(cur, 0, "input")
+            if _heads_view(N.shape(src), N.shape(cur)):
+                steps.append(("heads_view", cur))
+                cur = src
+                continue
         what = cur.target if cur.op != "call_function" else getattr(cur.target, "__name__", cur.target)
         raise NoMatch(f"the scores go through '{what}' at '{cur.name}', which AttentionSpec cannot express")
+
+
+def _heads_view(a, b) -> bool:
+    """[N, Sq, Sk] <-> [B, H, Sq, Sk] with N = B * H: only the leading dims are split or merged."""
+    if a is None or b is None or {len(a), len(b)} != {3, 4}:
+        return False
+    three, four = (a, b) if len(a) == 3 else (b, a)
+    return (N.same_size(three[1], four[2]) and N.same_size(three[2], four[3])
+            and N.same_size(three[0], four[0] * four[1]))
 
 
 def _softcap_inner(inner: Any, c_out):

@@ -21,7 +21,7 @@ class Site:
     spec_fields: dict
     bias: Optional[Any] = None           # node (or callable building one) for mask_kind
     key_padding: Optional[Any] = None    # [B, Sk] tensor node (keep where != 0)
-    alibi_slopes: Optional[fx.Node] = None
+    alibi_slopes: Optional[tuple] = None # (slopes node varying along heads only, sign): masks.alibi_of
     guards: list = dataclasses.field(default_factory=list)
     chain: list = dataclasses.field(default_factory=list)   # nodes that become dead after the rewrite
     out_permute: Optional[list] = None   # einsum outputs in another order than [B, H, Sq, Dv]
@@ -31,6 +31,8 @@ class Site:
     is_sdpa: bool = False                # an F.scaled_dot_product_attention call (sdpa_policy applies)
     mask_route: Optional[str] = None     # "structural", "speculated" or "tensor" (masks.py), None without masks
     speculated_mask: Optional[tuple] = None  # (mask input node, additive, neg_inf): mask_inputs.py
+    heads: Optional[tuple] = None        # (B, H) graph values: a 3-D bmm site whose scores were masked in a
+                                         # [B, H, Sq, Sk] view; q/k/v/out are unflattened to 4-D around the op
     spec: Optional[AttentionSpec] = None
     source: str = ""
     notes: list = dataclasses.field(default_factory=list)  # diagnostics only: why a mask stayed a tensor

@@ -599,4 +599,25 @@ def classify_additive(expr):
     return None
 
 
+def assume_zero_one(expr, ev: "Evaluator"):
+    """Read every non-boolean leaf L in `expr` as the 0/1 mask it is used as: L -> [L != 0].
+    Returns (new expression, leaves assumed); the caller guards those leaves at run time
+    ("01": every value is 0 or 1), since their values are not known at compile time.
+    This is what `(1 - attention_mask) * finfo.min` on an integer [B, Sk] mask needs."""
+    used = []
+    repl = {}
+    for lf in ev.leaves.values():
+        t = N.tensor_meta(lf.node)
+        if t is None or t.dtype == torch.bool or t.dtype.is_complex:
+            continue
+        for call in expr.atoms(sympy.core.function.AppliedUndef):
+            if call.func == lf.func:
+                repl[call] = sympy.Piecewise((1, sympy.Ne(call, 0)), (0, True))
+                if lf not in used:
+                    used.append(lf)
+    if not repl:
+        return expr, []
+    return expr.xreplace(repl), used
+
+
 __all__ = ["Evaluator", "NotSymbolic", "split_keep", "classify_additive", "E", "MIN_SENTINEL", "NEG_INF"]
