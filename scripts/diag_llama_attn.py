@@ -80,12 +80,16 @@ def main():
             rows.append((backend, what, ms, flops / ms / 1e9, spec, err))
             if backend == "fa3" and what == "mask input (speculated)":
                 from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
+                avg = prof.key_averages()
                 print(f"--- kernels, fa3 {what} (3 steps)")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                print(avg.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                # the layer is host-bound (docs/perf.md): where does the CPU time of a step go?
+                print(f"--- host time, fa3 {what} (3 steps)")
+                print(avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
     print(f"\n{'backend':<9} {'variant':<28} {'ms fwd+bwd':>10} {'TFLOP/s':>8}  {'max err out/dq/dk/dv vs fp32':<34} spec")
     for b, w, ms, tf, spec, err in rows:
         e = "/".join(f"{x:.1e}" for x in err)

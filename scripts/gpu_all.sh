@@ -3,7 +3,7 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="ddp cudaforced triton cuda fp8 gpumodels models bench" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag models bench" bash scripts/gpu_all.sh
 # (ddp needs the 2-GPU kind; each part has its own T_<PART> timeout)
 set -u
 cd "$(dirname "$0")/.."
@@ -55,6 +55,11 @@ if has gpumodels; then
   say "== real models on the GPU through backend=fa3"
   timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_models_gpu.py > "$W/pytest_models.log" 2>&1
   say "gpu model tests rc=$?"; grep -E "passed|failed|FAILED|Error|^[0-9.]+s call" "$W/pytest_models.log" | tail -40 | tee -a "$LOG"
+fi
+if has diag; then
+  say "== one Llama attention, fwd+bwd, per mask route (fa3 vs inductor, kernel profile)"
+  timeout ${T_DIAG:-90} python3 scripts/diag_llama_attn.py > "$W/diag_llama_attn.log" 2>&1
+  say "diag rc=$?"; grep -v "Warning\|warn" "$W/diag_llama_attn.log" | tail -12 | tee -a "$LOG"
 fi
 if has models; then
   say "== model grid"

@@ -267,7 +267,7 @@ def test_dead_rows_from_window():
     assert_close(out2[:, :, :3], v.mean(2, keepdim=True).expand(-1, -1, 3, -1), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("gqa", [False, "div", "mod"])
 def test_dead_rows_min_additive_gradients_vs_eager(gqa):
     """Eager: scores + where(keep, 0, finfo.min) in float64, autograd through the addition."""
     Hk = 2 if gqa else 4
@@ -275,7 +275,7 @@ def test_dead_rows_min_additive_gradients_vs_eager(gqa):
     kp = torch.ones(2, 5, dtype=torch.bool)
     kp[1] = False
     kp[0, 3:] = False
-    sp = spec(key_padding=True, masked_value="min_additive")
+    sp = spec(key_padding=True, masked_value="min_additive", gqa_mapping=gqa or "div")
     out, _ = call(q, k, v, sp, 0.3, kp=kp)
     ref = naive(q, k, v, sp, 0.3, kp=kp)
     assert_close(out, ref, atol=1e-6, rtol=1e-5, what="forward")

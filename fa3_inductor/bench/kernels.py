@@ -90,6 +90,13 @@ def _flex(q, k, v, causal, pass_):
     global _flex_compiled
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if _flex_compiled is None:
+        # One compiled flex_attention serves the whole grid (head dims x lengths x masks x passes):
+        # past Dynamo's default recompile limit (8 per code object) it silently ran eager, which
+        # is what the first kernel grid measured (7-43 TFLOP/s).  Raise the limit for the bench.
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     S = q.shape[2]
     bm = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import expand_kv, reduce_kv
 from ..spec import AttentionSpec
 
 
@@ -40,18 +39,36 @@ def dead_rows_possible(spec: AttentionSpec, sq: int, sk: int) -> bool:
     return False
 
 
+def _grouped(x: torch.Tensor, hk: int, mapping: str) -> torch.Tensor:
+    """[B, Hq, ...] -> [B, Hk, G, ...] (a view): query head h of kv head h // G ("div") or h % Hk ("mod"),
+    so kv-head tensors [B, Hk, 1, ...] broadcast against it without copying K/V to query heads."""
+    b, hq = x.shape[:2]
+    g = hq // hk
+    if mapping == "div":
+        return x.view(b, hk, g, *x.shape[2:])
+    return x.view(b, g, hk, *x.shape[2:]).transpose(1, 2)
+
+
+def _ungrouped(x: torch.Tensor, mapping: str) -> torch.Tensor:
+    """Inverse of _grouped: [B, Hk, G, ...] -> [B, Hq, ...]."""
+    b, hk, g = x.shape[:3]
+    if mapping != "div":
+        x = x.transpose(1, 2)
+    return x.reshape(b, hk * g, *x.shape[3:])
+
+
 def fix_forward(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     sq, sk = out.shape[2], v.shape[2]
     if spec.masked_value == "zero" or not dead_rows_possible(spec, sq, sk):
         return out
     dead = torch.isneginf(lse).unsqueeze(-1)
     if spec.masked_value == "neg_inf":
-        fill = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
-    else:
-        # mean over keys on the kv heads, then mapped to query heads: [B, Hq, 1, Dv], no [B, Hq, Sk, Dv] copy
-        vmean = expand_kv(v.float().mean(dim=2, keepdim=True), out.shape[1], spec.gqa_mapping)
-        fill = vmean.to(out.dtype)
-    return torch.where(dead, fill, out)
+        return out.masked_fill(dead, float("nan"))
+    # uniform weights over all keys: mean of V, taken on the kv heads
+    hk = v.shape[1]
+    vmean = v.mean(dim=2, keepdim=True, dtype=torch.float32).to(out.dtype).unsqueeze(2)   # [B, Hk, 1, 1, Dv]
+    fixed = torch.where(_grouped(dead, hk, spec.gqa_mapping), vmean, _grouped(out, hk, spec.gqa_mapping))
+    return _ungrouped(fixed, spec.gqa_mapping)
 
 
 def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
@@ -59,31 +76,34 @@ def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
     sq, sk = q.shape[2], k.shape[2]
     if spec.masked_value in ("neg_inf", "zero") or not dead_rows_possible(spec, sq, sk) or sk == 0:
         return dq, dk, dv
-    hq, hk = q.shape[1], k.shape[1]
     # Runs on every call that may have dead rows (no host sync to ask whether it does), so it is
-    # kept to kv-head-sized products: sums over keys are taken on K/V before mapping heads, and
-    # the matrix products run in bf16 (fp32 accumulation) on tensor cores for bf16 inputs; fp16
-    # could overflow in sums over Sk, so fp16 (and fp32) inputs use fp32 products.
+    # written for few launches: query heads are viewed as [B, Hk, G, ...] against K/V's kv heads
+    # (no copies to query heads), group sums fold into the products, and the products run in
+    # bf16 with fp32 accumulation for bf16 inputs (fp16 could overflow in sums over Sk: fp32).
     # Rows that are alive have dO_dead = 0, so they receive exactly nothing.
-    lp = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    dead = torch.isneginf(lse).unsqueeze(-1)                   # [B, Hq, Sq, 1]
-    do_dead = torch.where(dead, dout, torch.zeros((), dtype=dout.dtype, device=dout.device))
+    hk, mp = k.shape[1], spec.gqa_mapping
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lp = torch.bfloat16 if q.dtype == torch.bfloat16 else acc
+    dead = _grouped(torch.isneginf(lse).unsqueeze(-1), hk, mp)               # [B, Hk, G, Sq, 1]
+    do_dead = _grouped(dout, hk, mp) * dead                                 # [B, Hk, G, Sq, Dv]
     # dV_j += sum_{dead i} dO_i / Sk, the same for every key j.
-    dv_add = reduce_kv(do_dead.float().sum(dim=2, keepdim=True), hk, spec.gqa_mapping) / sk   # [B, Hk, 1, Dv]
-    dv = (dv.float() + dv_add).to(dv.dtype)
-    if spec.masked_value == "min_additive":
-        vmean = expand_kv(v.float().mean(dim=2, keepdim=True), hq, spec.gqa_mapping)     # [B, Hq, 1, Dv]
-        d_row = (do_dead.float() * vmean).sum(-1, keepdim=True)                      # D_i = dO_i . vmean
-        kv = expand_kv(torch.matmul(k.transpose(-1, -2).to(lp), v.to(lp)), hq, spec.gqa_mapping)  # [B, Hq, D, Dv]
-        ksum = expand_kv(k.float().sum(dim=2, keepdim=True), hq, spec.gqa_mapping)    # [B, Hq, 1, D]
-        dq_add = (torch.matmul(do_dead.to(lp), kv.transpose(-1, -2)).float() - d_row * ksum) * (scale / sk)
-        qd = torch.where(dead, q, torch.zeros((), dtype=q.dtype, device=q.device))
-        qdo = torch.matmul(qd.transpose(-1, -2).to(lp), do_dead.to(lp))               # [B, Hq, D, Dv]
-        qdsum = (qd.float() * d_row).sum(dim=2, keepdim=True)                        # [B, Hq, 1, D]
-        # the group's query heads are summed before the [Sk]-sized product: dk_add on kv heads
-        qdo_k = reduce_kv(qdo.float(), hk, spec.gqa_mapping)                         # [B, Hk, D, Dv]
-        dk_add = (torch.matmul(v.to(lp), qdo_k.transpose(-1, -2).to(lp)).float()
-                  - reduce_kv(qdsum, hk, spec.gqa_mapping)) * (scale / sk)
-        dq = (dq.float() + dq_add).to(dq.dtype)
-        dk = (dk.float() + dk_add).to(dk.dtype)
+    dv_add = do_dead.sum(dim=(2, 3), dtype=acc).unsqueeze(2)       # [B, Hk, 1, Dv]
+    dv = dv.to(acc).add_(dv_add, alpha=1.0 / sk).to(dv.dtype)
+    if spec.masked_value != "min_additive":
+        return dq, dk, dv
+    b, _, g = do_dead.shape[:3]
+    do_lp = do_dead.to(lp)
+    vmean = v.mean(dim=2, dtype=acc)                                # [B, Hk, Dv]
+    d_row = torch.matmul(do_dead.to(acc), vmean[:, :, None, :, None])         # D_i = dO_i . vmean  [B, Hk, G, Sq, 1]
+    kv = torch.matmul(k.transpose(-1, -2).to(lp), v.to(lp))                   # [B, Hk, D, Dv]
+    ksum = k.sum(dim=2, dtype=acc)[:, :, None, None, :]             # [B, Hk, 1, 1, D]
+    # dS_ij = (dO_i . v_j - D_i) / Sk  ->  dq_i = scale/Sk * (dO_i K^T V - D_i sum_j k_j)
+    dq_add = torch.matmul(do_lp, kv.transpose(-1, -2).unsqueeze(2)).to(acc).sub_(d_row * ksum)
+    dq = _ungrouped(_grouped(dq, hk, mp).to(acc).add_(dq_add, alpha=scale / sk), mp).to(dq.dtype)
+    # dk_j = scale/Sk * sum_{dead i} q_i (dO_i . v_j - D_i), summed over the group's query heads
+    qd = (_grouped(q, hk, mp) * dead).to(lp).reshape(b, hk, g * sq, -1)      # [B, Hk, G*Sq, D]
+    qdo = torch.matmul(qd.transpose(-1, -2), do_lp.reshape(b, hk, g * sq, -1))    # [B, Hk, D, Dv]
+    qdsum = torch.matmul(qd.transpose(-1, -2).to(acc), d_row.reshape(b, hk, g * sq, 1))  # [B, Hk, D, 1]
+    dk_add = torch.matmul(v.to(lp), qdo.transpose(-1, -2)).to(acc).sub_(qdsum.transpose(-1, -2))
+    dk = dk.to(acc).add_(dk_add, alpha=scale / sk).to(dk.dtype)
     return dq, dk, dv
