@@ -76,9 +76,12 @@ def structure_guard(mask: torch.Tensor, kp: torch.Tensor, additive: bool, neg_in
     want = _pattern(sq, sk, mask.device, align, window_left, window_right)[None, None] & kp[:, None, None, :]
     ok = (keep == want).all()
     if additive:
-        masked = mask.float()
-        ok = ok & ((masked == 0) | (masked == float("-inf") if neg_inf else
-                                    (masked <= BIAS_MASKED) & (masked > float("-inf")))).all()
+        m = mask.float()
+        if neg_inf:
+            masked_ok = m == float("-inf")
+        else:
+            masked_ok = (m <= BIAS_MASKED) & (m > float("-inf"))
+        ok = ok & ((m == 0) | masked_ok).all()
     torch._assert_async(ok, GUARD_MESSAGE)
 
 
