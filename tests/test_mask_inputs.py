@@ -135,3 +135,17 @@ def test_infer_unit():
     scattered = hf_mask(causal=False)
     scattered[0, 0, 3, 7] = MIN
     assert mask_inputs.infer(scattered, additive=True) is None
+
+
+def test_dynamic_lengths_are_not_speculated():
+    """A dynamic graph serves other lengths than its example's; structure read from one example
+    (e.g. a window longer than the prompt) could fail the guard later, so the mask stays a tensor."""
+    q, k, v = qkv()
+    mask = hf_mask()
+    torch._dynamo.mark_dynamic(q, 2)
+    torch._dynamo.mark_dynamic(k, 2)
+    torch._dynamo.mark_dynamic(v, 2)
+    torch._dynamo.mark_dynamic(mask, 2)
+    torch._dynamo.mark_dynamic(mask, 3)
+    rep = explain(attn_additive, q, k, v, mask)
+    assert rep.matched[0].spec.mask_kind == "additive", str(rep)

@@ -202,7 +202,13 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         return False
     if not additive and fake is not None and fake.dtype != torch.bool:
         return False
-    if example is not None:
+    if example is not None and derived is None:
+        if N.static_int(shape[-2]) is None or N.static_int(shape[-1]) is None:
+            # Under dynamic shapes the graph serves other lengths than the example's, and a short
+            # example hides structure a longer call has (a 4096-token sliding window in a
+            # 300-token prompt): the guard would fail there.  Static shapes recompile per length.
+            site.notes.append(("mask_not_speculated", f"{node.name}: dynamic sequence length"))
+            return False
         with torch.no_grad():
             fields = infer(example.detach(), additive)
     else:
