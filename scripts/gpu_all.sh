@@ -53,7 +53,7 @@ if has fp8; then
 fi
 if has gpumodels; then
   say "== real models on the GPU through backend=fa3"
-  timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_models_gpu.py > "$W/pytest_models.log" 2>&1
+  timeout ${T_GPUMODELS:-150} python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/gpu/test_models_gpu.py tests/gpu/test_patterns_gpu.py > "$W/pytest_models.log" 2>&1
   say "gpu model tests rc=$?"; grep -E "passed|failed|FAILED|Error|^[0-9.]+s call" "$W/pytest_models.log" | tail -40 | tee -a "$LOG"
 fi
 if has diag; then

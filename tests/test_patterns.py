@@ -404,7 +404,7 @@ def sfdp24_causal_padding(query, key, value, am):
     i = torch.arange(seq_len)[:, None]
     j = torch.arange(seq_len)[None, :]
     keep = (j <= i)[None, None] & (am[:, None, None, :] != 0)
-    mask = torch.where(keep, 0.0, torch.finfo(query.dtype).min)
+    mask = torch.where(keep, torch.zeros((), dtype=query.dtype), torch.finfo(query.dtype).min)
     w = torch.bmm(query.reshape(bs * n_head, -1, head_size), key.reshape(bs * n_head, -1, head_size).transpose(1, 2))
     w = (w * head_size ** -0.5).view(bs, n_head, seq_len, -1) + mask
     w = F.softmax(w.view(bs * n_head, seq_len, -1), dim=-1)
@@ -970,12 +970,12 @@ class AlibiAttention(nn.Module):
         i = torch.arange(T)[:, None]
         j = torch.arange(T)[None, :]
         s = q @ k.transpose(-1, -2) / math.sqrt(D)
-        if self.style == "relative":        # slopes[h] * (j - i)
-            s = s + self.slopes[:, None, None] * (j - i)[None]
+        if self.style == "relative":        # slopes[h] * (j - i), in the scores' dtype
+            s = s + (self.slopes[:, None, None] * (j - i)[None]).to(s.dtype)
         elif self.style == "positions":     # BLOOM: slopes[h] * j (the per-row shift is irrelevant)
             s = s + self.slopes.view(1, -1, 1, 1) * torch.arange(T).view(1, 1, 1, T)
         elif self.style == "symmetric":     # -slopes[h] * |j - i|
-            s = s - self.slopes.view(-1, 1, 1) * (j - i).abs()
+            s = s - (self.slopes.view(-1, 1, 1) * (j - i).abs()).to(s.dtype)
         elif self.style == "per_query":     # near-miss: "slopes" that vary along the queries
             s = s + torch.arange(T, dtype=q.dtype).view(1, 1, T, 1) * (j - i)
         if self.causal:

@@ -160,6 +160,8 @@ def alibi_of(b, ev, sq_shape):
     sign is +1 or -1 (the slopes passed to the op are sign * slopes)."""
     sign = 1.0
     node = b
+    while N.kind(node) in N.CASTS:   # a bias cast to the scores' dtype: the kernel adds it in fp32
+        node = N.arg(node, 0, "input")
     if N.kind(node) == "neg":
         sign, node = -1.0, N.arg(node, 0, "input")
     if N.kind(node) != "mul" or len(sq_shape) != 4:
