@@ -387,23 +387,6 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       }
     };
 
-    // S = Q K^T for key block n, waited for, masked, and folded into the online softmax: the
-    // non-overlapped step (the intra-warpgroup loop below interleaves it with the PV GEMM).
-    // alpha is `auto&`: a `float (&)[kRows]` parameter here crashes nvcc 13.0's front end.
-    auto qk_softmax = [&](auto& tSrS, int n, bool first, auto& alpha) {
-      pipe_k.consumer_wait(rk);
-      sched_sync();
-      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
-      sched_arrive();
-      warpgroup_wait<0>();
-      pipe_k.consumer_release(rk);
-      ++rk;
-      mask(tSrS, n);
-      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-      if (first) softmax.template step<true>(s_rc, alpha);
-      else softmax.template step<false>(s_rc, alpha);
-    };
-
     if (!empty_tile) {
       // The first consumer warpgroup holds the token first.
       if constexpr (Cfg::kPingpong) {
@@ -415,8 +398,19 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       if constexpr (Cfg::kIntraWG) {
         // Prologue: S for the first (highest) key block.
         Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+        pipe_k.consumer_wait(rk);
+        sched_sync();
+        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
+        sched_arrive();
+        warpgroup_wait<0>();
+        pipe_k.consumer_release(rk);
+        ++rk;
+        mask(tSrS, n_max - 1);
         float alpha[kRows];
-        qk_softmax(tSrS, n_max - 1, true, alpha);
+        {
+          Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+          softmax.template step<true>(s_rc, alpha);
+        }
         // P lives in registers (16-bit) and feeds the PV GEMM as its A operand.
         Tensor rP = make_tensor<Element>(tSrS.layout());
         convert_into(tSrS, rP);
@@ -454,8 +448,18 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           inline_load_k(n - Cfg::kStages + 1);
           inline_load_v(n - Cfg::kStages + 1);
           Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+          pipe_k.consumer_wait(rk);
+          sched_sync();
+          wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
+          sched_arrive();
+          warpgroup_wait<0>();
+          pipe_k.consumer_release(rk);
+          ++rk;
+          mask(tSrS, n);
           float alpha[kRows];
-          qk_softmax(tSrS, n, n == n_max - 1, alpha);
+          Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+          if (n == n_max - 1) softmax.template step<true>(s_rc, alpha);
+          else softmax.template step<false>(s_rc, alpha);
           rescale_o(alpha);
           Tensor rP = make_tensor<Element>(tSrS.layout());
           convert_into(tSrS, rP);
