@@ -188,14 +188,28 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dbias.float() if dbias is not None else empty)
 
 
-def reduce_kv(dx: torch.Tensor, hk: int, mapping: str) -> torch.Tensor:
-    B, Hq = dx.shape[:2]
-    if Hq == hk:
-        return dx
-    g = Hq // hk
+def group_heads(x: torch.Tensor, hk: int, mapping: str) -> torch.Tensor:
+    """[B, Hq, ...] -> [B, Hk, G, ...] (a view): query head h of kv head h // G ("div") or h % Hk
+    ("mod"), so kv-head tensors [B, Hk, 1, ...] broadcast against it without copies."""
+    b, hq = x.shape[:2]
+    g = hq // hk
     if mapping == "div":
-        return dx.view(B, hk, g, *dx.shape[2:]).sum(2)
-    return dx.view(B, g, hk, *dx.shape[2:]).sum(1)
+        return x.view(b, hk, g, *x.shape[2:])
+    return x.view(b, g, hk, *x.shape[2:]).transpose(1, 2)
+
+
+def ungroup_heads(x: torch.Tensor, mapping: str) -> torch.Tensor:
+    """Inverse of group_heads: [B, Hk, G, ...] -> [B, Hq, ...]."""
+    b, hk, g = x.shape[:3]
+    if mapping != "div":
+        x = x.transpose(1, 2)
+    return x.reshape(b, hk * g, *x.shape[3:])
+
+
+def reduce_kv(dx: torch.Tensor, hk: int, mapping: str) -> torch.Tensor:
+    if dx.shape[1] == hk:
+        return dx
+    return group_heads(dx, hk, mapping).sum(2)
 
 
 def naive_eager(q, k, v, scale, spec: AttentionSpec, bias=None, key_padding=None, alibi_slopes=None):
@@ -212,4 +226,5 @@ def naive_eager(q, k, v, scale, spec: AttentionSpec, bias=None, key_padding=None
     return torch.matmul(p, vx.to(p.dtype))
 
 
-__all__ = ["forward", "backward", "naive_eager", "expand_kv", "reduce_kv", "kv_head_index", "keep_mask"]
+__all__ = ["forward", "backward", "naive_eager", "expand_kv", "reduce_kv", "group_heads", "ungroup_heads",
+           "kv_head_index", "keep_mask"]

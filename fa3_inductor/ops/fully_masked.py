@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import group_heads, ungroup_heads
 from ..spec import AttentionSpec
 
 
@@ -39,24 +40,6 @@ def dead_rows_possible(spec: AttentionSpec, sq: int, sk: int) -> bool:
     return False
 
 
-def _grouped(x: torch.Tensor, hk: int, mapping: str) -> torch.Tensor:
-    """[B, Hq, ...] -> [B, Hk, G, ...] (a view): query head h of kv head h // G ("div") or h % Hk ("mod"),
-    so kv-head tensors [B, Hk, 1, ...] broadcast against it without copying K/V to query heads."""
-    b, hq = x.shape[:2]
-    g = hq // hk
-    if mapping == "div":
-        return x.view(b, hk, g, *x.shape[2:])
-    return x.view(b, g, hk, *x.shape[2:]).transpose(1, 2)
-
-
-def _ungrouped(x: torch.Tensor, mapping: str) -> torch.Tensor:
-    """Inverse of _grouped: [B, Hk, G, ...] -> [B, Hq, ...]."""
-    b, hk, g = x.shape[:3]
-    if mapping != "div":
-        x = x.transpose(1, 2)
-    return x.reshape(b, hk * g, *x.shape[3:])
-
-
 def fix_forward(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     sq, sk = out.shape[2], v.shape[2]
     if spec.masked_value == "zero" or not dead_rows_possible(spec, sq, sk):
@@ -67,8 +50,8 @@ def fix_forward(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: Att
     # uniform weights over all keys: mean of V, taken on the kv heads
     hk = v.shape[1]
     vmean = v.mean(dim=2, keepdim=True, dtype=torch.float32).to(out.dtype).unsqueeze(2)   # [B, Hk, 1, 1, Dv]
-    fixed = torch.where(_grouped(dead, hk, spec.gqa_mapping), vmean, _grouped(out, hk, spec.gqa_mapping))
-    return _ungrouped(fixed, spec.gqa_mapping)
+    fixed = torch.where(group_heads(dead, hk, spec.gqa_mapping), vmean, group_heads(out, hk, spec.gqa_mapping))
+    return ungroup_heads(fixed, spec.gqa_mapping)
 
 
 def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
@@ -84,8 +67,8 @@ def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
     hk, mp = k.shape[1], spec.gqa_mapping
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lp = torch.bfloat16 if q.dtype == torch.bfloat16 else acc
-    dead = _grouped(torch.isneginf(lse).unsqueeze(-1), hk, mp)               # [B, Hk, G, Sq, 1]
-    do_dead = _grouped(dout, hk, mp) * dead                                 # [B, Hk, G, Sq, Dv]
+    dead = group_heads(torch.isneginf(lse).unsqueeze(-1), hk, mp)               # [B, Hk, G, Sq, 1]
+    do_dead = group_heads(dout, hk, mp) * dead                                 # [B, Hk, G, Sq, Dv]
     # dV_j += sum_{dead i} dO_i / Sk, the same for every key j.
     dv_add = do_dead.sum(dim=(2, 3), dtype=acc).unsqueeze(2)       # [B, Hk, 1, Dv]
     dv = dv.to(acc).add_(dv_add, alpha=1.0 / sk).to(dv.dtype)
@@ -99,9 +82,9 @@ def fix_backward(dout, q, k, v, lse, scale, spec: AttentionSpec, dq, dk, dv):
     ksum = k.sum(dim=2, dtype=acc)[:, :, None, None, :]             # [B, Hk, 1, 1, D]
     # dS_ij = (dO_i . v_j - D_i) / Sk  ->  dq_i = scale/Sk * (dO_i K^T V - D_i sum_j k_j)
     dq_add = torch.matmul(do_lp, kv.transpose(-1, -2).unsqueeze(2)).to(acc).sub_(d_row * ksum)
-    dq = _ungrouped(_grouped(dq, hk, mp).to(acc).add_(dq_add, alpha=scale / sk), mp).to(dq.dtype)
+    dq = ungroup_heads(group_heads(dq, hk, mp).to(acc).add_(dq_add, alpha=scale / sk), mp).to(dq.dtype)
     # dk_j = scale/Sk * sum_{dead i} q_i (dO_i . v_j - D_i), summed over the group's query heads
-    qd = (_grouped(q, hk, mp) * dead).to(lp).reshape(b, hk, g * sq, -1)      # [B, Hk, G*Sq, D]
+    qd = (group_heads(q, hk, mp) * dead).to(lp).reshape(b, hk, g * sq, -1)      # [B, Hk, G*Sq, D]
     qdo = torch.matmul(qd.transpose(-1, -2), do_lp.reshape(b, hk, g * sq, -1))    # [B, Hk, D, Dv]
     qdsum = torch.matmul(qd.transpose(-1, -2).to(acc), d_row.reshape(b, hk, g * sq, 1))  # [B, Hk, D, 1]
     dk_add = torch.matmul(v.to(lp), qdo.transpose(-1, -2)).to(acc).sub_(qdsum.transpose(-1, -2))

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from ..spec import BIAS_MASKED
 from . import nodes as N
+from .symbolic_mask import classify_additive, split_keep
 
 # DDP's graph splitting (DDPOptimizer) compiles a model's graph piece by piece with fake inputs:
 # transformers' mask is built in the first piece and read by attention in later ones, as a
@@ -39,6 +40,7 @@ _DERIVED_MAX = 512
 def _derived(t) -> Optional[dict]:
     hit = _DERIVED.get(id(t))
     return hit[1] if hit is not None and hit[0]() is t else None
+
 
 GUARD_MESSAGE = ("fa3_inductor: an attention mask input no longer has the structure (causal / window / key "
                  "padding) its example had at compile time; set fa3_inductor.config.speculate_mask_inputs = "
@@ -61,18 +63,17 @@ def _pattern(sq: int, sk: int, device, align: str, window_left, window_right) ->
     return keep
 
 
-def key_padding(mask: torch.Tensor, additive: bool, batch: int) -> torch.Tensor:
+def key_padding(keep: torch.Tensor, batch: int) -> torch.Tensor:
     """[B, Sk] keys that some query of the batch row may see (run time, in the graph)."""
-    kp = keep_of(mask, additive).any(dim=-2)[:, 0, :]
+    kp = keep.any(dim=-2)[:, 0, :]
     return kp.expand(batch, kp.shape[-1])
 
 
-def structure_guard(mask: torch.Tensor, kp: torch.Tensor, additive: bool, neg_inf: bool, align: str,
-                    window_left: Optional[int], window_right: Optional[int]) -> None:
-    """The mask equals pattern & key padding (and, additive, holds only 0 and mask values of the
-    compile-time kind); checked on the device without a host sync."""
+def structure_guard(mask: torch.Tensor, keep: torch.Tensor, kp: torch.Tensor, additive: bool, neg_inf: bool,
+                    align: str, window_left: Optional[int], window_right: Optional[int]) -> None:
+    """The mask's keep-pattern equals pattern & key padding (and, additive, the mask holds only 0
+    and mask values of the compile-time kind); checked on the device without a host sync."""
     sq, sk = mask.shape[-2], mask.shape[-1]
-    keep = keep_of(mask, additive)
     want = _pattern(sq, sk, mask.device, align, window_left, window_right)[None, None] & kp[:, None, None, :]
     ok = (keep == want).all()
     if additive:
@@ -108,10 +109,9 @@ def infer(example: torch.Tensor, additive: bool) -> Optional[dict]:
             return None  # mixed -inf and finite minimums: fully masked rows would differ
     elif example.dtype != torch.bool:
         return None
-    kp = keep.any(dim=-2)[:, 0, :]
-    live = keep[kp[:, None, None, :].expand_as(keep)]
-    if live.numel() == 0:
+    if not bool(keep.any()):
         return None  # everything masked: nothing tells the structure apart
+    kp = keep.any(dim=-2)[:, 0, :]
     # bottom-right first when Sq != Sk: "j <= i + (Sk - Sq)" is then causal, which is what a
     # decoder with a KV prefix means (top-left with window_right = Sk - Sq reads the same)
     aligns = (["bottom_right"] if sq != sk else []) + ["top_left"]
@@ -137,7 +137,6 @@ def infer(example: torch.Tensor, additive: bool) -> Optional[dict]:
 
 def remember_output_masks(gm: fx.GraphModule, ev) -> None:
     """Derive the structure of every 4-D head-independent mask this graph outputs."""
-    from .symbolic_mask import classify_additive, split_keep
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if out is None:
         return
@@ -173,7 +172,7 @@ def _flat_nodes(args) -> list:
 def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     """One mask input (an additive bias, or one keep/drop condition) whose example has structure."""
     from .. import config
-    if not config.speculate_mask_inputs or (site.rank != 4 and site.heads is None):
+    if not config.speculate_mask_inputs or not site.has_head_axis:
         return False
     if len(biases) + len(fills) != 1:
         return False
@@ -181,13 +180,13 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         node, negate, mult = biases[0]
         if negate or mult != 1.0:
             return False
-        additive, keep_is_cond = True, True
+        additive = True
     else:
         node, keep_is_cond, _ = fills[0]
         additive = False
         if not keep_is_cond:
             return False   # masked_fill(mask, -inf): the input marks dropped entries; not handled here
-    example = _example(node, ev)
+    example = ev.real_tensor(node) if node.op == "placeholder" else None
     fake = N.tensor_meta(node)
     derived = _derived(fake) if fake is not None and node.op == "placeholder" else None
     if example is None and derived is None:
@@ -230,17 +229,3 @@ def try_speculate(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     how = "read from the example" if example is not None else "derived in an earlier graph piece"
     site.notes.append(("mask_speculated", f"{node.name}: structure {how}, checked per call"))
     return True
-
-
-def _example(node, ev) -> Optional[torch.Tensor]:
-    """The real tensor Dynamo compiled with, for a graph input (or a get_attr constant)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from .symbolic_mask import _grapharg_example
-    if node.op != "placeholder":
-        return None
-    real = ev.example_of.get(node)
-    if real is None or isinstance(real, FakeTensor):
-        real = _grapharg_example(node)
-    if not isinstance(real, torch.Tensor) or isinstance(real, FakeTensor) or real.device.type == "meta":
-        return None
-    return real

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sympy
 import torch
 import torch.fx as fx
+from sympy.core.function import AppliedUndef
 
 from . import mask_inputs
 from . import nodes as N
@@ -115,14 +116,14 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
         return False   # |j - i| as written is measured from the top-left diagonal
     kp_node = None
     if st.key_padding is not None:
-        if (site.rank != 4 and site.heads is None):
+        if not site.has_head_axis:
             return False
         func = st.key_padding[0]
         leaf = next((lf for lf in ev.leaves.values() if lf.func == func), None)
         if leaf is None:
             return False
         ls = N.shape(leaf.node)
-        if ls is None or len(ls) != 2 or not _same(ls[0], sq_shape[0]) or not _same(ls[1], sq_shape[-1]):
+        if ls is None or len(ls) != 2 or not N.same_size(ls[0], sq_shape[0]) or not N.same_size(ls[1], sq_shape[-1]):
             site.notes.append(("key_padding_shape", ls))
             return False
         kp_node = leaf.node
@@ -181,7 +182,7 @@ def alibi_of(b, ev, sq_shape):
             continue
         e = sympy.expand(r.expr)
         j, i = E[1], E[2]
-        if e.coeff(j) == 1 and not sympy.expand(e - j).has(j, E[3], E[4]) and not _has_unknown(e):
+        if e.coeff(j) == 1 and not sympy.expand(e - j).has(j, E[3], E[4]) and not e.atoms(AppliedUndef):
             return ("linear", slopes, sign)
         for a_sign, expr in ((-1.0, -e), (1.0, e)):
             if isinstance(expr, sympy.Abs) and sympy.expand(expr.args[0] ** 2 - (j - i) ** 2) == 0:
@@ -197,14 +198,6 @@ def _heads_only(x, sq_shape) -> bool:
     sh = (1,) * (4 - len(sh)) + tuple(sh)
     return (all(N.static_int(sh[d]) == 1 for d in (0, 2, 3)) and N.same_size(sh[1], sq_shape[1])
             and N.static_int(sq_shape[1]) != 1)
-
-
-def _has_unknown(e) -> bool:
-    return any(isinstance(a, sympy.core.function.AppliedUndef) for a in sympy.preorder_traversal(e))
-
-
-def _same(a, b) -> bool:
-    return N.same_size(a, b)
 
 
 def _tensor_route(site, biases, fills, score_dtype):
@@ -223,13 +216,11 @@ def _tensor_route(site, biases, fills, score_dtype):
         f["masked_value"] = kinds.pop()
         site.bias = ("bool", [(cond, keep_is_cond) for cond, keep_is_cond, _ in fills])
     else:
-        # One additive tensor: literal values, so fully masked rows behave exactly as in eager
-        # (finite minimums give uniform rows, -inf gives NaN through the contract's dead rows).
+        # One additive tensor: a bias (taken as finfo.min where it masks, which is what
+        # transformers and most code build), or fills of mixed kinds.  Entries <= BIAS_MASKED are
+        # masks (spec.py), and a fully masked row is uniform, as in eager with finfo.min; an
+        # all -inf additive row (NaN in eager) differs.  Fills alone of one kind took the bool route.
         f["mask_kind"] = "additive"
-        # Entries <= BIAS_MASKED are masks (spec.py); a row of finfo.min entries is uniform in
-        # eager, a row of -inf entries NaN.  Fills say which; a bias tensor is taken as finfo.min
-        # (what transformers and most code build); an all -inf additive row then differs.
-        only_inf = bool(fills) and not biases and kinds == {"neg_inf"}
-        f["masked_value"] = "neg_inf" if only_inf else "min_additive"
+        f["masked_value"] = "min_additive"
         site.bias = ("additive", list(biases), [(cond, keep_is_cond, val) for cond, keep_is_cond, val in fills])
     site.mask_route = "tensor"

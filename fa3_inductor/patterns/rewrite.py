@@ -71,9 +71,10 @@ def rewrite_site(gm: fx.GraphModule, site, guarded: set) -> fx.Node:
         if site.speculated_mask is not None:
             mask, additive, neg_inf = site.speculated_mask
             bsz = g.call_method("size", (q, 0))   # q is [B, H, Sq, D] here (rank 4 only)
-            kp = g.call_function(mask_inputs.key_padding, (mask, additive, bsz))
+            keep = g.call_function(mask_inputs.keep_of, (mask, additive))   # read once, used twice
+            kp = g.call_function(mask_inputs.key_padding, (keep, bsz))
             g.call_function(mask_inputs.structure_guard,
-                            (mask, kp, additive, neg_inf, spec.align, spec.window_left, spec.window_right))
+                            (mask, keep, kp, additive, neg_inf, spec.align, spec.window_left, spec.window_right))
         slopes = None
         if site.alibi_slopes is not None:
             node, sign = site.alibi_slopes

@@ -38,6 +38,11 @@ class Site:
     notes: list = dataclasses.field(default_factory=list)  # diagnostics only: why a mask stayed a tensor
 
     @property
+    def has_head_axis(self) -> bool:
+        """The op sees [B, H, Sq, Sk] scores: a 4-D site, or a 3-D bmm site masked in its [B, H] view."""
+        return self.rank == 4 or self.heads is not None
+
+    @property
     def scale_is_static(self) -> bool:
         return all(not isinstance(v, fx.Node) for v, _ in self.scale_factors)
 

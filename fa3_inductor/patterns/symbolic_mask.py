@@ -102,18 +102,23 @@ class Evaluator:
             return Sym(sympy.Ne(call, 0), rank, True)
         return Sym(call, rank, False)
 
-    def constant_tril(self, node: fx.Node) -> Optional[Sym]:
-        """A real constant buffer (e.g. nanoGPT's registered tril) that is tril/triu of ones."""
+    def real_tensor(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """The real tensor (with data) Dynamo compiled with for a graph input or constant, or None."""
         from torch._subclasses.fake_tensor import FakeTensor
         real = self.example_of.get(node)
         if real is None or isinstance(real, FakeTensor):
             # DDP's graph splitting (DDPOptimizer) compiles each piece with fake inputs; Dynamo's
-            # GraphArg on the placeholder still holds the real buffer.
+            # GraphArg on the placeholder still holds the real tensor.
             real = _grapharg_example(node)
-        if real is None or not isinstance(real, torch.Tensor) or real.dim() < 2:
+        if not isinstance(real, torch.Tensor) or isinstance(real, FakeTensor) or real.device.type == "meta":
             return None
-        if isinstance(real, FakeTensor) or real.device.type == "meta":
-            return None  # no data to inspect
+        return real
+
+    def constant_tril(self, node: fx.Node) -> Optional[Sym]:
+        """A real constant buffer (e.g. nanoGPT's registered tril) that is tril/triu of ones."""
+        real = self.real_tensor(node)
+        if real is None or real.dim() < 2:
+            return None
         r, c = real.shape[-2], real.shape[-1]
         if real.numel() != r * c or r * c > (1 << 26):
             return None
@@ -278,7 +283,7 @@ class Evaluator:
         kept_in = [i for i, s in enumerate(in_shape) if not _is_one(s)]
         kept_out = [i for i, s in enumerate(out_shape) if not _is_one(s)]
         if len(kept_in) != len(kept_out) or any(
-                not _same_size(in_shape[i], out_shape[o]) for i, o in zip(kept_in, kept_out)):
+                not N.same_size(in_shape[i], out_shape[o]) for i, o in zip(kept_in, kept_out)):
             raise NotSymbolic("reshape that merges or splits dims")
         subs = {}
         rin, rout = len(in_shape), len(out_shape)
@@ -382,7 +387,7 @@ class Evaluator:
             s = N.shape(p)
             if s is None:
                 raise NotSymbolic("cat of non-tensors")
-            if not _same_size(s[dim], 0):
+            if not N.same_size(s[dim], 0):
                 live.append(p)
         if len(live) != 1:
             raise NotSymbolic("cat of several non-empty tensors")
@@ -441,13 +446,6 @@ def _subs(expr, subs: dict):
 
 def _is_one(s) -> bool:
     return N.static_int(s) == 1
-
-
-def _same_size(a, b) -> bool:
-    try:
-        return sympy.simplify(sympify_size(a) - sympify_size(b)) == 0
-    except NotSymbolic:
-        return False
 
 
 # ---- structure of a keep-condition ---------------------------------------------------
@@ -540,8 +538,7 @@ def _diag_bound(atom):
     f = sympy.expand(atom.lhs - atom.rhs)
     ci, cj = f.coeff(E[2]), f.coeff(E[1])
     rest = sympy.expand(f - ci * E[2] - cj * E[1])
-    if rest.has(E[1], E[2], E[3], E[4]) or any(isinstance(a, sympy.Function) for a in sympy.preorder_traversal(rest)
-                                                 if isinstance(a, sympy.core.function.AppliedUndef)):
+    if rest.has(E[1], E[2], E[3], E[4]) or rest.atoms(sympy.core.function.AppliedUndef):
         return None
     if not ((ci == -1 and cj == 1) or (ci == 1 and cj == -1)):
         return None
