@@ -629,6 +629,8 @@ class PaddingMask(nn.Module):
         elif self.style == "additive_min":
             ext = (1.0 - am[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
             s = s + ext
+        elif self.style == "inverted_min":   # near-miss: mask * finfo.min (1 marks a dropped key)
+            s = s + am[:, None, None, :].to(s.dtype) * torch.finfo(s.dtype).min
         elif self.style == "unsqueeze":
             s = s.masked_fill(am.unsqueeze(1).unsqueeze(2) == 0, torch.finfo(s.dtype).min)
         elif self.style == "causal_and_pad":
@@ -648,6 +650,14 @@ class PaddingMask(nn.Module):
 ])
 def test_padding_masks(style, dtype, exp):
     check(PaddingMask(style), bhsd() + (padding_mask(dtype),), expect=dict(exp, key_padding=True, mask_kind=None))
+
+
+def test_inverted_zero_one_mask_stays_a_bias():
+    """mask * finfo.min (not 1 - mask): no key-padding reading, no 0/1 guard; exact as a bias."""
+    args = bhsd() + (padding_mask(torch.long),)
+    rep = explain(PaddingMask("inverted_min"), *args)
+    assert rep.matched[0].spec.mask_kind == "additive" and not rep.matched[0].spec.key_padding, str(rep)
+    run_and_compare(PaddingMask("inverted_min"), args, n_rewritten=1)
 
 
 def test_zero_one_mask_guard():
