@@ -47,7 +47,10 @@ min_train_attention_flops: float = 2.6e11
 # Leave rewritten sites' source lines in the log at INFO level.
 log_rewrites: bool = True
 
-# Allow non-deterministic fp32 atomics in the backward (dQ accumulation).
+# False: the Triton backward accumulates dQ with fp32 atomics inside the dK/dV kernel (no dQ
+# kernel; summation order varies run to run).  Measured on the H100 with the tuned tiles it is
+# slower, 0.84-0.96x at head dims 64/128 and 0.34x at 256 (register spills), so True stays the
+# default (docs/perf-notes.md).  Calls with a bias gradient keep the deterministic path.
 deterministic_backward: bool = True
 
 install_config_module(sys.modules[__name__])

@@ -54,27 +54,43 @@ def main():
     def errors():
         for t in (q, k, v):
             t.grad = None
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
         out = f(q, k, v, m)
         out.backward(do)
         return [(a.float() - b).abs().max().item() for a, b in zip([out.detach(), q.grad, k.grad, v.grad], ref)]
     every = {"min_train_attention_flops": 0}   # the size policy would leave this size to Inductor
-    variants = [("inductor", "mask input", attn_mask_input, mask, {}),
-                ("fa3", "mask input (default policy)", attn_mask_input, mask, {}),
-                ("fa3", "mask input (speculated)", attn_mask_input, mask, every),
-                ("fa3", "mask input (speculate off)", attn_mask_input, mask, {"speculate_mask_inputs": False, **every}),
-                ("fa3", "in graph causal+padding", attn_in_graph, am, every),
-                ("fa3", "in graph, kernel=triton", attn_in_graph, am, {"kernel": "triton", **every})]
-    for backend, what, fn, m, cfg in variants:
+    ro = "reduce-overhead"   # CUDA graphs: no host work per call
+    variants = [("inductor", "mask input", attn_mask_input, mask, {}, None),
+                ("fa3", "mask input (default policy)", attn_mask_input, mask, {}, None),
+                ("fa3", "mask input (speculated)", attn_mask_input, mask, every, None),
+                ("fa3", "mask input (speculate off)", attn_mask_input, mask, {"speculate_mask_inputs": False, **every}, None),
+                ("fa3", "in graph causal+padding", attn_in_graph, am, every, None),
+                ("fa3", "in graph, kernel=triton", attn_in_graph, am, {"kernel": "triton", **every}, None),
+                ("inductor", "in graph, reduce-overhead", attn_in_graph, am, {}, ro),
+                ("fa3", "in graph, reduce-overhead", attn_in_graph, am, every, ro),
+                ("fa3", "mask input, reduce-overhead", attn_mask_input, mask, every, ro)]
+    for backend, what, fn, m, cfg, mode in variants:
         torch._dynamo.reset()
         REPORTS.clear()
         with fa3_inductor.config.patch(**cfg):
-            f = torch.compile(fn, backend=backend)
+            f = torch.compile(fn, backend=backend, mode=mode)
 
             def step():
+                # grads are dropped each step: under CUDA graphs the previous step's grads are
+                # graph outputs that the next replay overwrites (accumulating into them fails)
+                for t in (q, k, v):
+                    t.grad = None
+                if mode:
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = f(q, k, v, m)
                 out.backward(do)
-            step()
-            err = errors()
+            try:
+                step()
+                err = errors()
+            except Exception as exc:  # one variant failing must not hide the others' rows
+                rows.append((backend, what, float("nan"), float("nan"), [f"failed: {str(exc)[:80]}"], [0, 0, 0, 0]))
+                continue
             ms = triton.testing.do_bench(step, warmup=5, rep=40)
             spec = [s.spec.describe() if done else f"left: {why[:50]}" for r in REPORTS for s, done, why in r.matched]
             rows.append((backend, what, ms, flops / ms / 1e9, spec, err))

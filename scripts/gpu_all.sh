@@ -3,7 +3,7 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag models bench" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag models bench" bash scripts/gpu_all.sh
 # (ddp needs the 2-GPU kind; each part has its own T_<PART> timeout)
 set -u
 cd "$(dirname "$0")/.."
@@ -60,6 +60,23 @@ if has diag; then
   say "== one Llama attention, fwd+bwd, per mask route (fa3 vs inductor, kernel profile)"
   timeout ${T_DIAG:-90} python3 scripts/diag_llama_attn.py > "$W/diag_llama_attn.log" 2>&1
   say "diag rc=$?"; grep -v "Warning\|warn" "$W/diag_llama_attn.log" | tail -12 | tee -a "$LOG"
+fi
+if has tune; then
+  say "== Triton tile candidates vs cuDNN (scripts/tune_triton.py)"
+  timeout ${T_TUNE:-300} python3 scripts/tune_triton.py --dims ${TUNE_DIMS:-64,128,256} --seqlens ${TUNE_SEQLENS:-4096} \
+      --json "$W/tune.json" > "$W/tune.log" 2>&1
+  say "tune rc=$?"; sed -n '/== best per cell/,$p' "$W/tune.log" | tee -a "$LOG"; grep -E "^compiled|failed:" "$W/tune.log" | head -20 | tee -a "$LOG"
+fi
+if has cudadiag; then
+  say "== CUDA forward variants at d256 + ncu of the default d256 / d128 kernels"
+  timeout ${T_CUDADIAG:-200} python3 scripts/diag_cuda_fwd.py --seqlen 8192 --jobs 8 > "$W/cudadiag.log" 2>&1
+  say "cudadiag rc=$?"; tail -12 "$W/cudadiag.log" | tee -a "$LOG"
+  for d in 256 128; do
+    timeout 90 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        python3 scripts/diag_cuda_fwd.py --ncu-target $d > "$W/ncu_d$d.log" 2>&1
+    say "ncu d$d rc=$?"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Stall|No Eligible|Active Warps Per|Registers Per|Executed Ipc|Tensor|Warp Cycles Per Issued" "$W/ncu_d$d.log" | head -24 | tee -a "$LOG"
+  done
 fi
 if has models; then
   say "== model grid"

@@ -140,6 +140,42 @@ def test_strided_inputs():
     _check(AttentionSpec(window_right=0), q, k, v)
 
 
+@pytest.mark.parametrize("lpt", [False, True])
+@pytest.mark.parametrize("spec", [AttentionSpec(), AttentionSpec(window_right=0, align="bottom_right"),
+                                  AttentionSpec(window_left=6, window_right=2, gqa_mapping="mod")],
+                         ids=["dense", "causal_br", "window_gqa"])
+def test_tma_lpt_forward(spec, lpt):
+    """The TMA-descriptor forward (zero fill past Sq, Sk and the padded head dim) and the
+    longest-first query-block order, on strided [B,S,H,D] inputs."""
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(2, 4, 2, 37, 45, 24))
+    assert triton_impl._descriptors(q, k, v, FwdConfig(16, 16, 4, 1), 32, 32) is not None
+    _check(spec, q, k, v, backward=False, fwd_cfg=FwdConfig(16, 16, 4, 1, True, lpt))
+
+
+def test_tma_falls_back_to_pointers():
+    """Strides TMA rejects (not 16-byte multiples) take the pointer path with the same answer;
+    tensor operands (key padding) keep their pointer loads next to the descriptor loads."""
+    q, k, v = _inputs(1, 2, 2, 21, 26, 20)           # row stride 40 bytes: no descriptor
+    assert triton_impl._descriptors(q, k, v, FwdConfig(16, 16, 4, 1), 32, 32) is None
+    _check(AttentionSpec(window_right=0), q, k, v, backward=False, fwd_cfg=FwdConfig(16, 16, 4, 1, True, True))
+    q, k, v = _inputs(2, 2, 2, 21, 26, 32)
+    kp = torch.ones(2, 26, dtype=torch.bool)
+    kp[1, 20:] = False
+    _check(AttentionSpec(key_padding=True), q, k, v, key_padding=kp, backward=False,
+           fwd_cfg=FwdConfig(16, 16, 4, 1, True))
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(window_right=0, align="bottom_right", gqa_mapping="mod"),
+                                  AttentionSpec(softcap=20.0, window_left=5, window_right=3)], ids=["causal_gqa", "softcap_window"])
+def test_atomic_dq_backward(spec):
+    """config.deterministic_backward = False: dQ summed by atomics inside the dK/dV kernel (no dQ
+    kernel), against the reference, with a padded head dim and odd lengths."""
+    from fa3_inductor import config
+    q, k, v = _inputs(1, 4, 2, 37, 45, 24)
+    with config.patch(deterministic_backward=False):
+        _check(spec, q, k, v)
+
+
 # ---- score modifications -----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["linear", "abs"])

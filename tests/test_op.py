@@ -467,3 +467,21 @@ def test_spec_derived_views():
     d = AttentionSpec(window_right=0, softcap=50.0, key_padding=True, dropout_p=0.1).describe()
     for word in ("causal=top_left", "softcap=50", "key_padding", "dropout=0.1"):
         assert word in d, d
+
+
+def test_dispatch_decision_remembered_per_call_signature(monkeypatch):
+    """The supports() chain runs once per call signature (dtype, shapes, strides, alignment,
+    spec, kernel), not on every call; a different layout is a new decision."""
+    from fa3_inductor.ops import dispatch
+    calls = []
+    real = dispatch._choose
+    monkeypatch.setattr(dispatch, "_memo", {})
+    monkeypatch.setattr(dispatch, "_choose", lambda *a: calls.append(a) or real(*a))
+    q = torch.randn(1, 2, 5, 8)
+    spec = AttentionSpec(window_right=0)
+    first = dispatch.choose(q, q, q, None, spec)
+    assert dispatch.choose(q.clone(), q, q, None, spec) is first and len(calls) == 1
+    dispatch.choose(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, None, spec)
+    dispatch.choose(q, q, q, None, AttentionSpec())
+    dispatch.choose(q, q, q, None, spec, kernel="triton")
+    assert len(calls) == 4

@@ -401,10 +401,10 @@ def test_sfdp24_mbart_bmm_view_mask():
 def sfdp24_causal_padding(query, key, value, am):
     """MBart's view form with a mask built in the graph: the structure is derived in the 4-D view."""
     bs, n_head, seq_len, head_size = query.shape
-    i = torch.arange(seq_len)[:, None]
-    j = torch.arange(seq_len)[None, :]
+    i = torch.arange(seq_len, device=query.device)[:, None]
+    j = torch.arange(seq_len, device=query.device)[None, :]
     keep = (j <= i)[None, None] & (am[:, None, None, :] != 0)
-    mask = torch.where(keep, torch.zeros((), dtype=query.dtype), torch.finfo(query.dtype).min)
+    mask = torch.where(keep, torch.zeros((), dtype=query.dtype, device=query.device), torch.finfo(query.dtype).min)
     w = torch.bmm(query.reshape(bs * n_head, -1, head_size), key.reshape(bs * n_head, -1, head_size).transpose(1, 2))
     w = (w * head_size ** -0.5).view(bs, n_head, seq_len, -1) + mask
     w = F.softmax(w.view(bs * n_head, seq_len, -1), dim=-1)
@@ -976,18 +976,18 @@ class AlibiAttention(nn.Module):
         self.register_buffer("slopes", _slopes(nh))
 
     def forward(self, q, k, v):
-        T = q.shape[-2]
-        i = torch.arange(T)[:, None]
-        j = torch.arange(T)[None, :]
+        T, dev = q.shape[-2], q.device
+        i = torch.arange(T, device=dev)[:, None]
+        j = torch.arange(T, device=dev)[None, :]
         s = q @ k.transpose(-1, -2) / math.sqrt(D)
         if self.style == "relative":        # slopes[h] * (j - i), in the scores' dtype
             s = s + (self.slopes[:, None, None] * (j - i)[None]).to(s.dtype)
         elif self.style == "positions":     # BLOOM: slopes[h] * j (the per-row shift is irrelevant)
-            s = s + self.slopes.view(1, -1, 1, 1) * torch.arange(T).view(1, 1, 1, T)
+            s = s + self.slopes.view(1, -1, 1, 1) * torch.arange(T, device=dev).view(1, 1, 1, T)
         elif self.style == "symmetric":     # -slopes[h] * |j - i|
             s = s - (self.slopes.view(-1, 1, 1) * (j - i).abs()).to(s.dtype)
         elif self.style == "per_query":     # near-miss: "slopes" that vary along the queries
-            s = s + torch.arange(T, dtype=q.dtype).view(1, 1, T, 1) * (j - i)
+            s = s + torch.arange(T, dtype=q.dtype, device=dev).view(1, 1, T, 1) * (j - i)
         if self.causal:
             s = s.masked_fill(j > i, float("-inf"))
         return s.softmax(-1) @ v

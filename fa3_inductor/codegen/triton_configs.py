@@ -1,10 +1,11 @@
 """Tile configurations of the Triton attention kernels: the tuned table (H100, sm_90) and the
 candidate lists the autotuner (fa3_inductor/autotune.py) measures in max-autotune mode.
 
-Keyed by (padded head dim, causal, dtype).  Rationale for the defaults (see docs/perf-notes.md):
+Keyed by (padded head dim, causal).  The defaults are the fastest candidates measured on the H100
+by scripts/tune_triton.py (docs/perf-notes.md); the candidate shapes follow from:
 - forward: BLOCK_M 128 so each CTA's Q tile amortises K/V traffic; BLOCK_N 64..128 so the fp32
-  S tile (BLOCK_M x BLOCK_N / threads) plus the O accumulator (BLOCK_M x D / threads) fit in
-  registers without spills (checked with scripts/compile_triton_sm90.py).
+  S tile (BLOCK_M x BLOCK_N / threads) plus the O accumulator (BLOCK_M x D / threads) stay in
+  registers (scripts/compile_triton_sm90.py reports registers and spills).
 - backward: dK/dV program owns BLOCK_N keys and streams BLOCK_M query rows (small BLOCK_M: the
   dK, dV accumulators are BLOCK_N x D each); dQ program is the mirror image.
 """
@@ -21,10 +22,11 @@ class FwdConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    warp_spec: bool = False
+    tma: bool = False         # Q/K/V through TMA tensor descriptors (pointers where strides forbid)
+    lpt: bool = False         # causal/windowed: longest query blocks of each head first
 
     def key(self) -> str:
-        return f"fwd_m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}_ws{int(self.warp_spec)}"
+        return f"fwd_m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}_tma{int(self.tma)}_lpt{int(self.lpt)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,25 +48,30 @@ def pad_head_dim(d: int) -> int:
     return max(16, 1 << (max(1, d) - 1).bit_length())
 
 
-# (d_pad, causal) -> config.  dtype (fp16/bf16) does not change the best tiles on H100.
+# (d_pad, causal) -> config, measured on the H100 with scripts/tune_triton.py (fp16, b*s = 16k,
+# s = 4096; every candidate next to cuDNN in one run; docs/perf-notes.md, session 3).  dtype
+# (fp16/bf16) does not change the best tiles.  The backward winners at d128/d256 spill 36-280
+# bytes under ptxas -v and still beat the spill-free tiles by 1.2-2x: the measurement decides.
 _FWD_TABLE = {
     (16, False): FwdConfig(128, 64, 4, 3), (16, True): FwdConfig(128, 64, 4, 3),
     (32, False): FwdConfig(128, 64, 4, 3), (32, True): FwdConfig(128, 64, 4, 3),
-    (64, False): FwdConfig(128, 128, 8, 3), (64, True): FwdConfig(128, 64, 4, 3),
-    # d128: 255 regs, no spills, 224 KiB smem (3 stages of 128x128 K and V tiles).
-    (128, False): FwdConfig(128, 128, 8, 3), (128, True): FwdConfig(128, 64, 8, 3),
-    # d256: BLOCK_N 64 spills at 2+ stages; BLOCK_N 32 with 3 stages does not.
-    (256, False): FwdConfig(128, 32, 8, 3), (256, True): FwdConfig(128, 32, 8, 3),
+    # d64: 395 / 355 TFLOP/s (128x128: 354 / 298).
+    (64, False): FwdConfig(128, 64, 8, 3), (64, True): FwdConfig(128, 64, 8, 3),
+    # d128: 467 / 408 with TMA loads, causal longest-first (pointer loads 464 / 398).
+    (128, False): FwdConfig(128, 128, 8, 3, tma=True), (128, True): FwdConfig(128, 128, 8, 3, tma=True, lpt=True),
+    # d256: 499 / 440 with TMA loads (128x32 pointer loads: 429 / 354).
+    (256, False): FwdConfig(128, 64, 8, 2, tma=True), (256, True): FwdConfig(128, 64, 8, 2, tma=True),
 }
 # Backward, keyed (d_pad, causal): the dK/dV kernel holds K, V, dK, dV of its key block in
-# registers, so its BLOCK_M must shrink as d grows (and for causal: the masked diagonal run
-# adds index/mask registers).  Chosen as the largest no-spill tiles under ptxas -v.
+# registers, so its BLOCK_M must shrink as d grows.  Measured winners (TFLOP/s, backward FLOPs
+# 2.5x the forward's): d64 306 / 256 (was 227 / 195), d128 323 / 286 (was 263 / 205), d256
+# 214 / 194 (was 86 / 82: 32 keys x 64 queries at 4 warps beats 64 x 16 at 8).
 _BWD_TABLE = {
-    (16, False): BwdConfig(32, 128, 128, 32, 8, 2), (16, True): BwdConfig(32, 128, 128, 32, 8, 2),
-    (32, False): BwdConfig(32, 128, 128, 32, 8, 2), (32, True): BwdConfig(32, 128, 128, 32, 8, 2),
-    (64, False): BwdConfig(32, 128, 128, 32, 8, 2), (64, True): BwdConfig(32, 128, 128, 32, 8, 2),
-    (128, False): BwdConfig(32, 128, 128, 32, 8, 2), (128, True): BwdConfig(16, 128, 128, 16, 8, 2),
-    (256, False): BwdConfig(16, 64, 64, 16, 8, 2), (256, True): BwdConfig(16, 64, 64, 16, 8, 1),
+    (16, False): BwdConfig(32, 128, 128, 32, 4, 3), (16, True): BwdConfig(32, 128, 128, 32, 4, 3),
+    (32, False): BwdConfig(32, 128, 128, 32, 4, 3), (32, True): BwdConfig(32, 128, 128, 32, 4, 3),
+    (64, False): BwdConfig(32, 128, 128, 32, 4, 3), (64, True): BwdConfig(32, 128, 128, 32, 4, 3),
+    (128, False): BwdConfig(64, 128, 128, 64, 8, 2), (128, True): BwdConfig(64, 128, 128, 64, 8, 2),
+    (256, False): BwdConfig(64, 32, 64, 32, 4, 2), (256, True): BwdConfig(64, 32, 64, 32, 4, 2),
 }
 
 _override: dict = {}
@@ -104,20 +111,23 @@ def for_spec(cfg, spec):
 
 
 def fwd_candidates(d: int, dv: int, causal: bool) -> list[FwdConfig]:
+    """What max-autotune (and scripts/tune_triton.py, which fills the tables) measures: pointer
+    loads and TMA descriptor loads over a few tiles; causal ones also longest-first.  Triton 3.6's
+    Hopper warp specialization is not among them: it compiles only single-loop kernels without
+    pointer loads, and those kernels hung on the GPU (docs/perf-notes.md, session 3)."""
     dp = pad_head_dim(max(d, dv))
+    if dp >= 256:
+        base = [FwdConfig(128, 32, 8, 3), FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 4, 2),
+                FwdConfig(128, 32, 8, 3, True), FwdConfig(128, 64, 8, 2, True), FwdConfig(128, 64, 8, 1, True),
+                FwdConfig(64, 64, 4, 2, True), FwdConfig(128, 64, 4, 2, True)]
+    else:
+        base = [FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 4, 3),
+                FwdConfig(128, 128, 8, 3, True), FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 128, 8, 2, True),
+                FwdConfig(128, 64, 8, 4, True), FwdConfig(64, 128, 4, 3, True)]
     cands = [default_fwd(d, dv, causal)]
-    bns = (32, 64) if dp >= 256 else (64, 128)
-    # 8 warps only where the tile is big enough to feed two warpgroups.
-    for bm in (64, 128):
-        for bn in bns:
-            for w in (4, 8):
-                for s in ((1, 2) if dp >= 256 else (2, 3, 4)):
-                    if bm * bn < 128 * 128 and w == 8 and dp < 128:
-                        continue
-                    for ws in (False, True):
-                        c = FwdConfig(bm, bn, w, s, ws)
-                        if c not in cands:
-                            cands.append(c)
+    for c in base + ([dataclasses.replace(c, lpt=True) for c in base] if causal else []):
+        if c not in cands:
+            cands.append(c)
     return cands
 
 
@@ -125,15 +135,17 @@ def bwd_candidates(d: int, dv: int, causal: bool) -> list[BwdConfig]:
     dp = pad_head_dim(max(d, dv))
     cands = [default_bwd(d, dv, causal)]
     if dp >= 256:
-        tiles = [(16, 64, 64, 16), (32, 64, 64, 32), (16, 32, 64, 16)]
-        stages = (1, 2)
+        more = [BwdConfig(16, 64, 64, 16, 8, 2), BwdConfig(32, 64, 64, 32, 8, 1), BwdConfig(16, 32, 64, 16, 4, 2),
+                BwdConfig(32, 32, 64, 32, 4, 3), BwdConfig(32, 32, 32, 32, 4, 2), BwdConfig(32, 32, 64, 32, 8, 2),
+                BwdConfig(64, 32, 64, 32, 4, 2), BwdConfig(32, 32, 64, 16, 4, 2), BwdConfig(64, 64, 64, 64, 4, 2),
+                BwdConfig(64, 32, 64, 32, 4, 3)]
     else:
-        tiles = [(32, 128, 128, 32), (16, 128, 128, 16), (64, 128, 128, 64), (32, 64, 64, 32)]
-        stages = (2, 3)
-    for t in tiles:
-        for w in (4, 8):
-            for s in stages:
-                c = BwdConfig(*t, w, s)
-                if c not in cands:
-                    cands.append(c)
+        more = [BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 128, 128, 32, 4, 3),
+                BwdConfig(32, 128, 128, 32, 4, 4), BwdConfig(64, 128, 128, 64, 8, 2), BwdConfig(32, 64, 64, 32, 4, 3),
+                BwdConfig(32, 64, 64, 32, 4, 4), BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(64, 64, 128, 64, 8, 2),
+                BwdConfig(64, 128, 128, 32, 8, 2), BwdConfig(32, 64, 128, 32, 4, 3),
+                BwdConfig(64, 128, 128, 64, 8, 3)]   # the last: the tile PyTorch's FlexAttention picks on sm_90
+    for c in more:
+        if c not in cands:
+            cands.append(c)
     return cands

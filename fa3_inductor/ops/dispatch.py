@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import torch
 
@@ -63,9 +64,34 @@ def choose_forward(q, k, v, bias, spec):
     return choose(q, k, v, bias, spec)
 
 
+def _call_key(q, k, v, bias, spec, kernel):
+    """Everything the implementations' supports() look at: dtypes, shapes, strides, 16-byte
+    alignment of the data (TMA), the bias layout, the spec and the kernel choice."""
+    tail = None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride())
+    return (kernel, spec, q.device, q.dtype, k.dtype, v.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape),
+            q.stride(), k.stride(), v.stride(), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tail,
+            os.environ.get("FA3_DISABLE_CUDA", ""))
+
+
+_memo: dict = {}
+
+
 def choose(q, k, v, bias, spec, *, kernel: str | None = None):
-    """Pick the implementation for this call (run time, concrete tensors)."""
+    """Pick the implementation for this call (run time, concrete tensors).  Decisions are
+    remembered per call signature (_call_key): the supports() chain runs once per signature,
+    not on every call of a training step (measured: host time bounds small attention calls)."""
     kernel = kernel or config.kernel
+    key = _call_key(q, k, v, bias, spec, kernel)
+    impl = _memo.get(key)
+    if impl is None:
+        impl = _choose(q, k, v, bias, spec, kernel)
+        if len(_memo) > 4096:
+            _memo.clear()
+        _memo[key] = impl
+    return impl
+
+
+def _choose(q, k, v, bias, spec, kernel: str):
     if q.device.type != "cuda" or kernel == "reference" or not hopper_available(q.device):
         return implementation("reference")
     reasons = []

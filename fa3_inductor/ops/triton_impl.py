@@ -96,17 +96,35 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
     cfg = config or _fwd_config(q, k, v, spec)
     bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
     mod = triton_render.load("fwd", spec)
-    _launch(cfg, lambda cfg: mod.attn_fwd[(triton_cdiv(Sq, cfg.block_m), B * H)](
-        q, k, v, out, lse, bias_t, kp, slopes, seed_t,
-        float(scale), Sq, Sk, H, HK,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
-        HEAD_D=D, HEAD_DV=Dv, D_PAD=triton_configs.pad_head_dim(D), DV_PAD=triton_configs.pad_head_dim(Dv),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    ))
+    d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
+
+    def launch(cfg):
+        descs = _descriptors(q, k, v, cfg, d_pad, dv_pad) if cfg.tma else None
+        tq, tk, tv = descs or (q, k, v)
+        mod.attn_fwd[(triton_cdiv(Sq, cfg.block_m), B * H)](
+            tq, tk, tv, out, lse, bias_t, kp, slopes, seed_t,
+            float(scale), Sq, Sk, H, HK,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
+            HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=descs is not None, LPT=cfg.lpt,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch(cfg, launch)
     return out, lse
+
+
+def _descriptors(q, k, v, cfg, d_pad: int, dv_pad: int):
+    """TMA descriptors over the 4-D [B, H, S, D] views (zero fill past S and D, so the kernel's
+    loads need no bounds), or None where TMA's rules fail: 16-byte aligned base, nonzero
+    16-byte aligned strides (an expanded stride-0 view takes the pointer path)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    for t in (q, k, v):
+        if t.data_ptr() % 16 or any(st <= 0 or (st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return None
+    return (TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, cfg.block_m, d_pad]),
+            TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg.block_n, d_pad]),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg.block_n, dv_pad]))
 
 
 def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec,
@@ -134,6 +152,11 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
     dims = dict(HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad)
 
+    # config.deterministic_backward = False: dQ from atomics inside the dK/dV kernel (no dQ
+    # kernel).  dBias needs the dQ kernel's per-tile dS, so it keeps the deterministic path.
+    from .. import config as fa3_config
+    atomic_dq = not fa3_config.deterministic_backward and not want_dbias
+    dq_acc = torch.zeros(B, H, Sq, d_pad, dtype=torch.float32, device=dev) if atomic_dq else None
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
     pre_m = 64 if dv_pad <= 128 else 32
     mod.attn_bwd_preprocess[(triton_cdiv(Sq, pre_m), B * H)](
@@ -152,14 +175,18 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         else:
             dk_t, dv_t = dk, dv
         mod.attn_bwd_dkdv[(n_blocks, B * HK * nsplit)](
-            q, k, v, dout, lse, delta, dk_t, dv_t, *common,
+            q, k, v, dout, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
             dk_t.stride(0), dk_t.stride(1), dk_t.stride(2), dv_t.stride(0), dv_t.stride(1), dv_t.stride(2),
             bs[0], bs[1], bs[2], bs[3], kps[0], kps[1], nsplit, B,
-            **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if nsplit > 1:
             dk.copy_(dk_t.view(nsplit, B, HK, Sk, D).sum(0))
             dv.copy_(dv_t.view(nsplit, B, HK, Sk, Dv).sum(0))
     _launch(cfg, launch_dkdv)
+    if atomic_dq:
+        dq.copy_(dq_acc[..., :D])
+        return dq, dk, dv, dbias
     _launch(cfg, lambda cfg: mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
         q, k, v, dout, lse, delta, dq, dbias if want_dbias else None, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),

@@ -136,6 +136,25 @@ def test_features(name):
     _run(SPECS[name], (2, 4, 2, 113, 1000, 64))
 
 
+_TMA_CFGS = {"tma": (128, 128, 8, 3, True, False), "tma_lpt": (128, 64, 8, 3, True, True),
+             "lpt": (128, 64, 4, 3, False, True)}
+
+
+@pytest.mark.parametrize("cfg", list(_TMA_CFGS))
+@pytest.mark.parametrize("name,shape", [("plain", (1, 8, 2, 113, 1000, 128)), ("causal_br", (1, 4, 1, 1000, 113, 64)),
+                                        ("window", (2, 4, 4, 4097, 4097, 128)), ("softcap", (2, 4, 2, 17, 300, 256)),
+                                        ("causal_tl", (1, 4, 4, 1, 17, 64))])
+def test_tma_lpt_forward(cfg, name, shape):
+    """The TMA-descriptor and longest-first forward configs through the whole numerics check
+    (the backward runs the default config)."""
+    from fa3_inductor.codegen import triton_configs
+    c = triton_configs.FwdConfig(*_TMA_CFGS[cfg])
+    if shape[-1] == 256:
+        c = triton_configs.FwdConfig(128, 32, 8, 3, c.tma, c.lpt)
+    with triton_configs.override(fwd=c):
+        _run(SPECS[name], shape)
+
+
 def test_bf16():
     _run(AttentionSpec(window_right=0, out_dtype="bfloat16"), (2, 8, 2, 1000, 1000, 128), dtype=torch.bfloat16)
 
@@ -174,3 +193,12 @@ def test_deterministic_backward():
     b = triton_impl.backward(dout, q, k, v, out, lse, None, None, None, None, 0.1, spec, False)
     for x, y in zip(a[:3], b[:3]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name,shape", [("causal_br", (1, 8, 2, 113, 1000, 128)), ("plain", (2, 4, 4, 4097, 4097, 64)),
+                                        ("softcap", (2, 4, 2, 17, 300, 256)), ("window", (2, 4, 4, 1000, 1000, 128))])
+def test_atomic_dq(name, shape):
+    """config.deterministic_backward = False (dQ by atomics in the dK/dV kernel): same numerics bar."""
+    from fa3_inductor import config
+    with config.patch(deterministic_backward=False):
+        _run(SPECS[name], shape)
