@@ -485,3 +485,22 @@ def test_dispatch_decision_remembered_per_call_signature(monkeypatch):
     dispatch.choose(q, q, q, None, AttentionSpec())
     dispatch.choose(q, q, q, None, spec, kernel="triton")
     assert len(calls) == 4
+
+
+def test_auto_kernel_order_follows_measured_table():
+    """kernel="auto" tries Triton first only in the buckets where it measured faster than the
+    CUDA template (ops/kernel_table.py); explicit kernels are taken as given."""
+    from fa3_inductor.ops import dispatch
+    from fa3_inductor.ops.kernel_table import triton_first
+
+    def order(d, s, spec, kernel="auto"):
+        return dispatch._kernel_order(kernel, torch.empty(1, 1, s, d), torch.empty(1, 1, s, d), spec)
+    causal, full = AttentionSpec(window_right=0), AttentionSpec()
+    assert order(128, 2048, causal) == ["triton", "cuda"]
+    assert order(128, 4096, causal) == ["cuda", "triton"]
+    assert order(128, 512, full) == ["cuda", "triton"]
+    assert order(64, 2048, full) == ["triton", "cuda"] and order(64, 4096, full) == ["cuda", "triton"]
+    assert order(256, 1024, causal) == ["triton", "cuda"] and order(256, 2048, causal) == ["cuda", "triton"]
+    assert order(96, 1024, causal) == ["triton", "cuda"]          # head dims bucket upwards
+    assert order(128, 2048, causal, kernel="cuda") == ["cuda"]
+    assert triton_first(192, 1024, True) and not triton_first(192, 1024, False)

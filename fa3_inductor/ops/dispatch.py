@@ -41,8 +41,11 @@ def hopper_available(device: torch.device | None = None) -> bool:
     return (major, minor) == (9, 0)
 
 
-def _kernel_order(kernel: str) -> list[str]:
+def _kernel_order(kernel: str, q, k, spec) -> list[str]:
     if kernel == "auto":
+        from .kernel_table import triton_first
+        if triton_first(q.shape[-1], k.shape[2], spec.window_right is not None):
+            return ["triton", "cuda"]
         return ["cuda", "triton"]
     return [kernel]
 
@@ -95,7 +98,7 @@ def _choose(q, k, v, bias, spec, kernel: str):
     if q.device.type != "cuda" or kernel == "reference" or not hopper_available(q.device):
         return implementation("reference")
     reasons = []
-    for name in _kernel_order(kernel):
+    for name in _kernel_order(kernel, q, k, spec):
         try:
             impl = implementation(name)
         except Exception as exc:  # an implementation that cannot load (no nvcc, no triton) is skipped

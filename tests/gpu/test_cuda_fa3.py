@@ -156,6 +156,17 @@ def test_dispatch_prefers_cuda():
     assert impl is cuda_impl
 
 
+def test_auto_follows_measured_table():
+    """kernel="auto": Triton first where it measured faster (d128 causal up to 2k keys), the CUDA
+    template elsewhere (ops/kernel_table.py)."""
+    from fa3_inductor.ops import dispatch, triton_impl
+    short = _make(1, 2, 2, 2048, 2048, 128, torch.float16)
+    long = _make(1, 2, 2, 4096, 4096, 128, torch.float16)
+    assert dispatch.choose(*short, None, _spec("causal"), kernel="auto") is triton_impl
+    assert dispatch.choose(*long, None, _spec("causal"), kernel="auto") is cuda_impl
+    assert dispatch.choose(*short, None, _spec("none"), kernel="auto") is cuda_impl
+
+
 def test_tile_176():
     # The FA3 paper's hdim-128 non-causal tile (64x176 WGMMA atoms, 11 k-steps in PV).
     q, k, v = _make(2, 4, 4, 1000, 1001, 128, torch.float16)

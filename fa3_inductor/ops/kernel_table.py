@@ -1,0 +1,28 @@
+"""kernel="auto": which forward kernel to try first, CUDA template or Triton template, per
+(head dim, causal-like, key length) bucket, from a measurement on the H100.
+
+Device run 11 of session 3 (fp16, b*s = 16k, hidden 2048, `python -m fa3_inductor.bench.cuda_rows
+--impls cuda triton --no-ablation`), TFLOP/s CUDA / Triton:
+  d64  full:   512 267/319, 1k 341/381, 2k 391/416, 4k+ equal (423/415, 420/422, 424/424)
+  d64  causal: 512 148/195, 1k 226/273, 2k 287/340, 4k 338/387, 8k 393/355, 16k equal
+  d128 full:   CUDA from 512 (337/305) up to 16k (614/478)
+  d128 causal: 512 187/182, 1k 257/270, 2k 313/356, 4k+ CUDA (498/412 ... 617/408)
+  d256 full:   512 334/326, CUDA from 1k (546/418) up
+  d256 causal: 512 174/216, 1k 244/292, 2k+ CUDA (427/386 ... 711/438)
+Triton goes first where it measured >= 3% faster; elsewhere the CUDA template (which falls back to
+Triton for specs it does not support).  The backward is Triton's in both cases.
+"""
+from __future__ import annotations
+
+# (largest head dim of the bucket, causal-like) -> longest key length at which Triton goes first
+_TRITON_FIRST_UP_TO = {
+    (64, False): 2048, (64, True): 4096,
+    (128, False): 0, (128, True): 2048,
+    (256, False): 0, (256, True): 1024,
+}
+
+
+def triton_first(head_dim: int, seqlen_k: int, causal_like: bool) -> bool:
+    """True where the Triton forward measured faster than the CUDA template for this bucket."""
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return seqlen_k <= _TRITON_FIRST_UP_TO[(bucket, bool(causal_like))]
