@@ -169,3 +169,16 @@ def test_layout_helpers_match_cute(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     assert out.stdout.count("OK") == 4, out.stdout
+
+
+def test_lpt_group_divides_and_fits_l2():
+    """Causal tile order: (batch, head) pairs per longest-first group divide B*Hq and keep the
+    group's K/V within the L2 budget; GQA heads share K/V; at least one pair per group."""
+    from fa3_inductor.ops.cuda_impl import _L2_KV_BUDGET, lpt_group
+    for b, hq, hk, sk, d in [(8, 16, 16, 2048, 128), (1, 16, 16, 16384, 256), (3, 7, 7, 100, 64),
+                             (2, 32, 8, 4096, 128), (100000, 1, 1, 1, 128), (1, 1, 1, 10 ** 6, 256)]:
+        g = lpt_group(b, hq, hk, sk, d, 2)
+        assert (b * hq) % g == 0 and g >= 1
+        assert g == 1 or g * 2 * sk * d * 2 * hk / hq <= _L2_KV_BUDGET
+    assert lpt_group(8, 16, 16, 2048, 128, 2) == 16           # 1 MiB of K/V per head: 24 fit, 16 divides 128
+    assert lpt_group(2, 32, 8, 4096, 128, 2) == 32            # GQA 4:1: 0.5 MiB per query head, 48 fit

@@ -73,6 +73,7 @@ int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int*
 // out [B, Hq, Sq, D] (strides given), lse [B, Hq, Sq] fp32 contiguous.
 // align_off: 0 for top-left, sk - sq for bottom-right.  wl / wr: window sizes, used when the
 // instantiation has FA3_HAS_WL / FA3_HAS_WR.  gqa_div: 1 for kv head h / (Hq/Hk), 0 for h % Hk.
+// reverse_m: 0, or the number of (batch, head) pairs per longest-first group (decode_tile).
 int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float* lse,
                    int b, int hq, int hk, int sq, int sk, int d,
                    int64_t q_sb, int64_t q_sh, int64_t q_ss,

@@ -151,7 +151,8 @@ struct Params {
   int off = 0;           // 0 (top-left) or sk - sq (bottom-right)
   int wl = 0, wr = 0;    // window sizes when kHasWL / kHasWR
   int num_m_blocks = 0;
-  int reverse_m = 0;     // visit m blocks last-first (longest first under causal masks)
+  int reverse_m = 0;     // > 0: m blocks last-first (longest first under causal masks), in groups
+                         // of reverse_m (batch, head) pairs whose K/V fit in L2 together
   float scale_log2 = 0;  // scale * log2(e)
 };
 
@@ -190,15 +191,21 @@ struct TileCoord {
   int m_block, head, batch;
 };
 
-// Tile t of the (m block, head, batch) grid.  reverse_m (causal): the m index is the slowest and
-// runs from the last block down, so the longest tiles start first and the short ones fill the
-// tail.  Otherwise m is the fastest index: consecutive tiles share K/V of one head in L2.
+// Tile t of the (m block, head, batch) grid.  reverse_m = G > 0 (causal): (batch, head) pairs are
+// taken in groups of G (the host picks a divisor of B*Hq); inside a group the m index is the
+// slower one and runs from the last block down, so the longest tiles start first and the short
+// ones fill the tail, while the CTAs running at once touch the K/V of only G heads, which the
+// host sizes to fit in L2 (one group spanning every head made short causal sequences re-read K/V
+// from HBM for every m block).
+// reverse_m = 0: m is the fastest index, so consecutive tiles share one head's K/V in L2.
 template <class Cfg>
 CUTE_DEVICE TileCoord decode_tile(Params<Cfg> const& p, int t) {
-  if (p.reverse_m) {
-    int const bh = p.hq * p.b;
-    int const r = t % bh;
-    return {p.num_m_blocks - 1 - t / bh, r % p.hq, r / p.hq};
+  if (p.reverse_m > 0) {
+    int const per_group = p.reverse_m * p.num_m_blocks;
+    int const g = t / per_group;
+    int const r = t - g * per_group;
+    int const hb = g * p.reverse_m + r % p.reverse_m;
+    return {p.num_m_blocks - 1 - r / p.reverse_m, hb % p.hq, hb / p.hq};
   }
   int const r = t / p.num_m_blocks;
   return {t % p.num_m_blocks, r % p.hq, r / p.hq};
