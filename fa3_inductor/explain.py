@@ -2,7 +2,9 @@
 finds, with their AttentionSpec, and why every other softmax was left alone.
 
 It traces with Dynamo exactly as torch.compile(backend="fa3") would, runs the matcher on
-every graph, and runs the function eagerly (nothing is compiled or rewritten).
+every graph, and runs the function eagerly (nothing is rewritten).  For each site rewritten on
+this machine it names the forward kernel run-time dispatch picks for the example shapes; on a
+GPU that asks the CUDA template whether it builds, so a first explain() may JIT-compile it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class MatchedSite:
     k_shape: tuple
     v_shape: tuple
     gqa_group: int
+    kernel: str = ""          # forward implementation dispatch picks for the example shapes
 
 
 @dataclasses.dataclass
@@ -45,7 +48,8 @@ class ExplainReport:
             for i, m in enumerate(self.matched):
                 where, code = _split_source(m.source)
                 shapes = f"{_fmt(m.q_shape)} {_fmt(m.k_shape)} {_fmt(m.v_shape)}"
-                extra = "" if m.rewritten_on_this_machine else f"  [not rewritten here: {m.note}]"
+                extra = (f"  [kernel: {m.kernel}]" if m.kernel else "") if m.rewritten_on_this_machine \
+                    else f"  [not rewritten here: {m.note}]"
                 gqa = f" gqa={m.gqa_group}:1" if m.gqa_group > 1 else ""
                 lines.append(f"{i:>3}  {where:<32} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
                 if code:
@@ -78,6 +82,37 @@ def _fmt(shape) -> str:
     return "[" + ",".join(str(s) for s in shape) + "]" if shape else "?"
 
 
+def planned_kernel(site) -> str:
+    """The forward implementation (cuda / triton / fp8 / reference) that run-time dispatch picks
+    for tensors shaped like the site's example q, k, v (and bias): dtype, head dim, sequence
+    lengths, strides and the measured kernel table decide it.  "decided per call" where the
+    example has symbolic sizes or the layout differs from the op's 4-D view."""
+    from .ops import dispatch
+    from .patterns import nodes as N
+
+    def like(node):
+        val = N.val(node) if node is not None else None
+        if not isinstance(val, torch.Tensor):
+            raise ValueError("no example value")
+        t = torch.empty_strided(tuple(int(x) for x in val.shape), tuple(int(x) for x in val.stride()),
+                                dtype=val.dtype, device=val.device)
+        return t if t.dim() == 4 else t.unsqueeze(0)
+    try:
+        q, k, v = like(site.q), like(site.k), like(site.v)
+        if site.k_transpose:
+            k = k.transpose(-1, -2)
+        if q.shape[1] % k.shape[1] or k.shape[-1] != q.shape[-1]:
+            raise ValueError("layout differs from the op's view")
+        bias = None
+        if site.spec.mask_kind is not None:
+            bias = torch.zeros(1, 1, 1, 1, dtype=torch.bool if site.spec.mask_kind == "bool" else q.dtype,
+                               device=q.device)
+        impl = dispatch.choose_forward(q, k, v, bias, site.spec)
+    except Exception:  # symbolic sizes, unusual layouts: the choice is made when the op runs
+        return "decided per call"
+    return impl.__name__.rsplit(".", 1)[-1].replace("_impl", "").replace("attention", "fp8")
+
+
 def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
     from .backend import analyse_and_rewrite
     from .patterns import nodes as N
@@ -93,7 +128,8 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
             group = site.gqa_group
             would = why_not == ""
             matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
-                                       tuple(qs), tuple(ks), tuple(vs), group))
+                                       tuple(qs), tuple(ks), tuple(vs), group,
+                                       planned_kernel(site) if would else ""))
         for um in report.unmatched:
             unmatched.append(UnmatchedSoftmax(um.source or um.anchor.name, um.reason))
         return gm.forward

@@ -76,6 +76,21 @@ def test_explain_cpu_note_and_nothing_compiled():
     assert rep2.matched[0].rewritten_on_this_machine is True and rep2.matched[0].note == ""
 
 
+def test_explain_shows_planned_kernel(monkeypatch):
+    """A site rewritten here shows the forward implementation dispatch picks for its example
+    tensors (CPU + force_rewrite: the reference); the choice comes from dispatch itself."""
+    with fa3_inductor.config.patch(force_rewrite=True):
+        rep = explain(causal_attention, *qkv())
+    assert rep.matched[0].kernel == "reference" and "[kernel: reference]" in str(rep)
+    from fa3_inductor.ops import dispatch, triton_impl
+    seen = []
+    monkeypatch.setattr(dispatch, "choose_forward", lambda q, k, v, bias, spec: seen.append(
+        (tuple(q.shape), tuple(k.shape), bias, spec.causal)) or triton_impl)
+    with fa3_inductor.config.patch(force_rewrite=True):
+        rep = explain(causal_attention, *qkv())
+    assert rep.matched[0].kernel == "triton" and seen == [((2, 2, 8, 8), (2, 2, 8, 8), None, True)]
+
+
 def test_explain_counts_graphs_and_leaves_dynamo_clean():
     def fn(q, k, v):
         a = causal_attention(q, k, v)
