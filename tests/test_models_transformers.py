@@ -118,6 +118,14 @@ def vit(attn, **over):
                          attention_probs_dropout_prob=0.0), add_pooling_layer=False)
 
 
+def mpt(attn, **over):
+    # ALiBi built for max_seq_len in the graph, squeezed and sliced to the keys, then
+    # masked_fill(finfo.min) on top: the structural route reads it as alibi + causal + padding.
+    from transformers import MptConfig, MptForCausalLM
+    return MptForCausalLM(_cfg(MptConfig, attn, over, vocab_size=V, d_model=32, n_heads=4, n_layers=2,
+                               expansion_ratio=2, max_seq_len=64))
+
+
 def causal_lm_inputs():
     return dict(input_ids=ids(), attention_mask=left_pad_mask(), use_cache=False)
 
@@ -147,6 +155,8 @@ MODELS = {
     "gemma2_softcap": (gemma2, causal_lm_inputs, 2, dict(softcap=5.0, window_right=0)),
     "bart": (bart, seq2seq_inputs, 3, None),
     "vit": (vit, vit_inputs, 2, dict(window_right=None, mask_kind=None, key_padding=False)),
+    "mpt_alibi": (mpt, causal_lm_inputs, 2, dict(window_right=0, key_padding=True, alibi="linear",
+                                                masked_value="min_fill", mask_kind=None)),
 }
 
 
@@ -180,7 +190,7 @@ def test_forced_rewrite_matches_eager_eval(name):
     run_and_compare(m, (), kw, n_rewritten=n, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "bart"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "bart", "mpt_alibi"])
 def test_forced_rewrite_matches_eager_train(name):
     m, kw, n, _ = build(name, train=True)
     run_and_compare(m, (), kw, n_rewritten=n, atol=2e-4, rtol=2e-4)

@@ -1003,3 +1003,41 @@ def test_alibi_from_graph(style, causal, kind):
 def test_alibi_like_bias_varying_by_query_stays_a_bias():
     rep = explain(AlibiAttention("per_query"), *bhsd())
     assert rep.matched[0].spec.alibi is None and rep.matched[0].spec.mask_kind == "additive", str(rep)
+
+
+class SlicedAlibiAttention(nn.Module):
+    """HF MPT's form: ALiBi built once for a longer max length, the batch axis squeezed away and
+    the last [Sq, Sk] corner sliced off, added to the scores, then masked_fill(finfo.min)."""
+
+    def __init__(self, style="positions", max_len=40, nh=H):
+        super().__init__()
+        self.style, self.max_len = style, max_len
+        self.register_buffer("slopes", _slopes(nh))
+
+    def forward(self, q, k, v):
+        T, dev = q.shape[-2], q.device
+        if self.style == "positions":     # slopes[h] * (j - (max_len - 1)), MPT
+            rel = torch.arange(1 - self.max_len, 1, device=dev, dtype=torch.int32).view(1, 1, 1, self.max_len)
+        else:                             # near-miss: -|j - i| on the long grid, rows and keys cut at different offsets
+            pos = torch.arange(self.max_len, device=dev)
+            rel = -(pos[None, :] - pos[:, None]).abs().view(1, 1, self.max_len, self.max_len)
+        bias = (rel * self.slopes.view(1, -1, 1, 1)).squeeze(0)
+        bias = bias[:, :T, -T:] if self.style != "positions" else bias[:, :, -T:]
+        s = q @ k.transpose(-1, -2) / math.sqrt(D) + bias
+        i = torch.arange(T, device=dev)[:, None]
+        j = torch.arange(T, device=dev)[None, :]
+        fill = torch.finfo(s.dtype).min if self.style == "positions" else float("-inf")
+        s = s.masked_fill(j > i, fill)
+        return s.softmax(-1) @ v
+
+
+def test_alibi_through_squeeze_and_slice():
+    check(SlicedAlibiAttention(), bhsd(),
+          expect=dict(alibi="linear", mask_kind=None, window_right=0, masked_value="min_fill"))
+
+
+def test_abs_alibi_sliced_off_its_diagonal_stays_a_bias():
+    # -|j - i| on a longer grid, cut with keys offset against queries, is -|j + o - i|: not ALiBi.
+    rep = explain(SlicedAlibiAttention(style="abs"), *bhsd())
+    assert len(rep.matched) == 1 and rep.matched[0].spec.alibi is None, str(rep)
+    assert rep.matched[0].spec.mask_kind == "additive", str(rep)

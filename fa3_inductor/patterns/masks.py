@@ -154,18 +154,65 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     return True
 
 
+_SQUEEZES = {"squeeze", "unsqueeze", "contiguous"}
+
+
+def _through_layout(b):
+    """Step back from the bias added to the scores through casts and layout-only ops that keep
+    each element at its (head, query, key) place: squeeze/unsqueeze of size-1 axes and slices
+    with step 1 (HF MPT builds ALiBi for max_seq_len, squeezes the batch axis and slices the
+    last Sq x Sk corner).  Returns (node, shifted): shifted when a slice may start past 0."""
+    node, shifted = b, False
+    while True:
+        k = N.kind(node)
+        if k in N.CASTS or k in _SQUEEZES:
+            node = N.arg(node, 0, "input")
+        elif k == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], tuple):
+            for idx in node.args[1]:
+                if idx is Ellipsis or (isinstance(idx, slice) and idx.step in (None, 1)):
+                    shifted = shifted or (isinstance(idx, slice) and idx.start not in (None, 0))
+                else:
+                    return node, shifted
+            node = node.args[0]
+        else:
+            return node, shifted
+
+
+def _same_alignment(bias, inner) -> bool:
+    """The layout ops between inner and bias moved no axis: right-aligned and without leading 1s
+    the shapes have the same rank, the same heads axis, and keys/queries only cut by slices."""
+    def trim(node):
+        sh = N.shape(node)
+        if sh is None:
+            return None
+        sh = list(sh)
+        while sh and N.static_int(sh[0]) == 1:
+            sh.pop(0)
+        return sh
+    a, c = trim(bias), trim(inner)
+    if a is None or c is None or len(a) != len(c) or len(a) > 4:
+        return False
+    for pos, (x, y) in enumerate(zip(a, c)):
+        if N.same_size(x, y):
+            continue
+        if len(a) - pos > 2:         # heads or batch axis: must be untouched
+            return False
+        xs, ys = N.static_int(x), N.static_int(y)
+        if xs is None or ys is None or xs > ys:
+            return False
+    return True
+
+
 def alibi_of(b, ev, sq_shape):
     """ALiBi written in the graph: bias = slopes * rel (or -(slopes * rel)) where `slopes` varies
     only along the head axis and rel evaluates to j - i (+ anything per row: softmax ignores it)
     -> ("linear", slopes, sign), or to -|j - i| / |j - i| -> ("abs", slopes, sign).
     sign is +1 or -1 (the slopes passed to the op are sign * slopes)."""
     sign = 1.0
-    node = b
-    while N.kind(node) in N.CASTS:   # a bias cast to the scores' dtype: the kernel adds it in fp32
-        node = N.arg(node, 0, "input")
+    node, shifted = _through_layout(b)
     if N.kind(node) == "neg":
         sign, node = -1.0, N.arg(node, 0, "input")
-    if N.kind(node) != "mul" or len(sq_shape) != 4:
+    if N.kind(node) != "mul" or len(sq_shape) != 4 or not _same_alignment(b, node):
         return None
     x, y = N.arg(node, 0, "input"), N.arg(node, 1, "other")
     for slopes, rel in ((x, y), (y, x)):
@@ -183,7 +230,9 @@ def alibi_of(b, ev, sq_shape):
         e = sympy.expand(r.expr)
         j, i = E[1], E[2]
         if e.coeff(j) == 1 and not sympy.expand(e - j).has(j, E[3], E[4]) and not e.atoms(AppliedUndef):
-            return ("linear", slopes, sign)
+            return ("linear", slopes, sign)      # a sliced-off key/query offset only shifts rows
+        if shifted:
+            continue                             # |j - i| with an offset is another bias
         for a_sign, expr in ((-1.0, -e), (1.0, e)):
             if isinstance(expr, sympy.Abs) and sympy.expand(expr.args[0] ** 2 - (j - i) ** 2) == 0:
                 # bias = a_sign * slopes * |j - i|; the spec's "abs" is -slope * |j - i|

@@ -22,7 +22,7 @@ import torch.fx as fx
 from . import nodes as N
 
 E = [sympy.Symbol(f"E{i}", integer=True, nonnegative=True) for i in range(0, 9)]  # E[1] = last dim
-MIN_SENTINEL = sympy.Symbol("MASK_MIN")   # stands for any finfo(...).min
+MIN_SENTINEL = sympy.Symbol("MASK_MIN", negative=True)   # stands for any finfo(...).min (< 0)
 NEG_INF = -sympy.oo
 
 
