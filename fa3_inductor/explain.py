@@ -110,7 +110,7 @@ def planned_kernel(site) -> str:
         impl = dispatch.choose_forward(q, k, v, bias, site.spec)
     except Exception:  # symbolic sizes, unusual layouts: the choice is made when the op runs
         return "decided per call"
-    return impl.__name__.rsplit(".", 1)[-1].replace("_impl", "").replace("attention", "fp8")
+    return dispatch.name_of(impl)
 
 
 def explain(fn_or_module, *args, **kwargs) -> ExplainReport:

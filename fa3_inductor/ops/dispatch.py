@@ -51,8 +51,24 @@ def _kernel_order(kernel: str, q, k, spec) -> list[str]:
 
 
 def choose_forward(q, k, v, bias, spec):
-    """The forward of an fp8 spec runs the FP8 kernel where it supports the call."""
-    if spec.fp8 and q.device.type == "cuda" and hopper_available(q.device):
+    """The forward of an fp8 spec runs the FP8 kernel where it supports the call (remembered per
+    call signature, as choose() does)."""
+    if not spec.fp8:
+        return choose(q, k, v, bias, spec)
+    key = ("fp8-forward",) + _call_key(q, k, v, bias, spec, config.kernel)
+    impl = _memo.get(key)
+    if impl is None:
+        impl = _remember(key, _choose_fp8_forward(q, k, v, bias, spec))
+    return impl
+
+
+def name_of(impl) -> str:
+    """The name an implementation module is registered under ("cuda", "triton", "fp8", ...)."""
+    return next(name for name, path in _IMPL_MODULES.items() if path == impl.__name__)
+
+
+def _choose_fp8_forward(q, k, v, bias, spec):
+    if q.device.type == "cuda" and hopper_available(q.device):
         try:
             impl = implementation("fp8")
             why_not = impl.supports(q, k, v, bias, spec)
@@ -87,10 +103,14 @@ def choose(q, k, v, bias, spec, *, kernel: str | None = None):
     key = _call_key(q, k, v, bias, spec, kernel)
     impl = _memo.get(key)
     if impl is None:
-        impl = _choose(q, k, v, bias, spec, kernel)
-        if len(_memo) > 4096:
-            _memo.clear()
-        _memo[key] = impl
+        impl = _remember(key, _choose(q, k, v, bias, spec, kernel))
+    return impl
+
+
+def _remember(key, impl):
+    if len(_memo) > 4096:
+        _memo.clear()
+    _memo[key] = impl
     return impl
 
 

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from .. import config as fa3_config
 from ..codegen import triton_configs, triton_render
 from ..spec import AttentionSpec
 
@@ -154,7 +155,6 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
 
     # config.deterministic_backward = False: dQ from atomics inside the dK/dV kernel (no dQ
     # kernel).  dBias needs the dQ kernel's per-tile dS, so it keeps the deterministic path.
-    from .. import config as fa3_config
     atomic_dq = not fa3_config.deterministic_backward and not want_dbias
     dq_acc = torch.zeros(B, H, Sq, d_pad, dtype=torch.float32, device=dev) if atomic_dq else None
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)

@@ -134,9 +134,7 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     f["align"] = st.align
     f["window_left"] = st.window_left
     f["window_right"] = st.window_right
-    if not kinds:
-        f["masked_value"] = "neg_inf"   # nothing masked (an ALiBi bias alone)
-    elif kinds == {"neg_inf"}:
+    if kinds <= {"neg_inf"}:            # -inf masks, or nothing masked (an ALiBi bias alone)
         f["masked_value"] = "neg_inf"
     elif "min_additive" in kinds:
         f["masked_value"] = "min_additive"
@@ -154,7 +152,7 @@ def _structural(site, biases, fills, ev, sq_shape, score_dtype) -> bool:
     return True
 
 
-_SQUEEZES = {"squeeze", "unsqueeze", "contiguous"}
+_PLACE_KEEPING = {"squeeze", "unsqueeze", "contiguous"}   # ops that move no element
 
 
 def _through_layout(b):
@@ -165,7 +163,7 @@ def _through_layout(b):
     node, shifted = b, False
     while True:
         k = N.kind(node)
-        if k in N.CASTS or k in _SQUEEZES:
+        if k in N.CASTS or k in _PLACE_KEEPING:
             node = N.arg(node, 0, "input")
         elif k == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], tuple):
             for idx in node.args[1]:
