@@ -83,7 +83,7 @@ def _fmt(shape) -> str:
 
 
 def planned_kernel(site) -> str:
-    """The forward implementation (cuda / triton / fp8 / reference) that run-time dispatch picks
+    """The forward implementation (cuda / triton / fp8 (cuda|triton) / reference) that run-time dispatch picks
     for tensors shaped like the site's example q, k, v (and bias): dtype, head dim, sequence
     lengths, strides and the measured kernel table decide it.  "decided per call" where the
     example has symbolic sizes or the layout differs from the op's 4-D view."""
@@ -108,9 +108,12 @@ def planned_kernel(site) -> str:
             bias = torch.zeros(1, 1, 1, 1, dtype=torch.bool if site.spec.mask_kind == "bool" else q.dtype,
                                device=q.device)
         impl = dispatch.choose_forward(q, k, v, bias, site.spec)
+        name = dispatch.name_of(impl)
+        if name == "fp8":  # which FP8 kernel: the CUDA template or the Triton one
+            name = f"fp8 ({impl.kernel_for(q, k, v, bias, site.spec)})"
     except Exception:  # symbolic sizes, unusual layouts: the choice is made when the op runs
         return "decided per call"
-    return dispatch.name_of(impl)
+    return name
 
 
 def explain(fn_or_module, *args, **kwargs) -> ExplainReport:

@@ -7,6 +7,7 @@ local loads/stores, and ptxas did not warn about serialised wgmma.
     python scripts/compile_cuda_sm90.py --hdims 96 192  # other head dims
     python scripts/compile_cuda_sm90.py --ablations     # also what the GPU tests + ablation table use
     python scripts/compile_cuda_sm90.py --jobs 2
+    python scripts/compile_cuda_sm90.py --fp8-sweep     # only the FP8 candidates (fp8_rows --sweep / --variants)
 
 Exit status 1 when any build or check fails.  Builds land in the normal kernel cache, so a
 later run of the kernels reuses them.
@@ -26,6 +27,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from fa3_inductor.codegen import cuda_jit  # noqa: E402
 
 
+# Spills accepted where measurement chose the spilling tile: (hdim, fp8, block_n) -> bytes.
+# d256 FP8 128x128 spills 12 bytes and beats the spill-free 128x96 under causal masks
+# (1086 vs 955 TFLOP/s at 8k on the H100; equal non-causal).
+SPILL_ALLOWANCE = {(256, True, 128): 16}
+
+
+def _tile_key(cfg):
+    return (cfg.head_dim, cfg.fp8, cfg.block_n)
+
+
 def configs(hdims, extras):
     return cuda_jit.standard_configs(tuple(hdims), extras=extras)
 
@@ -37,9 +48,10 @@ def check(cfg):
     dt = time.perf_counter() - t0
     rep = cuda_jit.ptxas_report(cfg)
     problems = []
-    if rep["spill_stores"] or rep["spill_loads"]:
+    allowance = SPILL_ALLOWANCE.get(_tile_key(cfg), 0)
+    if (rep["spill_stores"] or 0) > allowance or (rep["spill_loads"] or 0) > allowance:
         problems.append(f"spills {rep['spill_stores']}/{rep['spill_loads']}")
-    if rep["stack"]:
+    if (rep["stack"] or 0) > (8 if allowance else 0):
         problems.append(f"stack {rep['stack']}")
     if rep["wgmma_serialized"]:
         problems.append("wgmma serialized: " + "; ".join(
@@ -48,10 +60,11 @@ def check(cfg):
     tool = cuda_jit.find_cuobjdump()
     if tool:
         sass = subprocess.run([tool, "-sass", str(so)], capture_output=True, text=True).stdout
-        n_hgmma = len(re.findall(r"\bHGMMA\.", sass))
+        # 16-bit WGMMA is HGMMA in SASS, 8-bit (e4m3) is QGMMA.
+        n_hgmma = len(re.findall(r"\b[HQ]GMMA\.", sass))
         if n_hgmma == 0:
-            problems.append("no HGMMA in SASS")
-        if re.search(r"\b(STL|LDL)\b", sass):
+            problems.append("no HGMMA/QGMMA in SASS")
+        if not allowance and re.search(r"\b(STL|LDL)\b", sass):
             problems.append("local memory (STL/LDL) in SASS")
     return dict(name=cfg.name(), seconds=dt, cached=cached, registers=rep["registers"],
                 spills=f"{rep['spill_stores']}/{rep['spill_loads']}", hgmma=n_hgmma, problems=problems)
@@ -63,13 +76,22 @@ def main(argv=None):
     ap.add_argument("--ablations", action="store_true",
                     help="also the ablation / persistent / window / fp32-out variants the GPU tests use")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--fp8-sweep", action="store_true",
+                    help="build only the FP8 key-tile candidates timed by fa3_inductor.bench.fp8_rows --sweep")
     args = ap.parse_args(argv)
     problem = cuda_jit.toolchain_problem()
     if problem:
         print(f"toolchain unavailable: {problem}")
         return 1
     print(f"nvcc: {cuda_jit.find_nvcc()} ({cuda_jit.nvcc_version()})\ncutlass: {cuda_jit.cutlass_include()}")
-    cfgs = configs(args.hdims, args.ablations)
+    if args.fp8_sweep:
+        from fa3_inductor.bench.fp8_rows import CUDA_SWEEP, CUDA_VARIANTS
+        cfgs = [cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, block_n=bn)
+                for d, bns in CUDA_SWEEP.items() if d in args.hdims for bn in bns for causal in (False, True)]
+        cfgs += [cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, **v)
+                 for d in args.hdims for v in CUDA_VARIANTS for causal in (False, True)]
+    else:
+        cfgs = configs(args.hdims, args.ablations)
     failed = 0
     with cf.ThreadPoolExecutor(max_workers=args.jobs) as ex:
         futs = {ex.submit(check, c): c for c in cfgs}

@@ -2,11 +2,14 @@
 registers / spills from `ptxas -v`.  Fails (exit 1) if a kernel does not compile; spills are
 reported (the tables hold measured winners, some of which spill a little).
 
-    PYTHONPATH=. python scripts/compile_triton_sm90.py [--all-specs] [--candidates]
+    PYTHONPATH=. python scripts/compile_triton_sm90.py [--all-specs] [--candidates] [--kinds bwd]
+        [--dtypes fp16] [--dims 128]
 
 Main configs: the tuned table of codegen/triton_configs.py for head dims 64/128/256, fp16 and
 bf16, causal and not.  --all-specs also compiles feature-rich specs (bias, alibi, softcap,
-dropout, key padding, windows); --candidates compiles every autotune candidate (slow).
+dropout, key padding, windows); --candidates compiles every autotune candidate (slow), including
+the one-launch backward variants (BwdConfig.fused: one "fused" row, the kernel's registers being
+the larger of its dK/dV and dQ halves).
 """
 from __future__ import annotations
 
@@ -112,6 +115,8 @@ def bwd_kernels(spec, dt, d, cfg, atomic_dq=False):
     ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "DO", "DK", "DV", "DQ"])
     ptrs.update(Lse="*fp32", Delta="*fp32")
     base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp)
+    if cfg.fused and not atomic_dq:
+        return [fused_kernel(mod, spec, dt, d, cfg, ptrs, base)]
     ce = dict(base, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq)
     if atomic_dq:
         ptrs["DQacc"] = "*fp32"
@@ -129,6 +134,19 @@ def bwd_kernels(spec, dt, d, cfg, atomic_dq=False):
     out.append(_compile(mod.attn_bwd_dq, ptrs, ce, cfg.num_warps, cfg.num_stages,
                         f"dq   {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}"))
     return out
+
+
+def fused_kernel(mod, spec, dt, d, cfg, ptrs, base):
+    """The one-launch backward (BwdConfig.fused): its registers are the larger half's."""
+    ce = dict(base, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2)
+    ptrs = dict(ptrs)
+    _optional(spec, ptrs, ce)
+    if spec.mask_kind == "additive":
+        ptrs["DBias"] = "*fp32"
+    else:
+        ce["DBias"] = None
+    return _compile(mod.attn_bwd_fused, ptrs, ce, cfg.num_warps, cfg.num_stages,
+                    f"fused {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}")
 
 
 def _optional(spec, ptrs, ce):
@@ -158,7 +176,10 @@ def main(argv=None):
     ap.add_argument("--all-specs", action="store_true")
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels: fwd, bwd or both")
+    ap.add_argument("--dtypes", default="fp16,bf16")
     args = ap.parse_args(argv)
+    kinds = set(args.kinds.split(","))
     if not shutil.which(PTXAS) and not os.path.exists(PTXAS):
         print(f"ptxas not found at {PTXAS}", file=sys.stderr)
         return 2
@@ -170,7 +191,7 @@ def main(argv=None):
                   AttentionSpec(dropout_p=0.1, gqa_mapping="mod")]
     rows, main_spills = [], 0
     for d in (int(x) for x in args.dims.split(",")):
-        for dt in ("fp16", "bf16"):
+        for dt in args.dtypes.split(","):
             for spec in specs:
                 is_main = spec.mask_kind is None and not spec.dropout_p and not spec.alibi and not spec.key_padding
                 fcfgs = [triton_configs.for_spec(triton_configs.default_fwd(d, d, spec.causal), spec)]
@@ -178,6 +199,8 @@ def main(argv=None):
                 if args.candidates:
                     fcfgs = triton_configs.fwd_candidates(d, d, spec.causal)
                     bcfgs = triton_configs.bwd_candidates(d, d, spec.causal)
+                fcfgs = fcfgs if "fwd" in kinds else []
+                bcfgs = bcfgs if "bwd" in kinds else []
                 for cfg in fcfgs:
                     rows.append(fwd_kernel(spec, dt, d, cfg))
                     main_spills += is_main and cfg in fcfgs[:1] and rows[-1].get("spill_st", 0) > 0

@@ -6,7 +6,8 @@ Q, K, V ~ N(0, 1) with 0.1% of the entries replaced by N(0, 10^2) outliers.  Var
   fp8 block     : one scale per kernel tile (BLOCK_M rows of Q, BLOCK_N rows of K/V)
   fp8 incoherent: per-tensor scales after the Hadamard rotation of Q and K
   fp8 block+inc : both (what fa3_inductor's FP8 forward does)
-  fp8 kernel    : (CUDA + --kernel only) the Triton FP8 kernel itself
+  fp8 cuda / fp8 triton: (CUDA + --kernel only) the FP8 kernels themselves (the CUDA template's
+                  and the Triton one), each with its own tiles
 The FP8 variants are the torch emulation of the kernel (fa3_inductor/fp8/emulate.py):
 every e4m3 rounding is applied (also of P), the rest runs in fp32, so the CPU numbers
 are the FP8 numerics without a GPU.
@@ -32,6 +33,7 @@ from fa3_inductor.fp8 import emulate  # noqa: E402
 from fa3_inductor.fp8.attention import tiles_for  # noqa: E402
 from fa3_inductor.spec import AttentionSpec  # noqa: E402
 
+KERNELS = ("cuda", "triton")
 VARIANTS = [("fp8 per-tensor", "tensor", False), ("fp8 block", "block", False),
             ("fp8 incoherent", "tensor", True), ("fp8 block+inc", "block", True)]
 
@@ -72,19 +74,25 @@ def run_one(b, h, s, d, device, kernel, causal, seed=0):
     if kernel:
         from fa3_inductor.fp8 import attention
         kspec = spec.replace(out_dtype="bfloat16")
-        out, _ = attention.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, None, None, scale, kspec)
-        row["fp8 kernel"] = rmse(out, ref)
+        for name in KERNELS:
+            out, _ = attention.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, None, None, scale,
+                                       kspec, kernel=name)
+            row[f"fp8 {name}"] = rmse(out, ref)
     row["per-tensor / block+inc"] = row["fp8 per-tensor"] / row["fp8 block+inc"]
+    if kernel:
+        row["per-tensor / cuda"] = row["fp8 per-tensor"] / row["fp8 cuda"]
     return row
 
 
 def table(rows) -> str:
-    cols = ["fp16"] + [v[0] for v in VARIANTS] + (["fp8 kernel"] if "fp8 kernel" in rows[0] else [])
-    lines = ["| seqlen | hdim | " + " | ".join(cols) + " | per-tensor / block+inc |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
+    kern = "fp8 cuda" in rows[0]
+    cols = ["fp16"] + [v[0] for v in VARIANTS] + ([f"fp8 {k}" for k in KERNELS] if kern else [])
+    ratios = ["per-tensor / block+inc"] + (["per-tensor / cuda"] if kern else [])
+    lines = ["| seqlen | hdim | " + " | ".join(cols + ratios) + " |",
+             "|---|---|" + "---|" * (len(cols) + len(ratios))]
     for r in rows:
         lines.append(f"| {r['seqlen']} | {r['hdim']} | " + " | ".join(f"{r[c]:.2e}" for c in cols)
-                     + f" | {r['per-tensor / block+inc']:.2f}x |")
+                     + " | " + " | ".join(f"{r[c]:.2f}x" for c in ratios) + " |")
     return "\n".join(lines)
 
 
@@ -96,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--kernel", action="store_true", help="also run the Triton FP8 kernel (CUDA)")
+    ap.add_argument("--kernel", action="store_true", help="also run the FP8 kernels (CUDA device)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -46,10 +46,17 @@ if has cuda; then
 fi
 if has fp8; then
   say "== fp8 GPU tests + rows"
-  timeout ${T_FP8:-70} python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_fp8_gpu.py > "$W/pytest_fp8.log" 2>&1
+  timeout ${T_FP8:-150} python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/gpu/test_fp8_gpu.py > "$W/pytest_fp8.log" 2>&1
   say "fp8 tests rc=$?"; tail -12 "$W/pytest_fp8.log" | tee -a "$LOG"
-  timeout ${T_FP8ROWS:-60} python3 -m fa3_inductor.bench.fp8_rows --json "$W/fp8_rows.json" > "$W/fp8_rows.md" 2>&1
-  cat "$W/fp8_rows.md" | tail -20 | tee -a "$LOG"
+  python3 -c "import torch; print('aten attention ops:', [n for n in dir(torch.ops.aten) if 'attention' in n])" 2>&1 | tee -a "$LOG"
+  timeout ${T_FP8ROWS:-150} python3 -m fa3_inductor.bench.fp8_rows --both --kernels ${FP8_KERNELS:-cuda triton} \
+      --json "$W/fp8_rows.json" > "$W/fp8_rows.md" 2>&1
+  cat "$W/fp8_rows.md" | tail -40 | tee -a "$LOG"
+  if [ -n "${FP8_SWEEP:-}" ]; then
+    timeout ${T_FP8SWEEP:-90} python3 -m fa3_inductor.bench.fp8_rows --sweep --both --kernels cuda \
+        --json "$W/fp8_sweep.json" > "$W/fp8_sweep.md" 2>&1
+    cat "$W/fp8_sweep.md" | tail -16 | tee -a "$LOG"
+  fi
 fi
 if has gpumodels; then
   say "== real models on the GPU through backend=fa3"

@@ -2,7 +2,9 @@
 on the H100 at the benchmark's shapes, next to cuDNN from the same run; the winners fill the
 tuned tables in triton_configs.py.
 
-    python scripts/tune_triton.py [--dims 64,128,256] [--seqlens 4096] [--jobs 8] [--json F]
+    python scripts/tune_triton.py [--dims 64,128,256] [--seqlens 4096] [--kinds fwd,bwd] [--jobs 8] [--json F]
+    python scripts/tune_triton.py --list ...   # the jobs that would run (no GPU needed)
+    python scripts/tune_triton.py --kinds bwd --only fused   # default + one-launch backward variants
 
 fp16, batch*seqlen = 16k, hidden 2048 (heads = 2048 / d).  Compiles happen first in --jobs
 worker processes (each runs every config of its share once at the real shape, so Triton's
@@ -24,6 +26,9 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from fa3_inductor.codegen import triton_configs  # noqa: E402
 from fa3_inductor.ops import triton_impl  # noqa: E402
 from fa3_inductor.spec import AttentionSpec  # noqa: E402
+
+
+KINDS = ("fwd", "bwd")
 
 
 def _shape(d, s, total=16384, hidden=2048):
@@ -54,18 +59,26 @@ def _cells(dims, seqlens):
                 yield d, causal, s
 
 
-def _jobs(dims, seqlens):
+_ONLY = []   # --only: key substrings; the table's default config always stays (the baseline)
+
+
+def _candidates(kind, d, causal):
+    cands = (triton_configs.fwd_candidates if kind == "fwd" else triton_configs.bwd_candidates)(d, d, causal)
+    return [c for i, c in enumerate(cands) if i == 0 or not _ONLY or any(o in c.key() for o in _ONLY)]
+
+
+def _jobs(dims, seqlens, kinds=KINDS):
     out = []
     for d, causal, s in _cells(dims, seqlens):
-        out += [("fwd", d, s, causal, c) for c in triton_configs.fwd_candidates(d, d, causal)]
-        out += [("bwd", d, s, causal, c) for c in triton_configs.bwd_candidates(d, d, causal)]
+        for kind in kinds:
+            out += [(kind, d, s, causal, c) for c in _candidates(kind, d, causal)]
     return out
 
 
-def _warm_worker(index: int, count: int, dims, seqlens, path: str):
+def _warm_worker(index: int, count: int, dims, seqlens, kinds, path: str):
     """Worker process: compile (by running once) its share of the jobs, logging each start and
     end to `path`, so a config that hangs or crashes is named and skipped by the timing pass."""
-    jobs = _jobs(dims, seqlens)[index::count]
+    jobs = _jobs(dims, seqlens, kinds)[index::count]
     with open(path, "w", buffering=1) as f:
         for job in jobs:
             key = _job_key(job)
@@ -84,7 +97,7 @@ def _job_key(job):
     return f"{kind}:d{d}:s{s}:c{int(causal)}:{cfg.key()}"
 
 
-def _warm(dims, seqlens, jobs_n: int, deadline_s: float, workdir: str):
+def _warm(dims, seqlens, kinds, jobs_n: int, deadline_s: float, workdir: str):
     """Run the workers (separate processes, shared Triton disk cache) until done or the deadline;
     returns the set of job keys that compiled and ran, and a list of problems."""
     import os
@@ -95,6 +108,7 @@ def _warm(dims, seqlens, jobs_n: int, deadline_s: float, workdir: str):
         paths.append(path)
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", f"{i}/{jobs_n}", "--dims",
                                        ",".join(map(str, dims)), "--seqlens", ",".join(map(str, seqlens)),
+                                       "--kinds", ",".join(kinds), "--only", ",".join(_ONLY),
                                        "--worker-log", path]))
     t0 = time.time()
     while time.time() - t0 < deadline_s and any(p.poll() is None for p in procs):
@@ -147,6 +161,10 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--seqlens", default="4096")
     ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both (bwd alone saves device time)")
+    ap.add_argument("--list", action="store_true", help="print the jobs and exit (no GPU needed)")
+    ap.add_argument("--only", default="", help="comma-separated substrings of config keys to keep "
+                    "(e.g. 'fused'); the table's default always runs too, as the baseline")
     ap.add_argument("--json", default=None)
     ap.add_argument("--warm-s", type=float, default=150.0, help="deadline of the compile phase")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -154,15 +172,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dims = [int(x) for x in args.dims.split(",")]
     seqlens = [int(x) for x in args.seqlens.split(",")]
+    kinds = [k for k in KINDS if k in args.kinds.split(",")]
+    _ONLY[:] = [o for o in args.only.split(",") if o]
+    if args.list:
+        for job in _jobs(dims, seqlens, kinds):
+            print(_job_key(job))
+        return 0
     if args.worker:
         i, n = (int(x) for x in args.worker.split("/"))
-        _warm_worker(i, n, dims, seqlens, args.worker_log)
+        _warm_worker(i, n, dims, seqlens, kinds, args.worker_log)
         return 0
     import tempfile
     from triton.testing import do_bench
     t0 = time.time()
-    ok, problems = _warm(dims, seqlens, args.jobs, args.warm_s, tempfile.mkdtemp())
-    print(f"compiled {len(ok)} of {len(_jobs(dims, seqlens))} configs in {time.time() - t0:.0f}s", flush=True)
+    ok, problems = _warm(dims, seqlens, kinds, args.jobs, args.warm_s, tempfile.mkdtemp())
+    print(f"compiled {len(ok)} of {len(_jobs(dims, seqlens, kinds))} configs in {time.time() - t0:.0f}s", flush=True)
     for b in problems:
         print("  " + b, flush=True)
     results = []
@@ -172,9 +196,8 @@ def main(argv=None):
         ref = _cudnn(d, s, causal)
         cell = dict(d=d, causal=causal, seqlen=s, cudnn_fwd=fl / ref["fwd"] / 1e9 if "fwd" in ref else None,
                     cudnn_bwd=2.5 * fl / ref["bwd"] / 1e9 if "bwd" in ref else None, fwd=[], bwd=[])
-        for kind in ("fwd", "bwd"):
-            cands = (triton_configs.fwd_candidates if kind == "fwd" else triton_configs.bwd_candidates)(d, d, causal)
-            for cfg in cands:
+        for kind in kinds:
+            for cfg in _candidates(kind, d, causal):
                 if _job_key((kind, d, s, causal, cfg)) not in ok:
                     cell[kind].append(dict(cfg=cfg.key(), error="not compiled in the warm phase"))
                     continue
@@ -192,11 +215,12 @@ def main(argv=None):
             json.dump(results, f, indent=1)
     print("\n== best per cell (TFLOP/s, ratio to cuDNN)")
     for c in results:
-        bf, bb = c["fwd"][0], c["bwd"][0]
-        print(f"d{c['d']:3d} {'causal' if c['causal'] else 'full  '} s{c['seqlen']:5d}  "
-              f"fwd {bf.get('tflops', 0):5.0f} ({_ratio(bf, c['cudnn_fwd'])}) {bf['cfg']}  |  "
-              f"bwd {bb.get('tflops', 0):5.0f} ({_ratio(bb, c['cudnn_bwd'])}) {bb['cfg']}  |  "
-              f"default fwd {_default(c, 'fwd')} bwd {_default(c, 'bwd')}")
+        line = f"d{c['d']:3d} {'causal' if c['causal'] else 'full  '} s{c['seqlen']:5d}"
+        for kind in kinds:
+            best = c[kind][0]
+            line += (f"  |  {kind} {best.get('tflops', 0):5.0f} ({_ratio(best, c['cudnn_' + kind])}) {best['cfg']}"
+                     f", default {_default(c, kind)}")
+        print(line)
     return 0
 
 
@@ -217,7 +241,7 @@ def _print_cell(c):
     print(f"\n-- d{c['d']} {'causal' if c['causal'] else 'non-causal'} s{c['seqlen']}: cuDNN fwd "
           f"{c['cudnn_fwd'] or 0:.0f} bwd {c['cudnn_bwd'] or 0:.0f} TFLOP/s", flush=True)
     for kind in ("fwd", "bwd"):
-        for r in c[kind]:
+        for r in c[kind]:   # empty for a kind not asked for
             print(f"   {kind} {r['cfg']:42s} " + (f"{r['tflops']:6.0f}" if "tflops" in r else f"ERR {r['error']}"))
 
 

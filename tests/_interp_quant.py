@@ -27,6 +27,17 @@ def main():
         assert yt.shape == (2, 3, 64, 112), yt.shape  # keys padded to a multiple of 16
         assert torch.equal(yt[..., :100].transpose(2, 3).float(), yr.float())
         assert torch.equal(sct, scr)
+        # The CUDA template's V^T: keys permuted within groups of 32, padded with zeros to 128.
+        x[:, :, 96:] = 5.0  # a non-zero last partial group: its pad must still read as zeros
+        yp, scp = quantize.quantize_triton(x, 32, None, transpose=True, permute=True)
+        qq = quantize.quantize_qkv(x, x, x, 32, 32, None, impl="ref", permute=True)
+        assert yp.shape == (2, 3, 64, 128), yp.shape
+        assert torch.equal(yp.float(), qq.vt8.float())  # (-0 and +0 may differ under the interpreter)
+        assert torch.equal(scp, qq.v_scale)
+        # A tile that is not a power of two (the CUDA template's 96-key tile at hdim 256).
+        y96, sc96 = quantize.quantize_triton(x, 96, None, transpose=True, permute=True)
+        q96 = quantize.quantize_qkv(x, x, x, 96, 96, None, impl="ref", permute=True)
+        assert torch.equal(y96.float(), q96.vt8.float()) and torch.equal(sc96, q96.v_scale)
     print("OK")
 
 

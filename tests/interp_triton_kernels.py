@@ -4,6 +4,7 @@ interpreter (TRITON_INTERPRET=1, set by tests/triton_interp.py before triton is 
 Small shapes and small tiles (16/32) so every path runs: several query/key blocks, masked and
 interior block runs, window skipping, boundary tiles, padded head dims.
 """
+import dataclasses
 import os
 import sys
 
@@ -174,6 +175,77 @@ def test_atomic_dq_backward(spec):
     q, k, v = _inputs(1, 4, 2, 37, 45, 24)
     with config.patch(deterministic_backward=False):
         _check(spec, q, k, v)
+
+
+# ---- one-launch backward (BwdConfig.fused) -------------------------------------------------
+# dK/dV programs and dQ programs in one grid.  Key tile 32 and query tile 32 against 16-row /
+# 16-key steps, so the grid's two halves have different sizes and every program runs several
+# steps; each case also checks that the one launch gives bitwise the separate kernels' results.
+FUSED_CFG = BwdConfig(16, 32, 32, 16, 4, 1, fused=True)
+
+
+def _check_fused(spec, q, k, v, **kw):
+    _check(spec, q, k, v, bwd_cfg=FUSED_CFG, **kw)
+    scale = q.shape[-1] ** -0.5
+    args = (kw.get("bias"), kw.get("key_padding"), kw.get("alibi"), kw.get("seed"), scale, spec)
+    out, lse = reference.forward(q, k, v, *args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(q.dtype)
+    runs = [triton_impl.backward(dout, q, k, v, out.to(q.dtype), lse, *args[:-1], spec, kw.get("bias_grad", False),
+                                 config=dataclasses.replace(FUSED_CFG, fused=fused)) for fused in (True, False)]
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), *runs):
+        assert torch.equal(a, b), f"{name}: the fused launch differs from the separate kernels"
+
+
+@pytest.mark.parametrize("Sq,Sk,align", [(37, 45, "top_left"), (45, 29, "bottom_right"), (1, 17, "top_left"),
+                                         (40, 20, "bottom_right")])
+def test_fused_causal(Sq, Sk, align):
+    q, k, v = _inputs(1, 2, 2, Sq, Sk, 24)   # padded head dim; (40, 20): dead rows
+    _check_fused(AttentionSpec(window_right=0, align=align), q, k, v)
+
+
+def test_fused_window_alibi_softcap():
+    q, k, v = _inputs(1, 4, 2, 41, 53, 32)
+    _check_fused(AttentionSpec(window_left=7, window_right=3, alibi="abs", softcap=6.0, gqa_mapping="mod"),
+                 q, k, v, alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+
+def test_fused_padding_bias_dbias():
+    B, H, Sq, Sk = 2, 2, 25, 34
+    q, k, v = _inputs(B, H, H, Sq, Sk, 32)
+    kp = torch.ones(B, Sk, dtype=torch.bool)
+    kp[1, 21:] = False
+    bias = torch.randn(B, H, Sq, Sk, generator=torch.Generator().manual_seed(9))
+    _check_fused(AttentionSpec(mask_kind="additive", key_padding=True, window_right=0, align="bottom_right"),
+                 q, k, v, bias=bias, key_padding=kp, bias_grad=True)
+
+
+def test_fused_dropout():
+    q, k, v = _inputs(1, 2, 1, 26, 35, 32)
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    _check_fused(AttentionSpec(dropout_p=0.3, window_right=0, gqa_mapping="mod"), q, k, v, seed=seed)
+
+
+@pytest.mark.parametrize("mapping", ["div", "mod"])
+@pytest.mark.parametrize("splits", ["per_query_head", "whole_group"])
+def test_fused_gqa(mapping, splits, monkeypatch):
+    """The dQ half walks the query heads of its split: all of the group (one split) or one each."""
+    if splits == "whole_group":
+        monkeypatch.setattr(triton_impl, "gqa_splits", lambda programs, group, device: 1)
+    q, k, v = _inputs(2, 6, 2, 33, 35, 32)
+    _check_fused(AttentionSpec(gqa_mapping=mapping, window_right=0), q, k, v)
+
+
+def test_fused_odd_sizes_bf16():
+    q, k, v = _inputs(1, 3, 1, 19, 27, 80, 48, dtype=torch.bfloat16)
+    _check_fused(AttentionSpec(), q, k, v)
+
+
+def test_fused_ignored_by_atomic_dq():
+    """deterministic_backward = False has no dQ kernel to fuse: the flag changes nothing there."""
+    from fa3_inductor import config
+    q, k, v = _inputs(1, 4, 2, 37, 45, 24)
+    with config.patch(deterministic_backward=False):
+        _check(AttentionSpec(window_right=0), q, k, v, bwd_cfg=FUSED_CFG)
 
 
 # ---- score modifications -----------------------------------------------------------------

@@ -58,6 +58,28 @@ def test_config_rejects_unsupported():
         cuda_jit.config_for(80, "float16")
     with pytest.raises(ValueError):
         cuda_jit.config_for(128, "float32")
+    with pytest.raises(ValueError, match="head dim 96 not in"):
+        cuda_jit.config_for(96, "bfloat16", fp8=True)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cuda_jit.config_for(128, "bfloat16", fp8=True, block_n=80)
+    with pytest.raises(ValueError, match="no softcap"):
+        cuda_jit.config_for(128, "bfloat16", fp8=True, softcap=True)
+
+
+def test_fp8_and_softcap_configs():
+    """FP8 instantiations: e4m3 operands, dtype names the output; whole k32 key tiles; distinct
+    names and defines.  Softcap is a compile-time switch with a run-time cap."""
+    f = cuda_jit.config_for(128, "bfloat16", has_wr=True, fp8=True)
+    assert f.defines()["FA3_FP8"] == 1 and f.defines()["FA3_DTYPE_BF16"] == 1 and f.block_n % 32 == 0
+    assert "e4m3" in f.name() and f.name() != cuda_jit.config_for(128, "bfloat16", has_wr=True).name()
+    sc = cuda_jit.config_for(128, "float16", softcap=True)
+    assert sc.defines()["FA3_SOFTCAP"] == 1 and "_sc" in sc.name()
+    std = cuda_jit.standard_configs(extras=True)
+    assert sum(c.fp8 for c in std) >= 8 and any(c.softcap for c in std)
+    assert len({c.name() for c in std}) == len(std)
+    for hd in cuda_jit.FP8_HEAD_DIMS:  # Q + 2 stages of K and V^T, one byte each
+        cfg = cuda_jit.config_for(hd, "bfloat16", fp8=True)
+        assert hd * (cfg.block_m + 4 * cfg.block_n) <= 227 * 1024
 
 
 def test_cache_key_separates_configs(monkeypatch):
@@ -104,6 +126,18 @@ def test_compile_one_sm90a():
     rep = cuda_jit.ptxas_report(cfg)
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep["log"][-2000:]
     assert not rep["wgmma_serialized"], rep["log"][-2000:]
+
+
+@pytest.mark.slow
+def test_compile_fp8_and_softcap_sm90a():
+    """The FP8 (e4m3, K-major V^T, permuted P) and softcap instantiations build for sm_90a."""
+    if cuda_jit.toolchain_problem():
+        pytest.skip(cuda_jit.toolchain_problem())
+    for cfg in (cuda_jit.config_for(128, "bfloat16", fp8=True),
+                cuda_jit.config_for(128, "bfloat16", has_wr=True, softcap=True)):
+        rep = cuda_jit.ptxas_report(cfg)
+        assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep["log"][-2000:]
+        assert not rep["wgmma_serialized"], rep["log"][-2000:]
 
 
 # ---- the kernel's block-skipping logic (block_range / block_needs_mask in fa3_fwd_kernel.cuh),
@@ -168,7 +202,7 @@ def test_layout_helpers_match_cute(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
-    assert out.stdout.count("OK") == 4, out.stdout
+    assert out.stdout.count("OK") == 7, out.stdout
 
 
 def test_lpt_group_divides_and_fits_l2():

@@ -101,6 +101,32 @@ def test_rotation_lowers_amax_of_outlier_rows():
     assert sc_rot.max() < 0.5 * sc.max()
 
 
+def test_key_permutation_for_the_cuda_template():
+    """V^T of the CUDA template: keys reordered within each group of 32 (a bijection that moves
+    pairs (2q, 2q+1) of each 8 next to each other, the 8-bit WGMMA operand order), zero pad."""
+    pi = quantize.key_permutation()
+    assert sorted(pi.tolist()) == list(range(32))
+    assert pi[:8].tolist() == [0, 1, 8, 9, 2, 3, 10, 11]
+    assert torch.equal(pi[16:], pi[:16] + 16)
+    vt = torch.arange(2 * 70, dtype=torch.float32).view(2, 70) + 1
+    out = quantize.permute_keys(vt)
+    assert out.shape == (2, 96)
+    for g in range(3):
+        for c in range(32):
+            j = 32 * g + int(pi[c])
+            want = vt[:, j] if j < 70 else torch.zeros(2)
+            assert torch.equal(out[:, 32 * g + c], want), (g, c)
+    # Dequantising the permuted V^T and undoing the permutation gives V back (ref path).
+    v = torch.randn(1, 2, 45, 64)
+    qq = quantize.quantize_qkv(v, v, v, 64, 64, None, impl="ref", permute=True)
+    inv = torch.argsort(pi)
+    back = qq.vt8.float().view(1, 2, 64, 2, 32)[..., inv].reshape(1, 2, 64, 64)[..., :45]
+    v8, _ = quantize.quantize_ref(v, 64, None)
+    assert torch.equal(back, v8.float().transpose(2, 3))
+    with pytest.raises(ValueError, match="permute needs transpose=True"):
+        quantize.quantize_triton(v, 64, None, permute=True)
+
+
 def test_triton_quant_kernel_matches_reference_interpreted():
     """The fused kernel (rotation, scales, V^T) against quantize_ref, bit for bit, in
     Triton's interpreter.  A subprocess, because TRITON_INTERPRET must be set before

@@ -48,7 +48,7 @@ class CudaCompileError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     head_dim: int
-    dtype: str                 # "float16" | "bfloat16" (q, k, v)
+    dtype: str                 # "float16" | "bfloat16": q, k, v (16-bit) or the output (fp8)
     out_fp32: bool = False     # out dtype float32 instead of the input dtype
     block_m: int = 128
     block_n: int = 128
@@ -59,6 +59,8 @@ class KernelConfig:
     intra_wg: bool = True      # issue S_{j+1} = Q K_{j+1}^T before the softmax of S_j
     warp_spec: bool = True     # producer warpgroup with TMA + setmaxnreg
     persistent: bool = False   # one CTA per SM looping over tiles (static round robin)
+    fp8: bool = False          # e4m3 Q/K/V^T with block scales (fa3_inductor/fp8/cuda_attention.py)
+    softcap: bool = False      # s = cap * tanh(s * scale / cap), cap a run-time value
 
     def defines(self) -> dict:
         return {
@@ -74,47 +76,67 @@ class KernelConfig:
             "FA3_INTRA_WG": int(self.intra_wg),
             "FA3_WARP_SPEC": int(self.warp_spec),
             "FA3_PERSISTENT": int(self.persistent),
+            "FA3_FP8": int(self.fp8),
+            "FA3_SOFTCAP": int(self.softcap),
         }
 
     def name(self) -> str:
         abl = "".join(ch for ch, on in (("p", self.pingpong), ("o", self.intra_wg), ("w", self.warp_spec),
                                         ("P", self.persistent)) if on)
         mask = ("L" if self.has_wl else "") + ("R" if self.has_wr else "")
-        return (f"fa3fwd_d{self.head_dim}_{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
+        return (f"fa3fwd_d{self.head_dim}_{'e4m3_' if self.fp8 else ''}"
+                f"{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
-                f"_{mask or 'N'}_{abl or 'none'}")
+                f"_{mask or 'N'}{'_sc' if self.softcap else ''}_{abl or 'none'}")
 
 
 # Tile sizes per head dim (block_m, block_n): registers per consumer thread stay under 240 and
 # K/V stages fit the 227 KiB of shared memory (hdim 256: 64 KiB Q + 2 x 2 x 40 KiB K/V).
 _TILES = {64: (128, 128), 96: (128, 128), 128: (128, 128), 192: (128, 96), 256: (128, 80)}
+# FP8: operands take half the shared memory and P a quarter of S's registers; key tiles are whole
+# k32 steps of the 8-bit PV GEMM.  These are also the quantisation blocks (one scale per tile).
+# Keyed (head dim, causal); measured on the H100 at 8k (bf16 out, TFLOP/s of the attention kernel):
+# d128 key tiles 128 / 160 / 192: 773 / 813 / 840 non-causal, 646 / 735 / 712 causal; d256 96 / 128:
+# 1077 / 1081 non-causal, 955 / 1086 causal (128 keeps 12 bytes of spills, 96 none).  d128 x 256
+# spills 168 bytes and serialises its WGMMAs.
+FP8_HEAD_DIMS = (64, 128, 256)
+_TILES_FP8 = {(64, False): (128, 128), (64, True): (128, 128), (128, False): (128, 192), (128, True): (128, 160),
+              (256, False): (128, 128), (256, True): (128, 128)}
 
 
 def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: bool = False,
                has_wr: bool = False, pingpong: bool = True, intra_wg: bool = True,
                warp_spec: bool = True, persistent: bool = False, block_n: int | None = None,
-               stages: int = 2) -> KernelConfig:
+               stages: int = 2, fp8: bool = False, softcap: bool = False) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
-    (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper)."""
-    if head_dim not in _TILES:
-        raise ValueError(f"CUDA template: head dim {head_dim} not in {sorted(_TILES)}")
+    (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
+    fp8).  With fp8, dtype is the output dtype (the operands are e4m3)."""
+    if head_dim not in (FP8_HEAD_DIMS if fp8 else _TILES):
+        raise ValueError(f"CUDA template{' (fp8)' if fp8 else ''}: head dim {head_dim} not in "
+                         f"{FP8_HEAD_DIMS if fp8 else sorted(_TILES)}")
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"CUDA template: dtype {dtype} not float16/bfloat16")
-    bm, bn = _TILES[head_dim]
+    if fp8 and (out_fp32 or softcap):
+        raise ValueError("CUDA template (fp8): fp16/bf16 output and no softcap only")
+    bm, bn = _TILES_FP8[(head_dim, has_wr)] if fp8 else _TILES[head_dim]
     if block_n is not None:
-        if block_n % 16 or not 16 <= block_n <= 256:
-            raise ValueError(f"CUDA template: block_n {block_n} must be a multiple of 16 in [16, 256]")
+        step = 32 if fp8 else 16
+        if block_n % step or not step <= block_n <= 256:
+            raise ValueError(f"CUDA template: block_n {block_n} must be a multiple of {step} in [{step}, 256]")
         bn = block_n
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn, stages=stages,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
-                        warp_spec=warp_spec, persistent=persistent)
+                        warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap)
 
 
 def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelConfig]:
-    """What scripts/compile_cuda_sm90.py prebuilds: every (hdim, dtype, causal or not); with extras
-    also the configurations the GPU tests and the ablation table use (hdim 128)."""
+    """What scripts/compile_cuda_sm90.py prebuilds: every (hdim, dtype, causal or not), 16-bit and
+    (hdim 128/256) fp8; with extras also the configurations the GPU tests and the ablation table
+    use (hdim 128)."""
     out = [config_for(hd, dt, has_wr=causal) for hd in hdims for dt in ("float16", "bfloat16")
            for causal in (False, True)]
+    out += [config_for(hd, dt, has_wr=causal, fp8=True) for hd in hdims if hd in (128, 256)
+            for dt in ("float16", "bfloat16") for causal in (False, True)]
     if extras:
         for causal in (False, True):
             for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
@@ -125,6 +147,8 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out.append(config_for(128, "bfloat16", has_wl=True, has_wr=True))
         out.append(config_for(64, "float16", has_wr=True, out_fp32=True))
         out.append(config_for(128, "float16", block_n=176))  # the paper's hdim-128 non-causal tile
+        out.append(config_for(128, "bfloat16", has_wr=True, softcap=True))
+        out.append(config_for(64, "bfloat16", has_wr=True, fp8=True))
     return list(dict.fromkeys(out))
 
 
@@ -303,7 +327,10 @@ def ptxas_report(cfg: KernelConfig) -> dict:
 # ---------------------------------------------------------------- load
 _c_i64 = ctypes.c_int64
 _LAUNCH_ARGTYPES = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [_c_i64] * 12
-                    + [ctypes.c_float] + [ctypes.c_int] * 5 + [ctypes.c_void_p])
+                    + [ctypes.c_float] + [ctypes.c_int] * 5        # scale .. reverse_m
+                    + [ctypes.c_float, ctypes.c_int]               # softcap, sk_v
+                    + [ctypes.c_void_p] * 3 + [_c_i64] * 4         # fp8 scales and their strides
+                    + [ctypes.c_void_p])
 
 
 class CompiledKernel:

@@ -37,10 +37,15 @@ class BwdConfig:
     block_n2: int   # dQ kernel: keys per step
     num_warps: int
     num_stages: int
+    # One launch for dK/dV and dQ (kernel attn_bwd_fused: dK/dV programs then dQ programs along
+    # grid axis 0, as FlexAttention's backward): the dQ programs of a kv head run next to its
+    # dK/dV programs, one tail instead of two.  Deterministic either way; ignored by the atomic-dQ
+    # mode (no dQ kernel there).
+    fused: bool = False
 
     def key(self) -> str:
         return (f"bwd_m{self.block_m1}_n{self.block_n1}_m{self.block_m2}_n{self.block_n2}"
-                f"_w{self.num_warps}_s{self.num_stages}")
+                f"_w{self.num_warps}_s{self.num_stages}" + ("_fused" if self.fused else ""))
 
 
 def pad_head_dim(d: int) -> int:
@@ -70,7 +75,10 @@ _BWD_TABLE = {
     (16, False): BwdConfig(32, 128, 128, 32, 4, 3), (16, True): BwdConfig(32, 128, 128, 32, 4, 3),
     (32, False): BwdConfig(32, 128, 128, 32, 4, 3), (32, True): BwdConfig(32, 128, 128, 32, 4, 3),
     (64, False): BwdConfig(32, 128, 128, 32, 4, 3), (64, True): BwdConfig(32, 128, 128, 32, 4, 3),
-    (128, False): BwdConfig(64, 128, 128, 64, 8, 2), (128, True): BwdConfig(64, 128, 128, 64, 8, 2),
+    # d128 non-causal: the one-launch backward with 64x64 tiles, 4 warps (session 4, H100, 16k
+    # tokens: 338 / 344 / 376 / 375 TFLOP/s at 2k / 4k / 8k / 16k against 306 / 328 / 344 / 328
+    # for the separate kernels).  Causal kept the separate kernels (fused 290-310 vs 325 at 8k).
+    (128, False): BwdConfig(64, 64, 64, 64, 4, 2, fused=True), (128, True): BwdConfig(64, 128, 128, 64, 8, 2),
     (256, False): BwdConfig(64, 32, 64, 32, 4, 2), (256, True): BwdConfig(64, 32, 64, 32, 4, 2),
 }
 
@@ -145,7 +153,23 @@ def bwd_candidates(d: int, dv: int, causal: bool) -> list[BwdConfig]:
                 BwdConfig(32, 64, 64, 32, 4, 4), BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(64, 64, 128, 64, 8, 2),
                 BwdConfig(64, 128, 128, 32, 8, 2), BwdConfig(32, 64, 128, 32, 4, 3),
                 BwdConfig(64, 128, 128, 64, 8, 3)]   # the last: the tile PyTorch's FlexAttention picks on sm_90
-    for c in more:
+    for c in more + _fused_candidates(dp):
         if c not in cands:
             cands.append(c)
     return cands
+
+
+def _fused_candidates(dp: int) -> list[BwdConfig]:
+    """One-launch variants (BwdConfig.fused) of the measured winners and of FlexAttention's sm_90
+    tiles; one kernel takes the larger of the two halves' registers and shared memory, so the dQ
+    tile matters as much as the dK/dV tile here."""
+    if dp >= 256:
+        tiles = [BwdConfig(64, 32, 64, 32, 4, 2), BwdConfig(32, 32, 64, 32, 4, 2), BwdConfig(64, 64, 64, 64, 4, 2),
+                 BwdConfig(32, 64, 64, 32, 8, 1)]
+    elif dp >= 128:
+        tiles = [BwdConfig(64, 128, 128, 64, 8, 2), BwdConfig(64, 128, 128, 64, 8, 3),
+                 BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(64, 64, 64, 64, 4, 2)]
+    else:
+        tiles = [BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(64, 128, 128, 64, 8, 2),
+                 BwdConfig(64, 128, 128, 64, 8, 3), BwdConfig(32, 64, 64, 32, 4, 3)]
+    return [dataclasses.replace(c, fused=True) for c in tiles]

@@ -1,9 +1,12 @@
-"""FP8 attention forward (Triton), keeping the contract of ops/contract.py.
+"""FP8 attention forward, keeping the contract of ops/contract.py.
 
 forward() = quantize_qkv (one fused Triton pass per tensor: Hadamard on Q and K, block
-scales, V written transposed) + fp8_fwd.tmpl.  Only the forward exists: the backward of an
-FP8 forward is the bf16/fp16 backward, chosen by the dispatch (ops/dispatch.py).
-`emulated_forward` runs the same arithmetic in torch (CPU, tests).
+scales, V written transposed) + an e4m3 attention kernel: the CUDA template
+(fp8/cuda_attention.py) where it runs, else the Triton one (fp8_fwd.tmpl); kernel_for()
+says which, following config.kernel ("triton" / "cuda" pin one, "auto" prefers CUDA).
+Only the forward exists: the backward of an FP8 forward is the bf16/fp16 backward, chosen by
+the dispatch (ops/dispatch.py).  `emulated_forward` runs the same arithmetic in torch (CPU,
+tests), with the tiles and key order of the kernel kernel_for() picks.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from typing import Optional
 
 import torch
 
+from .. import config
 from ..spec import AttentionSpec
-from . import emulate, hadamard, quantize, templates
+from . import cuda_attention, emulate, hadamard, quantize, templates
 
 # Tile sizes per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).  They are also the
 # quantisation blocks (one scale per BLOCK_M rows of Q, per BLOCK_N rows of K/V).  Chosen
@@ -63,19 +67,32 @@ def supports(q, k, v, bias, spec: AttentionSpec) -> Optional[str]:
     return None
 
 
+def kernel_for(q, k, v, bias, spec: AttentionSpec) -> str:
+    """"cuda" or "triton": the FP8 kernel forward() runs for this call (supports() passed)."""
+    if config.kernel != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None:
+        return "cuda"
+    return "triton"
+
+
 def signs_for(spec: AttentionSpec, d: int, device) -> torch.Tensor:
     # Deterministic per site: the spec (with its scale_repr) stands for the site.
     return hadamard.random_signs(d, hadamard.site_seed(spec.to_json()), device=device)
 
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,
-            *, incoherent: bool = True, quantized: Optional[quantize.QuantizedQKV] = None, tiles=None):
+            *, incoherent: bool = True, quantized: Optional[quantize.QuantizedQKV] = None, tiles=None,
+            kernel: Optional[str] = None):
     """out [B,Hq,Sq,Dv] (spec.out_dtype), lse [B,Hq,Sq] fp32 natural log.
 
     bias/key_padding/alibi_slopes/seed are unused (supports() refuses specs that need them).
     `quantized` lets the benchmark time the attention kernel alone; `tiles` (BLOCK_M, BLOCK_N,
-    warps, stages) overrides TILES (tests, tuning sweeps).
+    warps, stages) overrides TILES of the Triton kernel (tests, tuning sweeps); `kernel`
+    ("cuda" / "triton") overrides kernel_for().
     """
+    kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
+    if kernel == "cuda":
+        signs = signs_for(spec, q.shape[3], q.device) if incoherent else None
+        return cuda_attention.forward(q, k, v, scale, spec, signs, quantized=quantized)
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     bm, bn, warps, stages = tiles_for(D, tiles)
@@ -102,12 +119,17 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
 
 
 def emulated_forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,
-                     *, tiles=None):
-    """Contract-shaped torch emulation with the kernel's tiles (CPU fallback and tests)."""
-    bm, bn, _, _ = tiles_for(q.shape[3], tiles)
+                     *, tiles=None, kernel: Optional[str] = None):
+    """Contract-shaped torch emulation with the tiles and key order of the kernel forward() runs
+    (`kernel` as in forward; CPU fallback and tests)."""
+    kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
+    if kernel == "cuda":
+        (bm, bn), descending = cuda_attention.tiles_for(q.shape[3], spec.window_right is not None), True
+    else:
+        (bm, bn, _, _), descending = tiles_for(q.shape[3], tiles), False
     out, lse = emulate.attention(q, k, v, scale, spec, block_m=bm, block_n=bn,
-                                 signs=signs_for(spec, q.shape[3], q.device))
+                                 signs=signs_for(spec, q.shape[3], q.device), descending=descending)
     return out.to(spec.out_torch_dtype).contiguous(), lse.contiguous()
 
 
-__all__ = ["supports", "forward", "emulated_forward", "TILES", "tiles_for", "signs_for"]
+__all__ = ["supports", "forward", "emulated_forward", "kernel_for", "TILES", "tiles_for", "signs_for"]

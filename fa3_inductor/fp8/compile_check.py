@@ -86,15 +86,17 @@ def check_attention(d: int, causal: bool = True, out: str = "bf16", tiles=None) 
 
 
 def check_quant(d: int, block: int, hadamard: bool, transpose: bool, dtype: str = "bf16",
-                num_warps: int | None = None) -> dict:
+                num_warps: int | None = None, permute: bool = False) -> dict:
     mod = templates.load("fp8_quant")
     if num_warps is None:
         num_warps = 8 if block * d >= 128 * 128 else 4  # as quantize.quantize_triton
-    sig = {"X": f"*{dtype}", "Y": "*fp8e4nv", "SCALES": "*fp32", "SIGNS": "*fp32", "seqlen": "i32", "n_heads": "i32"}
+    sig = {"X": f"*{dtype}", "Y": "*fp8e4nv", "SCALES": "*fp32", "SIGNS": "*fp32", "seqlen": "i32", "s_store": "i32",
+           "n_heads": "i32"}
     strides = ["stride_xb", "stride_xh", "stride_xs", "stride_xd", "stride_yb", "stride_yh", "stride_ys",
                "stride_yd", "stride_sb", "stride_sh"]
     sig.update({s: "i32" for s in strides})
-    const = dict(BLOCK=block, D=d, LOG2_D=d.bit_length() - 1, HADAMARD=hadamard, INTERPRET=False)
+    const = dict(BLOCK=block, BLOCK_P2=1 << (block - 1).bit_length(), D=d, LOG2_D=d.bit_length() - 1,
+                 HADAMARD=hadamard, PERMUTE=transpose and permute, INTERPRET=False)
     sig.update({c: "constexpr" for c in const})
     # The unit stride (d for Q/K, s for V^T) is specialised to the constant 1 at launch.
     if transpose:

@@ -39,35 +39,64 @@ def quantize_p(p: torch.Tensor) -> torch.Tensor:
 
 def attention(q, k, v, scale: float, spec: AttentionSpec, *, block_m: int = 128, block_n: int = 128,
               granularity: str = "block", incoherent: bool = True, signs: Optional[torch.Tensor] = None,
-              quantize_probs: bool = True, acc=torch.float32):
+              quantize_probs: bool = True, acc=torch.float32, descending: bool = False):
     """(out [B,Hq,Sq,Dv] in `acc`, lse [B,Hq,Sq] natural log) of the FP8 forward.
 
     Supports causal (both aligns), GQA (spec.gqa_mapping) and nothing else of the spec.
+    descending=True walks the key tiles from the last one down, as the CUDA template does (the
+    quantised P depends on the running max, hence on the order).
     """
-    B, Hq, Sq, D = q.shape
-    Sk = k.shape[2]
+    D = q.shape[3]
     if incoherent and signs is None:
         signs = hadamard.random_signs(D, hadamard.site_seed(spec.to_json()), device=q.device)
     sg = signs if incoherent else None
     q8, qs = _quant(q, block_m, granularity, sg)
     k8, ks = _quant(k, block_n, granularity, sg)
     v8, vs = _quant(v, block_n, granularity, None)
+    return _attend(q8, qs, k8, ks, v8, vs, scale, spec, block_n, quantize_probs, acc, descending)
+
+
+def attention_quantized(qq: quantize.QuantizedQKV, scale: float, spec: AttentionSpec, sk: int, *,
+                        permuted: bool = False, descending: bool = False, acc=torch.float32):
+    """The same arithmetic on operands a kernel already got (quantize_qkv's output), so that a
+    kernel can be compared with its emulation without the quantisation pass's own rounding
+    differences (the fused pass and quantize_ref may differ in rare last bits).  permuted: V^T
+    is in the CUDA template's key order (quantize.permute_keys)."""
+    def rows(scales, block, n):
+        return scales.repeat_interleave(block, dim=2)[:, :, :n].contiguous()
+    vt = qq.vt8.float()
+    if permuted:
+        g = quantize.PERMUTE_GROUP
+        inv = torch.argsort(quantize.key_permutation(vt.device))
+        vt = vt.unflatten(-1, (-1, g))[..., inv].flatten(-2)
+    v8 = vt[..., :sk].transpose(2, 3)
+    sq = qq.q8.shape[2]
+    return _attend(qq.q8.float(), rows(qq.q_scale, qq.block_m, sq), qq.k8.float(),
+                   rows(qq.k_scale, qq.block_n, sk), v8, rows(qq.v_scale, qq.block_n, sk),
+                   scale, spec, qq.block_n, True, acc, descending)
+
+
+def _attend(q8, qs, k8, ks, v8, vs, scale, spec, block_n, quantize_probs, acc, descending):
+    """The kernel's loop over key tiles: fp8 values (as float) and their per-row scales."""
+    B, Hq, Sq, _ = q8.shape
+    Sk = k8.shape[2]
     k8, ks = expand_kv(k8, Hq, spec.gqa_mapping), expand_kv(ks, Hq, spec.gqa_mapping)
     v8, vs = expand_kv(v8, Hq, spec.gqa_mapping), expand_kv(vs, Hq, spec.gqa_mapping)
     q8, qs, k8, ks, v8, vs = (t.to(acc) for t in (q8, qs, k8, ks, v8, vs))
 
     log2e = 1.0 / math.log(2.0)
-    rows = torch.arange(Sq, device=q.device).view(-1, 1)
+    rows = torch.arange(Sq, device=q8.device).view(-1, 1)
     off = (Sk - Sq) if spec.align == "bottom_right" else 0
-    m = torch.full((B, Hq, Sq), float("-inf"), dtype=acc, device=q.device)
-    l = torch.zeros(B, Hq, Sq, dtype=acc, device=q.device)
-    o = torch.zeros(B, Hq, Sq, v.shape[3], dtype=acc, device=q.device)
-    for n0 in range(0, Sk, block_n):
+    m = torch.full((B, Hq, Sq), float("-inf"), dtype=acc, device=q8.device)
+    l = torch.zeros(B, Hq, Sq, dtype=acc, device=q8.device)
+    o = torch.zeros(B, Hq, Sq, v8.shape[3], dtype=acc, device=q8.device)
+    starts = list(range(0, Sk, block_n))
+    for n0 in (reversed(starts) if descending else starts):
         n1 = min(Sk, n0 + block_n)
         s = torch.matmul(q8, k8[:, :, n0:n1].transpose(-1, -2))
         s = s * (qs.unsqueeze(-1) * ks[:, :, n0:n1].unsqueeze(-2) * (scale * log2e))
         if spec.causal:
-            cols = torch.arange(n0, n1, device=q.device).view(1, -1)
+            cols = torch.arange(n0, n1, device=q8.device).view(1, -1)
             s = s.masked_fill(~(cols <= rows + off), float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         m_sub = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
@@ -85,4 +114,4 @@ def attention(q, k, v, scale: float, spec: AttentionSpec, *, block_m: int = 128,
     return out, lse.to(torch.float32)
 
 
-__all__ = ["attention", "quantize_p", "P_SCALE"]
+__all__ = ["attention", "attention_quantized", "quantize_p", "P_SCALE"]

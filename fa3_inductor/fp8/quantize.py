@@ -24,6 +24,32 @@ FP8 = torch.float8_e4m3fn
 # Rows of V^T are padded to this many keys so that each row starts 16-byte aligned
 # (cp.async / TMA need it); the pad is never read unmasked.
 VT_ALIGN = 16
+# The CUDA template's V^T has its keys permuted within each group of 32 (PERMUTE_GROUP) and is
+# padded with zeros to whole groups: see permute_keys.
+PERMUTE_GROUP = 32
+
+
+def key_permutation(device=None) -> torch.Tensor:
+    """pi[c] = the key stored at position c of each group of 32 in the CUDA template's V^T.
+
+    The template feeds P to the 8-bit PV WGMMA straight from the S accumulator's registers
+    (kernels/cuda/fa3_utils.cuh, acc_to_fp8_operand_a): GEMM key c = 16 u2 + 4 q + u0 then
+    multiplies P's key 16 u2 + 8 (u0 >> 1) + 2 q + (u0 & 1).  Storing V's keys in that order
+    makes the products pair up without moving P between lanes.
+    """
+    c = torch.arange(PERMUTE_GROUP, device=device)
+    return 16 * (c >> 4) + 8 * ((c & 3) >> 1) + 2 * ((c >> 2) & 3) + (c & 1)
+
+
+def permute_keys(vt: torch.Tensor) -> torch.Tensor:
+    """V^T [..., S] -> [..., S_pad] with S_pad = S rounded up to 32, zero-padded, then the keys of
+    each group of 32 reordered by key_permutation (out[..., 32 g + c] = vt[..., 32 g + pi[c]])."""
+    s = vt.shape[-1]
+    s_pad = -(-s // PERMUTE_GROUP) * PERMUTE_GROUP
+    x = torch.nn.functional.pad(vt, (0, s_pad - s)) if s_pad != s else vt
+    idx = (torch.arange(0, s_pad, PERMUTE_GROUP, device=vt.device).view(-1, 1)
+           + key_permutation(vt.device).view(1, -1)).reshape(-1)
+    return x.index_select(-1, idx)
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
@@ -82,8 +108,9 @@ class QuantizedQKV:
 
 
 def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None,
-                    transpose: bool = False, num_warps: Optional[int] = None):
-    """Fused Triton kernel.  transpose=True writes [B, H, D, S_pad] (S contiguous, for V)."""
+                    transpose: bool = False, num_warps: Optional[int] = None, permute: bool = False):
+    """Fused Triton kernel.  transpose=True writes [B, H, D, S_pad] (S contiguous, for V);
+    permute=True (with transpose) writes the CUDA template's layout, permute_keys(V^T)."""
     from . import templates
     mod = templates.load("fp8_quant")
     import triton
@@ -91,8 +118,12 @@ def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] =
     B, H, S, D = x.shape
     hadamard.check_dim(D)  # tl.arange needs a power of two even without the rotation
     nblk = triton.cdiv(S, block)
+    if permute and (not transpose or block % PERMUTE_GROUP):
+        raise ValueError(f"quantize_triton: permute needs transpose=True and block % {PERMUTE_GROUP} == 0 "
+                         f"(got transpose={transpose}, block={block})")
+    s_store = -(-S // PERMUTE_GROUP) * PERMUTE_GROUP if permute else S
     if transpose:
-        s_pad = -(-S // VT_ALIGN) * VT_ALIGN
+        s_pad = -(-S // (PERMUTE_GROUP if permute else VT_ALIGN)) * (PERMUTE_GROUP if permute else VT_ALIGN)
         y = torch.empty(B, H, D, s_pad, dtype=FP8, device=x.device)
         ys = (y.stride(0), y.stride(1), y.stride(3), y.stride(2))
     else:
@@ -104,9 +135,9 @@ def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] =
         # The tile lives in registers (fp32 BLOCK x D, plus the rotation's accumulator).
         num_warps = 8 if block * D >= 128 * 128 else 4
     mod.fp8_quant_kernel[(nblk, B * H)](
-        x, y, scales, signs_arg, S, H,
+        x, y, scales, signs_arg, S, s_store, H,
         *x.stride(), *ys, scales.stride(0), scales.stride(1),
-        BLOCK=block, D=D, LOG2_D=D.bit_length() - 1, HADAMARD=signs is not None,
+        BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), D=D, LOG2_D=D.bit_length() - 1, HADAMARD=signs is not None, PERMUTE=permute,
         INTERPRET=templates.interpreting(),
         num_warps=num_warps,
     )
@@ -114,19 +145,22 @@ def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] =
 
 
 def quantize_qkv(q, k, v, block_m: int, block_n: int, signs: Optional[torch.Tensor],
-                 impl: str = "triton") -> QuantizedQKV:
-    """Quantise Q (rotated), K (rotated) and V (not rotated, transposed) for the kernel."""
+                 impl: str = "triton", permute: bool = False) -> QuantizedQKV:
+    """Quantise Q (rotated), K (rotated) and V (not rotated, transposed; permute=True: in the
+    CUDA template's key order, permute_keys) for the kernel."""
     if impl == "triton":
         q8, qs = quantize_triton(q, block_m, signs)
         k8, ks = quantize_triton(k, block_n, signs)
-        vt8, vs = quantize_triton(v, block_n, None, transpose=True)
+        vt8, vs = quantize_triton(v, block_n, None, transpose=True, permute=permute)
     else:
         q8, qs = quantize_ref(q, block_m, signs)
         k8, ks = quantize_ref(k, block_n, signs)
         v8, vs = quantize_ref(v, block_n, None)
-        vt8 = v8.transpose(2, 3).contiguous()
+        vt8 = v8.transpose(2, 3)
+        # permute_keys works on the raw bytes: index_select of float8 is not implemented everywhere.
+        vt8 = (permute_keys(vt8.view(torch.uint8)).view(FP8) if permute else vt8).contiguous()
     return QuantizedQKV(q8, qs, k8, ks, vt8, vs, block_m, block_n)
 
 
-__all__ = ["E4M3_MAX", "FP8", "quantize_ref", "quantize_per_tensor", "dequantize", "quantize_triton",
+__all__ = ["E4M3_MAX", "FP8", "PERMUTE_GROUP", "key_permutation", "permute_keys", "quantize_ref", "quantize_per_tensor", "dequantize", "quantize_triton",
            "quantize_qkv", "QuantizedQKV", "to_fp8"]

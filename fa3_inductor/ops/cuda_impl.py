@@ -34,7 +34,8 @@ def _log_once(reason: str) -> None:
 def config_for_call(q: torch.Tensor, spec: AttentionSpec, **ablation) -> cuda_jit.KernelConfig:
     return cuda_jit.config_for(
         q.shape[-1], dtype_name(q.dtype), out_fp32=spec.out_torch_dtype == torch.float32,
-        has_wl=spec.window_left is not None, has_wr=spec.window_right is not None, **ablation)
+        has_wl=spec.window_left is not None, has_wr=spec.window_right is not None,
+        softcap=bool(spec.softcap), **ablation)
 
 
 def _tma_ok(t: torch.Tensor) -> str | None:
@@ -73,8 +74,6 @@ def supports(q, k, v, bias, spec: AttentionSpec):
         return "key_padding not implemented in the CUDA template"
     if spec.alibi:
         return "alibi not implemented in the CUDA template"
-    if spec.softcap:
-        return "softcap not implemented in the CUDA template"
     if spec.dropout_p:
         return "dropout not implemented in the CUDA template"
     B, Hq, Sq, _ = q.shape
@@ -88,11 +87,18 @@ def supports(q, k, v, bias, spec: AttentionSpec):
         why = _tma_ok(t)
         if why:
             return f"{name}: {why}"
+    return build_problem(lambda: config_for_call(q, spec))
+
+
+def build_problem(make_cfg) -> str | None:
+    """None once the instantiation make_cfg() names is built and loaded (first use: one nvcc
+    run, then the disk cache), else why not: no toolchain, or a failed build (remembered, and
+    logged once: dispatch then falls back to Triton).  The FP8 path shares it."""
     problem = cuda_jit.toolchain_problem()
     if problem:
         _log_once(problem)
         return problem
-    cfg = config_for_call(q, spec)
+    cfg = make_cfg()
     if cfg in _failed:
         return _failed[cfg]
     try:
@@ -170,6 +176,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
                          B, Hq, Hk, Sq, Sk, D, *qs, *ks, *vs, *os_,
                          float(scale), off, wl, wr, int(spec.gqa_mapping == "div"),
                          lpt_group(B, Hq, Hk, Sk, D, q.element_size()) if spec.window_right is not None else 0,
+                         float(spec.softcap or 0.0), Sk, None, None, None, 0, 0, 0, 0,
                          stream)
     if rc != 0:
         raise RuntimeError(f"fa3 CUDA forward {kern.cfg.name()} failed to launch: status {rc} "

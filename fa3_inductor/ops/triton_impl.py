@@ -166,33 +166,67 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     common = (bias_t, kp, slopes, seed_t, float(scale), Sq, Sk, H, HK,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    tails = (bs[0], bs[1], bs[2], bs[3], kps[0], kps[1])
+    dbias_arg = dbias if want_dbias else None
+
     def launch_dkdv(cfg):
         n_blocks = triton_cdiv(Sk, cfg.block_n1)
         nsplit = gqa_splits(n_blocks * B * HK, H // HK, dev)
-        if nsplit > 1:
-            dk_t = torch.empty(nsplit * B, HK, Sk, D, dtype=torch.float32, device=dev)
-            dv_t = torch.empty(nsplit * B, HK, Sk, Dv, dtype=torch.float32, device=dev)
-        else:
-            dk_t, dv_t = dk, dv
+        dk_t, dv_t = _split_targets(dk, dv, nsplit)
         mod.attn_bwd_dkdv[(n_blocks, B * HK * nsplit)](
             q, k, v, dout, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
-            dk_t.stride(0), dk_t.stride(1), dk_t.stride(2), dv_t.stride(0), dv_t.stride(1), dv_t.stride(2),
-            bs[0], bs[1], bs[2], bs[3], kps[0], kps[1], nsplit, B,
+            *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
             **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if nsplit > 1:
-            dk.copy_(dk_t.view(nsplit, B, HK, Sk, D).sum(0))
-            dv.copy_(dv_t.view(nsplit, B, HK, Sk, Dv).sum(0))
+        _sum_splits(dk, dv, dk_t, dv_t, nsplit)
+
+    def launch_fused(cfg):
+        # Grid axis 0: the key blocks' dK/dV programs, then the dQ programs of this split's
+        # query heads (attn_bwd_fused); same GQA split rule as the separate dK/dV kernel.
+        n_kv = triton_cdiv(Sk, cfg.block_n1)
+        nsplit = gqa_splits(n_kv * B * HK, H // HK, dev)
+        n_dq = triton_cdiv(Sq, cfg.block_m2) * (H // HK // nsplit)
+        dk_t, dv_t = _split_targets(dk, dv, nsplit)
+        mod.attn_bwd_fused[(n_kv + n_dq, B * HK * nsplit)](
+            q, k, v, dout, lse, delta, dq, dk_t, dv_t, dbias_arg, *common, *_strides3(dq),
+            *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
+            **dims, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
+            BLOCK_N2=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _sum_splits(dk, dv, dk_t, dv_t, nsplit)
+
+    if cfg.fused and not atomic_dq:
+        _launch(cfg, launch_fused)
+        return dq, dk, dv, dbias
     _launch(cfg, launch_dkdv)
     if atomic_dq:
         dq.copy_(dq_acc[..., :D])
         return dq, dk, dv, dbias
     _launch(cfg, lambda cfg: mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
-        q, k, v, dout, lse, delta, dq, dbias if want_dbias else None, *common,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
+        q, k, v, dout, lse, delta, dq, dbias_arg, *common, *_strides3(dq), *tails,
         **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return dq, dk, dv, dbias
+
+
+def _strides3(t: torch.Tensor):
+    """Batch, head and sequence strides of a [B, H, S, D] tensor (D is contiguous)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _split_targets(dk, dv, nsplit: int):
+    """Where the dK/dV programs write: dk/dv themselves, or with nsplit > 1 fp32 partials
+    [nsplit * B, HK, Sk, D] (one slice per split, summed by _sum_splits)."""
+    if nsplit == 1:
+        return dk, dv
+    B = dk.shape[0]
+    return (torch.empty(nsplit * B, *dk.shape[1:], dtype=torch.float32, device=dk.device),
+            torch.empty(nsplit * B, *dv.shape[1:], dtype=torch.float32, device=dv.device))
+
+
+def _sum_splits(dk, dv, dk_t, dv_t, nsplit: int):
+    # Fixed summation order over the splits: deterministic.
+    if nsplit > 1:
+        dk.copy_(dk_t.view(nsplit, *dk.shape).sum(0))
+        dv.copy_(dv_t.view(nsplit, *dv.shape).sum(0))
 
 
 def gqa_splits(programs: int, group: int, device) -> int:

@@ -42,14 +42,21 @@
 #ifndef FA3_PERSISTENT
 #define FA3_PERSISTENT 0
 #endif
+#ifndef FA3_FP8
+#define FA3_FP8 0         // 1: e4m3 Q/K/V^T with block scales; FA3_DTYPE_BF16 then picks the output
+#endif
+#ifndef FA3_SOFTCAP
+#define FA3_SOFTCAP 0
+#endif
 
 namespace {
 
-using Element = std::conditional_t<FA3_DTYPE_BF16, cutlass::bfloat16_t, cutlass::half_t>;
-using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element>;
+using Element16 = std::conditional_t<FA3_DTYPE_BF16, cutlass::bfloat16_t, cutlass::half_t>;
+using Element = std::conditional_t<FA3_FP8, cutlass::float_e4m3_t, Element16>;
+using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element16>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
-                        bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT)>;
+                        bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP)>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;
@@ -74,6 +81,12 @@ int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int*
 // align_off: 0 for top-left, sk - sq for bottom-right.  wl / wr: window sizes, used when the
 // instantiation has FA3_HAS_WL / FA3_HAS_WR.  gqa_div: 1 for kv head h / (Hq/Hk), 0 for h % Hk.
 // reverse_m: 0, or the number of (batch, head) pairs per longest-first group (decode_tile).
+// softcap: the cap (> 0) when the instantiation has FA3_SOFTCAP, else ignored.
+// FP8 instantiations: q, k are e4m3 [B, H, S, D]; v is V^T [B, Hk, D, sk_v] e4m3 with keys
+// contiguous and permuted within each 32 (acc_to_fp8_operand_a), sk_v >= sk rounded up to 32 and
+// zero beyond the keys' images; v_ss is the stride between its d rows.  q_scale [B, Hq, cdiv(sq,
+// BLOCK_M)], k_scale / v_scale [B, Hk, cdiv(sk, BLOCK_N)] fp32 with the given batch/head strides
+// (v_scale shares k_scale's).  16-bit instantiations ignore the scales and sk_v.
 int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float* lse,
                    int b, int hq, int hk, int sq, int sk, int d,
                    int64_t q_sb, int64_t q_sh, int64_t q_ss,
@@ -81,16 +94,22 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
                    int64_t v_sb, int64_t v_sh, int64_t v_ss,
                    int64_t o_sb, int64_t o_sh, int64_t o_ss,
                    float scale, int align_off, int wl, int wr, int gqa_div, int reverse_m,
+                   float softcap, int sk_v,
+                   const float* q_scale, const float* k_scale, const float* v_scale,
+                   int64_t qs_sb, int64_t qs_sh, int64_t ks_sb, int64_t ks_sh,
                    void* stream) {
   if (d != Cfg::kHeadDim || b <= 0 || hq <= 0 || hk <= 0 || hq % hk != 0 || sq <= 0 || sk <= 0 ||
       hq > 65535 || b > 65535) {
     return kErrBadArgs;
   }
+  if (Cfg::kSoftcap && !(softcap > 0.f)) return kErrBadArgs;
+  if (Cfg::kFp8 && (sk_v < sk || sk_v % 32 != 0 || !q_scale || !k_scale || !v_scale)) return kErrBadArgs;
+  if (!Cfg::kFp8) sk_v = sk;
   using E = Element;
   fa3::Params<Cfg> p{
       fa3::make_tma_q<Cfg>(static_cast<E const*>(q), sq, hq, b, q_ss, q_sh, q_sb),
       fa3::make_tma_k<Cfg>(static_cast<E const*>(k), sk, hk, b, k_ss, k_sh, k_sb),
-      fa3::make_tma_v<Cfg>(static_cast<E const*>(v), sk, hk, b, v_ss, v_sh, v_sb),
+      fa3::make_tma_v<Cfg>(static_cast<E const*>(v), sk_v, hk, b, v_ss, v_sh, v_sb),
   };
   p.out = static_cast<OutT*>(out);
   p.lse = lse;
@@ -103,6 +122,13 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
   p.num_m_blocks = (sq + Cfg::kBlockM - 1) / Cfg::kBlockM;
   p.reverse_m = reverse_m;
   p.scale_log2 = scale * 1.4426950408889634f;
+  if (Cfg::kSoftcap) {
+    p.softcap_pre2 = 2.f * 1.4426950408889634f * scale / softcap;
+    p.scale_log2 = softcap * 1.4426950408889634f;
+  }
+  p.sk_v = sk_v;
+  p.q_scale = q_scale; p.k_scale = k_scale; p.v_scale = v_scale;
+  p.qs_sb = qs_sb; p.qs_sh = qs_sh; p.ks_sb = ks_sb; p.ks_sh = ks_sh;
 
   auto kernel = fa3::fwd_kernel<Cfg>;
   // The attribute is per device; setting it every call is a cheap driver call, so no caching

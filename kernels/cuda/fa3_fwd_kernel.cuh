@@ -7,6 +7,10 @@
 //   warpgroups 1, 2: consumers.  Each owns 64 of the kBlockM query rows of the tile:
 //                S = Q K^T (WGMMA, both operands in smem), online softmax in registers,
 //                O += P V (WGMMA, P from registers, V from smem viewed MN-major).
+// FP8 (Element = e4m3): Q and K carry one scale per tile of rows (folded into the block's
+//   exp2 multiplier), V^T arrives transposed and key-permuted from the quantisation pass (8-bit
+//   WGMMA needs K-major B; see acc_to_fp8_operand_a for the permutation), and V's per-block scale
+//   is folded into the O rescale that the online softmax does anyway.
 // Pingpong: two named barriers hand a token between the consumer warpgroups so that one issues its
 //   GEMMs while the other does its softmax (kPingpong).
 // Intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j runs, and
@@ -52,14 +56,17 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
           bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
-          bool kPersistent_ = false>
+          bool kPersistent_ = false, bool kSoftcap_ = false>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr bool kHasWL = kHasWL_, kHasWR = kHasWR_;
   static constexpr bool kPingpong = kPingpong_, kIntraWG = kIntraWG_, kWarpSpec = kWarpSpec_;
   static constexpr bool kPersistent = kPersistent_;  // one CTA per SM looping over tiles
+  static constexpr bool kSoftcap = kSoftcap_;        // s = cap * tanh(s * scale / cap)
   using Element = Element_;
   using OutT = OutT_;
+  static constexpr bool kFp8 = sizeof(Element) == 1;  // e4m3 operands with block scales
+  static_assert(!kFp8 || kBlockN % 32 == 0, "FP8: key tiles of whole k32 WGMMA steps");
 
   static constexpr int kMmaWG = kBlockM / 64;  // one consumer warpgroup per 64 query rows
   static_assert(kMmaWG == 2, "two consumer warpgroups (pingpong pairs)");
@@ -74,18 +81,22 @@ struct Config {
   using AtomLayout = Layout<Shape<Int<kMmaWG>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, TileQK>(), AtomLayout{}));
-  // V is stored (d, key) with d contiguous: an MN-major B operand, which 16-bit WGMMA supports.
+  // 16-bit: V is stored (key, d) with d contiguous, an MN-major B operand, which 16-bit WGMMA
+  // supports.  FP8: V^T (d, key) with keys contiguous, K-major as 8-bit WGMMA requires.
+  static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
   using TiledMmaPV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
+      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, kMajorV>(),
       AtomLayout{}));
 
   using SmemLayoutQ = decltype(tile_to_shape(smem_atom<Element, kHeadDim, true>(),
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutK = decltype(tile_to_shape(smem_atom<Element, kHeadDim, true>(),
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  using SmemLayoutVt = decltype(tile_to_shape(smem_atom<Element, kHeadDim, false>(),
-                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
-                                              Step<_2, _1, _3>{}));
+  using SmemLayoutVt = std::conditional_t<kFp8,
+      decltype(tile_to_shape(smem_atom<Element, kBlockN, true>(),
+                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{})),
+      decltype(tile_to_shape(smem_atom<Element, kHeadDim, false>(),
+                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
 
   using PipelineK = cutlass::PipelineTmaAsync<kStages>;
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
@@ -105,7 +116,8 @@ struct Config {
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
-  // Global tensors seen by TMA: (seq, d, head, batch) for Q/K and (d, seq, head, batch) for V.
+  // Global tensors seen by TMA: (seq, d, head, batch) for Q/K and (d, seq, head, batch) for V
+  // (16-bit: d contiguous; FP8: V^T, seq contiguous).
   using ShapeT = Shape<int32_t, int32_t, int32_t, int32_t>;
   using StrideSD = Stride<int64_t, _1, int64_t, int64_t>;
   using StrideDS = Stride<_1, int64_t, int64_t, int64_t>;
@@ -125,10 +137,14 @@ auto make_tma_k(typename Cfg::Element const* p, int s, int h, int b, int64_t ss,
   return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutK{}),
                        Shape<Int<Cfg::kBlockN>, Int<Cfg::kHeadDim>>{}, _1{});
 }
+// ss: stride between keys (16-bit) or between rows of V^T (FP8, the keys being contiguous).
 template <class Cfg>
 auto make_tma_v(typename Cfg::Element const* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
-  auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDim), s, h, b),
-                       make_stride(_1{}, ss, sh, sb));
+  auto stride = [&] {
+    if constexpr (Cfg::kFp8) return make_stride(ss, _1{}, sh, sb);
+    else return make_stride(_1{}, ss, sh, sb);
+  }();
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDim), s, h, b), stride);
   return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutVt{}),
                        Shape<Int<Cfg::kHeadDim>, Int<Cfg::kBlockN>>{}, _1{});
 }
@@ -153,7 +169,14 @@ struct Params {
   int num_m_blocks = 0;
   int reverse_m = 0;     // > 0: m blocks last-first (longest first under causal masks), in groups
                          // of reverse_m (batch, head) pairs whose K/V fit in L2 together
-  float scale_log2 = 0;  // scale * log2(e)
+  float scale_log2 = 0;  // scale * log2(e) (with softcap: cap * log2(e), the tanh's multiplier)
+  float softcap_pre2 = 0;  // kSoftcap: 2 * log2(e) * scale / cap (apply_softcap)
+  int sk_v = 0;            // keys in V's global extent (FP8: sk padded to the permutation's 32)
+  // FP8 block scales: q_scale [B, Hq, cdiv(sq, kBlockM)], k/v_scale [B, Hk, cdiv(sk, kBlockN)].
+  float const* q_scale = nullptr;
+  float const* k_scale = nullptr;
+  float const* v_scale = nullptr;
+  int64_t qs_sb = 0, qs_sh = 0, ks_sb = 0, ks_sh = 0;  // their batch/head strides (elements)
 };
 
 // Key-block range [n_min, n_max) that holds any kept key for query rows [row_lo, row_hi].
@@ -186,6 +209,9 @@ CUTE_DEVICE bool block_needs_mask(Params<Cfg> const& p, int m_block, int n) {
 }
 
 enum : uint32_t { kBarSchedWG0 = 1 };  // named barriers kBarSchedWG0 + wg (above CUTLASS' reserved ids)
+
+// log2(448): FP8 P is produced as 448 * exp2(s - max), 448 being e4m3's largest finite value.
+constexpr float kLog2Fp8Max = 8.807354922057604f;
 
 struct TileCoord {
   int m_block, head, batch;
@@ -261,7 +287,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
   Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.sq, int32_t(D), p.hq, p.b));
   Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.sk, int32_t(D), p.hk, p.b));
-  Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(D), p.sk, p.hk, p.b));
+  Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(D), p.sk_v, p.hk, p.b));
 
   // Producer-side state, persistent across tiles.
   PipeState wk = cutlass::make_producer_start_state<PipelineK>();
@@ -377,21 +403,64 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
-    OnlineSoftmax<kRows> softmax(p.scale_log2);
+    OnlineSoftmax<kRows> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
     clear(tOrO);
 
-    auto mask = [&](auto& tSrS, int n) {
+    // Multiplier of block n's raw scores into the exp2 domain; FP8 adds the Q tile's and the K
+    // block's scales.  The scale tensors are tiny and stay in L1/L2.
+    float const* ks_bh = nullptr;
+    float const* vs_bh = nullptr;
+    float q_sc = p.scale_log2;
+    if constexpr (Cfg::kFp8) {
+      if (!empty_tile) {
+        q_sc *= __ldg(p.q_scale + tc.batch * p.qs_sb + tc.head * p.qs_sh + m_block);
+        ks_bh = p.k_scale + tc.batch * p.ks_sb + kvh * p.ks_sh;
+        vs_bh = p.v_scale + tc.batch * p.ks_sb + kvh * p.ks_sh;
+      }
+    }
+    auto block_sc = [&](int n) {
+      if constexpr (Cfg::kFp8) return q_sc * __ldg(ks_bh + n);
+      else return q_sc;
+    };
+    // FP8: O accumulates P V8 in units of V's block scale; when the next block has another scale
+    // the accumulator moves to it inside the softmax rescale (one multiply per row, no extra pass).
+    float v_unit = 1.f;
+    auto v_units_to = [&](int n) {
+      if constexpr (Cfg::kFp8) {
+        float const vs = __ldg(vs_bh + n);
+        float const f = v_unit / vs;
+        v_unit = vs;
+        return f;
+      } else {
+        return 1.f;
+      }
+    };
+
+    // Raw scores of block n -> softcapped, masked scores.
+    auto prep = [&](auto& tSrS, int n) {
+      if constexpr (Cfg::kSoftcap) apply_softcap(tSrS, p.softcap_pre2);
       if (block_needs_mask<Cfg>(p, m_block, n)) {
         Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
         apply_mask<Cfg::kHasWL, Cfg::kHasWR>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off, p.wl, p.wr);
       }
     };
-    auto rescale_o = [&](float const (&alpha)[kRows]) {
+    auto rescale_o = [&](float const (&alpha)[kRows], float f) {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
+        float const a = alpha[r] * f;
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= alpha[r];
+        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= a;
       }
+    };
+    // P as the A operand of the PV GEMM.  16-bit: the accumulator's registers reinterpreted
+    // (acc_as_operand_a); FP8: the k32 8-bit operand layout, filled by acc_to_fp8_operand_a.
+    auto make_operand_p = [&](auto const& tSrS) {
+      if constexpr (Cfg::kFp8) return make_tensor<Element>(shape(thr_pv.partition_A(cS)));
+      else return make_tensor<Element>(acc_as_operand_a(tSrS.layout()));
+    };
+    auto to_operand_p = [&](auto const& tSrS, auto& tOrP) {
+      if constexpr (Cfg::kFp8) acc_to_fp8_operand_a(tSrS, tOrP);
+      else convert_into(tSrS, tOrP);  // same linear register order as tSrS
     };
 
     if (!empty_tile) {
@@ -412,16 +481,16 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         warpgroup_wait<0>();
         pipe_k.consumer_release(rk);
         ++rk;
-        mask(tSrS, n_max - 1);
+        prep(tSrS, n_max - 1);
         float alpha[kRows];
         {
           Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-          softmax.template step<true>(s_rc, alpha);
+          softmax.template step<true>(s_rc, alpha, block_sc(n_max - 1));
         }
-        // P lives in registers (16-bit) and feeds the PV GEMM as its A operand.
-        Tensor rP = make_tensor<Element>(tSrS.layout());
-        convert_into(tSrS, rP);
-        Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+        v_units_to(n_max - 1);  // O is still zero
+        // P lives in registers and feeds the PV GEMM as its A operand.
+        Tensor tOrP = make_operand_p(tSrS);
+        to_operand_p(tSrS, tOrP);
         for (int n = n_max - 2; n >= n_min; --n) {
           inline_load_k(n - Cfg::kStages + 1);
           inline_load_v(n - Cfg::kStages + 2);
@@ -435,16 +504,16 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           warpgroup_wait<1>();  // S_{j+1} done; P_j V_j may still run under the softmax below
           pipe_k.consumer_release(rk);
           ++rk;
-          mask(tSrS2, n);
+          prep(tSrS2, n);
           {
             Tensor s_rc = make_tensor(tSrS2.data(), acc_rowcol(tSrS2.layout()));
-            softmax.template step<false>(s_rc, alpha);
+            softmax.template step<false>(s_rc, alpha, block_sc(n));
           }
           warpgroup_wait<0>();
           pipe_v.consumer_release(rv);
           ++rv;
-          rescale_o(alpha);
-          convert_into(tSrS2, rP);  // safe: the PV GEMM reading rP has completed
+          rescale_o(alpha, v_units_to(n));
+          to_operand_p(tSrS2, tOrP);  // safe: the PV GEMM reading tOrP has completed
         }
         pipe_v.consumer_wait(rv);
         wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
@@ -462,15 +531,14 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           warpgroup_wait<0>();
           pipe_k.consumer_release(rk);
           ++rk;
-          mask(tSrS, n);
+          prep(tSrS, n);
           float alpha[kRows];
           Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-          if (n == n_max - 1) softmax.template step<true>(s_rc, alpha);
-          else softmax.template step<false>(s_rc, alpha);
-          rescale_o(alpha);
-          Tensor rP = make_tensor<Element>(tSrS.layout());
-          convert_into(tSrS, rP);
-          Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));
+          if (n == n_max - 1) softmax.template step<true>(s_rc, alpha, block_sc(n));
+          else softmax.template step<false>(s_rc, alpha, block_sc(n));
+          rescale_o(alpha, v_units_to(n));
+          Tensor tOrP = make_operand_p(tSrS);
+          to_operand_p(tSrS, tOrP);
           pipe_v.consumer_wait(rv);
           wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
           pipe_v.consumer_release(rv);
@@ -491,6 +559,10 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     // rows.  LSE by the first lane of each quad.  Empty tiles write O = 0, LSE = -inf.
     float inv[kRows], lse[kRows];
     softmax.finalize(inv, lse);
+    if constexpr (Cfg::kFp8) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) inv[r] *= v_unit;  // O's units back to values
+    }
     using OutT = typename Cfg::OutT;
     OutT* out_bh = p.out + tc.batch * p.o_sb + tc.head * p.o_sh;
     float* lse_bh = p.lse + (int64_t(tc.batch) * p.hq + tc.head) * p.sq;

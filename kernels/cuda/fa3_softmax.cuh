@@ -1,5 +1,8 @@
-// Online softmax over the rows a thread owns in the WGMMA accumulator, and the window/causal
-// mask.  exp2 with log2(e)*scale folded into one FMA per score; running max kept unscaled.
+// Online softmax over the rows a thread owns in the WGMMA accumulator, the window/causal mask
+// and the softcap transform.  Scores are taken to the exp2 domain by one multiplier per key
+// block (`sc`: scale * log2(e), times the FP8 block scales of Q and K when they vary per block),
+// folded into the FMA of the exponent; the running max is kept in that domain so that blocks
+// with different multipliers compare correctly.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -11,34 +14,40 @@ using namespace cute;
 
 template <int kRows>
 struct OnlineSoftmax {
-  float row_max[kRows];
+  float row_max[kRows];  // exp2 domain (raw max * sc)
   float row_sum[kRows];  // per-thread partial sums; reduced across the quad only at the end
-  float scale_log2;
+  // P is produced as 2^p_log2 * exp2(s - max): 0 for 16-bit P, log2(448) for FP8 P so that the
+  // probabilities use e4m3's range (P in [0, 1] would flush below 2^-9).  l carries the same
+  // factor, so O / l is unchanged; only the LSE subtracts it.
+  float p_log2;
 
-  CUTE_DEVICE explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+  CUTE_DEVICE explicit OnlineSoftmax(float p_log2_ = 0.f) : p_log2(p_log2_) {
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) { row_max[r] = -INFINITY; row_sum[r] = 0.f; }
   }
 
   // s: (rows, cols) view of raw scores (masked entries are -inf); overwritten with
   // unnormalised probabilities.  alpha[r] is the factor the O accumulator must be scaled by.
+  // sc > 0: the block's multiplier into the exp2 domain.
   template <bool kFirst, class TensorS>
-  CUTE_DEVICE void step(TensorS& s, float (&alpha)[kRows]) {
+  CUTE_DEVICE void step(TensorS& s, float (&alpha)[kRows], float sc) {
     static_assert(decltype(size<0>(s))::value == kRows);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float mx = row_max[r];
+      float mx = -INFINITY;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) { mx = fmaxf(mx, s(r, c)); }
       mx = quad_max(mx);
+      float const m_new = fmaxf(row_max[r], mx * sc);  // -inf * sc stays -inf (sc > 0)
       // A row with every score masked so far keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
-      float const m_scaled = (mx == -INFINITY) ? 0.f : mx * scale_log2;
-      alpha[r] = kFirst ? 1.f : exp2f(row_max[r] * scale_log2 - m_scaled);
-      row_max[r] = mx;
+      float const m_sub = (m_new == -INFINITY) ? 0.f : m_new;
+      alpha[r] = kFirst ? 1.f : exp2f(row_max[r] - m_sub);
+      row_max[r] = m_new;
+      float const bias = p_log2 - m_sub;
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        float const p = exp2f(fmaf(s(r, c), scale_log2, -m_scaled));
+        float const p = exp2f(fmaf(s(r, c), sc, bias));
         s(r, c) = p;
         sum += p;
       }
@@ -53,10 +62,23 @@ struct OnlineSoftmax {
       float const l = quad_sum(row_sum[r]);
       bool const dead = !(l > 0.f);  // also catches NaN
       inv[r] = dead ? 0.f : 1.f / l;
-      lse[r] = dead ? -INFINITY : (row_max[r] * scale_log2 + __log2f(l)) * 0.69314718055994531f;
+      lse[r] = dead ? -INFINITY : (row_max[r] + __log2f(l) - p_log2) * 0.69314718055994531f;
     }
   }
 };
+
+// softcap: s <- tanh(s * scale / cap), in place (the caller then uses sc = cap * log2(e)).
+// pre2 = 2 * log2(e) * scale / cap.  tanh(x) = 1 - 2 / (exp2(2 x log2 e) + 1): one MUFU.EX2 and a
+// fast reciprocal, saturating to +-1 without NaN (the Triton template computes it the same way).
+// Runs before the mask, which then sets masked entries to -inf.
+template <class TensorS>
+CUTE_DEVICE void apply_softcap(TensorS& s, float pre2) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i) {
+    float const e = exp2f(s(i) * pre2);
+    s(i) = 1.f - __fdividef(2.f, e + 1.f);
+  }
+}
 
 // keep(i, j) = j < sk and (!HasWR or j <= i + off + wr) and (!HasWL or j >= i + off - wl)
 // with i, j global indices; coords holds the (row, col) of every accumulator element.

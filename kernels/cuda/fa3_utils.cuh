@@ -44,6 +44,39 @@ CUTE_DEVICE void convert_into(TSrc const& src, TDst& dst) {
       conv(*reinterpret_cast<cutlass::Array<From, N> const*>(raw_pointer_cast(src.data())));
 }
 
+// FP8: P (the fp32 S accumulator of one 64 x N atom, ((2, 2, N/8), 1, 1)) into the registers of
+// the A operand of the k32 8-bit PV WGMMA, ((4, 2, 2), 1, N/32), converting to e4m3 on the way.
+// An 8-bit A fragment holds 4 consecutive keys per register (lane q = lane % 4 owns keys 4q..4q+3
+// and 16+4q..16+4q+3 of each 32), while the accumulator holds pairs (2q, 2q+1) of each 8.  Rather
+// than exchanging values between lanes, each thread keeps its own values and the GEMM's key order
+// is permuted: A slot (u0, u1, u2, kb) takes accumulator element (v0 = u0 & 1, v1 = u1,
+// v2 = 4 kb + 2 u2 + (u0 >> 1)), so GEMM key 16 u2 + 4 q + u0 of block kb multiplies P's key
+// 16 u2 + 8 (u0 >> 1) + 2 q + (u0 & 1).  V^T is written with its keys in that same order
+// (fa3_inductor/fp8/quantize.py, permute_keys), so every product pairs the right P and V.
+// tests/cuda_host/layout_check.cu checks the correspondence against CuTe's partitions.
+template <class TAcc, class TA>
+CUTE_DEVICE void acc_to_fp8_operand_a(TAcc const& acc, TA& a) {
+  using To = typename TA::value_type;
+  constexpr int N = decltype(size(acc))::value;
+  static_assert(N == decltype(size(a))::value && N % 16 == 0);
+  float const* src = raw_pointer_cast(acc.data());
+  cutlass::Array<To, 4>* dst = reinterpret_cast<cutlass::Array<To, 4>*>(raw_pointer_cast(a.data()));
+  cutlass::NumericArrayConverter<To, float, 4> conv;
+  CUTE_UNROLL
+  for (int kb = 0; kb < N / 16; ++kb) {
+    CUTE_UNROLL
+    for (int u2 = 0; u2 < 2; ++u2) {
+      CUTE_UNROLL
+      for (int u1 = 0; u1 < 2; ++u1) {
+        cutlass::Array<float, 4> x;
+        CUTE_UNROLL
+        for (int u0 = 0; u0 < 4; ++u0) x[u0] = src[(u0 & 1) + 2 * u1 + 4 * (4 * kb + 2 * u2 + (u0 >> 1))];
+        dst[4 * kb + 2 * u2 + u1] = conv(x);  // slots 16 kb + 8 u2 + 4 u1 + u0
+      }
+    }
+  }
+}
+
 // Issue one warpgroup GEMM C (+)= A * B over the whole K extent and commit it as one batch.
 // kWait >= 0 waits until at most kWait batches are in flight; -1 returns immediately so
 // the caller can overlap the GEMM with other work (intra-warpgroup overlap).

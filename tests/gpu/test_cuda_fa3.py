@@ -35,12 +35,12 @@ from fa3_inductor.ops import cuda_impl  # noqa: E402
 DEV = "cuda"
 
 
-def _spec(causal="none", window_left=None, window_right=None, out_dtype="float16", gqa="div"):
+def _spec(causal="none", window_left=None, window_right=None, out_dtype="float16", gqa="div", softcap=None):
     if causal != "none":
         window_right = 0
     return AttentionSpec(align="bottom_right" if causal == "bottom_right" else "top_left",
                          window_left=window_left, window_right=window_right, out_dtype=out_dtype,
-                         gqa_mapping=gqa)
+                         gqa_mapping=gqa, softcap=softcap)
 
 
 def _eager_lowp(q, k, v, scale, spec):
@@ -48,6 +48,8 @@ def _eager_lowp(q, k, v, scale, spec):
     kx = reference.expand_kv(k, Hq, spec.gqa_mapping)
     vx = reference.expand_kv(v, Hq, spec.gqa_mapping)
     s = torch.matmul(q, kx.transpose(-1, -2)).float() * scale
+    if spec.softcap:
+        s = torch.tanh(s / spec.softcap) * spec.softcap
     keep = reference.keep_mask(spec, torch.arange(Sq, device=q.device), Sq, Sk, q.device, None, None)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
@@ -172,3 +174,14 @@ def test_tile_176():
     # The FA3 paper's hdim-128 non-causal tile (64x176 WGMMA atoms, 11 k-steps in PV).
     q, k, v = _make(2, 4, 4, 1000, 1001, 128, torch.float16)
     _check(q, k, v, _spec("none"), block_n=176)
+
+
+@pytest.mark.parametrize("cap", [5.0, 30.0])
+@pytest.mark.parametrize("causal,sq,sk,D,dtype", [("none", 300, 517, 128, torch.bfloat16),
+                                                  ("bottom_right", 1000, 1000, 64, torch.float16),
+                                                  ("top_left", 17, 4097, 256, torch.bfloat16)])
+def test_softcap(cap, causal, sq, sk, D, dtype):
+    """cap * tanh(s / cap) in the template (Gemma-2 style logit capping), scores scaled x4 so that
+    the cap bites; masked entries stay masked after the tanh."""
+    q, k, v = _make(2, 4, 2, sq, sk, D, dtype)
+    _check(q * 2, k * 2, v, _spec(causal, out_dtype=str(dtype).split(".")[-1], softcap=cap))

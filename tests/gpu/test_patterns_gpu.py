@@ -79,3 +79,25 @@ def test_form_through_kernels(name):
     for a, e, r in zip(lo, ea, (q64, k64, v64)):
         scale = r.grad.abs().max().item()
         assert _err(a.grad, r.grad) <= 2 * _err(e.grad, r.grad) + 2e-2 * scale
+
+
+class _CausalAttention(torch.nn.Module):
+    """nanoGPT-style: q @ k^T * scale, tril-masked softmax, @ v."""
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        n = q.shape[-2]
+        keep = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("d,s,fp8,want", [(128, 2048, False, "cuda"), (64, 1024, False, "triton"),
+                                          (128, 2048, True, "fp8 (cuda)")])
+def test_explain_names_the_kernel_on_hopper(d, s, fp8, want):
+    """explain()'s kernel column on the H100: the CUDA template for d128 causal, Triton for d64
+    causal at 1k keys (ops/kernel_table.py), the CUDA FP8 kernel when fp8 is on."""
+    q = torch.randn(1, 4, s, d, device=DEVICE, dtype=torch.bfloat16)
+    with fa3_inductor.config.patch(fp8=fp8):
+        rep = fa3_inductor.explain(_CausalAttention(), q, q, q)
+    assert len(rep.matched) == 1 and rep.matched[0].rewritten_on_this_machine, rep
+    assert rep.matched[0].kernel == want, rep

@@ -202,3 +202,24 @@ def test_atomic_dq(name, shape):
     from fa3_inductor import config
     with config.patch(deterministic_backward=False):
         _run(SPECS[name], shape)
+
+
+@pytest.mark.parametrize("name,shape", [("causal_br", (1, 8, 2, 113, 1000, 128)), ("plain", (2, 4, 4, 4097, 4097, 64)),
+                                        ("softcap", (2, 4, 2, 17, 300, 256)), ("window", (2, 4, 4, 1000, 1000, 128)),
+                                        ("causal_tl", (2, 8, 8, 1000, 1000, 128))])
+def test_fused_backward(name, shape):
+    """BwdConfig.fused (dK/dV and dQ programs in one launch) with the table's tiles: the numerics
+    bar, and bitwise the results of the two separate kernels."""
+    import dataclasses
+    from fa3_inductor.codegen import triton_configs
+    spec, D = SPECS[name], shape[-1]
+    tiles = triton_configs.default_bwd(D, D, spec.causal)
+    with triton_configs.override(bwd=dataclasses.replace(tiles, fused=True)):
+        _run(spec, shape)
+    q, k, v, *_ = _case(*shape, spec)   # these specs have no tensor operands
+    out, lse = triton_impl.forward(q, k, v, None, None, None, None, 0.1, spec)
+    dout = torch.randn_like(out)
+    a, b = (triton_impl.backward(dout, q, k, v, out, lse, None, None, None, None, 0.1, spec, False,
+                                 config=dataclasses.replace(tiles, fused=f)) for f in (True, False))
+    for x, y in zip(a[:3], b[:3]):
+        assert torch.equal(x, y)
