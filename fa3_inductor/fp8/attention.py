@@ -90,6 +90,8 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
     ("cuda" / "triton") overrides kernel_for().
     """
     kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
+    if kernel == "cuda" and not (scale > 0 and math.isfinite(scale)):
+        kernel = "triton"  # the CUDA template's exp2-domain running max needs a positive scale
     if kernel == "cuda":
         signs = signs_for(spec, q.shape[3], q.device) if incoherent else None
         return cuda_attention.forward(q, k, v, scale, spec, signs, quantized=quantized)

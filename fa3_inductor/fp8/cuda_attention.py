@@ -56,15 +56,12 @@ def forward(q, k, v, scale: float, spec: AttentionSpec, signs: Optional[torch.Te
     """out [B, Hq, Sq, D] (spec.out_dtype), lse [B, Hq, Sq] fp32 natural log.  `quantized`
     (from quantize_qkv(..., *tiles_for(d, causal, block_n), permute=True)) lets the benchmark time the
     kernel alone; block_n / variant (stages, persistent) pick a benchmark candidate."""
-    from ..ops.cuda_impl import _strides, lpt_group
+    from ..ops.cuda_impl import _strides, lpt_group, new_outputs
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
-    out = torch.empty(B, Hq, Sq, D, dtype=spec.out_torch_dtype, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    out, lse, final = new_outputs(q, k, v, spec)
+    if final:
         return out, lse
-    if Sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"fp8 cuda forward: scale must be positive and finite (got {scale})")
     kern = cuda_jit.get_kernel(config_for_call(q, spec, block_n, **variant))

@@ -148,18 +148,28 @@ def lpt_group(b: int, hq: int, hk: int, sk: int, d: int, elem_bytes: int) -> int
     return best
 
 
+def new_outputs(q, k, v, spec: AttentionSpec):
+    """(out, lse, final) of the op's contract: final when there is nothing for a kernel to do
+    (no rows; or no keys: O = 0, LSE = -inf).  The FP8 path shares it."""
+    B, Hq, Sq, _ = q.shape
+    out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=spec.out_torch_dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse, True
+    if k.shape[2] == 0:
+        return out.zero_(), lse.fill_(float("-inf")), True
+    return out, lse, False
+
+
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,
             **ablation):
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
-    out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=spec.out_torch_dtype, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    out, lse, final = new_outputs(q, k, v, spec)
+    if final:
         return out, lse
-    if Sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
     if not (scale > 0 and math.isfinite(scale)):
-        # The kernel keeps the running max of raw scores; that needs a positive scale.
+        # The kernel takes the running max as (raw max) x scale: that needs a positive scale.
         from . import triton_impl
         return triton_impl.forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec)
     k, v = _shared_kv_head(k, v)
