@@ -3,13 +3,15 @@ registers / spills from `ptxas -v`.  Fails (exit 1) if a kernel does not compile
 reported (the tables hold measured winners, some of which spill a little).
 
     PYTHONPATH=. python scripts/compile_triton_sm90.py [--all-specs] [--candidates] [--kinds bwd]
-        [--dtypes fp16] [--dims 128]
+        [--dtypes fp16] [--dims 128] [--even off,on]
 
 Main configs: the tuned table of codegen/triton_configs.py for head dims 64/128/256, fp16 and
 bf16, causal and not.  --all-specs also compiles feature-rich specs (bias, alibi, softcap,
 dropout, key padding, windows); --candidates compiles every autotune candidate (slow), including
 the one-launch backward variants (BwdConfig.fused: one "fused" row, the kernel's registers being
-the larger of its dK/dV and dQ halves).
+the larger of its dK/dV and dQ halves).  --even picks the kernels' EVEN_M / EVEN_N constexprs
+(seqlens that divide the tiles: no bound checks, as triton_impl launches them then): "off" (any
+length), "on", or both (the default: one row each, labelled even0 / even1).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def _tensor_ptrs(dt, spec, names):
     return p
 
 
-def fwd_kernel(spec, dt, d, cfg):
+def fwd_kernel(spec, dt, d, cfg, even=False):
     mod = triton_render.load("fwd", spec)
     dp = triton_configs.pad_head_dim(d)
     ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "Out"])
@@ -102,19 +104,19 @@ def fwd_kernel(spec, dt, d, cfg):
         for name, rows in (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n)):
             ptrs[name] = f"tensordesc<{ty}[1,1,{rows},{dp}]>"
     ce = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-              USE_TMA=cfg.tma, LPT=cfg.lpt)
+              USE_TMA=cfg.tma, LPT=cfg.lpt, EVEN_M=even, EVEN_N=even)
     _optional(spec, ptrs, ce)
     return _compile(mod.attn_fwd, ptrs, ce, cfg.num_warps, cfg.num_stages,
-                    f"fwd {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}")
+                    f"fwd {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}")
 
 
-def bwd_kernels(spec, dt, d, cfg, atomic_dq=False):
+def bwd_kernels(spec, dt, d, cfg, atomic_dq=False, even=False):
     mod = triton_render.load("bwd", spec, dbias=spec.mask_kind == "additive")
     dp = triton_configs.pad_head_dim(d)
     out = []
     ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "DO", "DK", "DV", "DQ"])
     ptrs.update(Lse="*fp32", Delta="*fp32")
-    base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp)
+    base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, EVEN_M=even, EVEN_N=even)
     if cfg.fused and not atomic_dq:
         return [fused_kernel(mod, spec, dt, d, cfg, ptrs, base)]
     ce = dict(base, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq)
@@ -124,7 +126,7 @@ def bwd_kernels(spec, dt, d, cfg, atomic_dq=False):
         ce["DQacc"] = None
     _optional(spec, ptrs, ce)
     out.append(_compile(mod.attn_bwd_dkdv, ptrs, ce, cfg.num_warps, cfg.num_stages,
-                        f"dkdv {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}"))
+                        f"dkdv {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}"))
     ce = dict(base, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2)
     _optional(spec, ptrs, ce)
     if spec.mask_kind == "additive":
@@ -132,7 +134,7 @@ def bwd_kernels(spec, dt, d, cfg, atomic_dq=False):
     else:
         ce["DBias"] = None
     out.append(_compile(mod.attn_bwd_dq, ptrs, ce, cfg.num_warps, cfg.num_stages,
-                        f"dq   {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}"))
+                        f"dq   {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}"))
     return out
 
 
@@ -146,7 +148,7 @@ def fused_kernel(mod, spec, dt, d, cfg, ptrs, base):
     else:
         ce["DBias"] = None
     return _compile(mod.attn_bwd_fused, ptrs, ce, cfg.num_warps, cfg.num_stages,
-                    f"fused {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()}")
+                    f"fused {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{base['EVEN_M']:d}")
 
 
 def _optional(spec, ptrs, ce):
@@ -178,8 +180,10 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kinds", default="fwd,bwd", help="which kernels: fwd, bwd or both")
     ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--even", default="off,on", help="EVEN_M/EVEN_N constexprs: off, on or both")
     args = ap.parse_args(argv)
     kinds = set(args.kinds.split(","))
+    evens = [{"off": False, "on": True}[e] for e in args.even.split(",")]
     if not shutil.which(PTXAS) and not os.path.exists(PTXAS):
         print(f"ptxas not found at {PTXAS}", file=sys.stderr)
         return 2
@@ -202,14 +206,16 @@ def main(argv=None):
                 fcfgs = fcfgs if "fwd" in kinds else []
                 bcfgs = bcfgs if "bwd" in kinds else []
                 for cfg in fcfgs:
-                    rows.append(fwd_kernel(spec, dt, d, cfg))
-                    main_spills += is_main and cfg in fcfgs[:1] and rows[-1].get("spill_st", 0) > 0
-                    _print(rows[-1])
+                    for even in evens:
+                        rows.append(fwd_kernel(spec, dt, d, cfg, even))
+                        main_spills += is_main and cfg in fcfgs[:1] and rows[-1].get("spill_st", 0) > 0
+                        _print(rows[-1])
                 for cfg in bcfgs:
-                    for r in bwd_kernels(spec, dt, d, cfg):
-                        rows.append(r)
-                        main_spills += is_main and cfg in bcfgs[:1] and r.get("spill_st", 0) > 0
-                        _print(r)
+                    for even in evens:
+                        for r in bwd_kernels(spec, dt, d, cfg, even=even):
+                            rows.append(r)
+                            main_spills += is_main and cfg in bcfgs[:1] and r.get("spill_st", 0) > 0
+                            _print(r)
     errors = [r for r in rows if "error" in r]
     print(f"\n{len(rows)} kernels compiled, {len(errors)} errors, {main_spills} main configs spilling")
     return 1 if errors else 0

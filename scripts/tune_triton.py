@@ -5,6 +5,8 @@ tuned tables in triton_configs.py.
     python scripts/tune_triton.py [--dims 64,128,256] [--seqlens 4096] [--kinds fwd,bwd] [--jobs 8] [--json F]
     python scripts/tune_triton.py --list ...   # the jobs that would run (no GPU needed)
     python scripts/tune_triton.py --kinds bwd --only fused   # default + one-launch backward variants
+    python scripts/tune_triton.py --kinds bwd --only default --noeven   # default, with and without
+                                                 # the even-length specialisation (key suffix _noeven)
 
 fp16, batch*seqlen = 16k, hidden 2048 (heads = 2048 / d).  Compiles happen first in --jobs
 worker processes (each runs every config of its share once at the real shape, so Triton's
@@ -42,14 +44,23 @@ def _inputs(d, s, causal, need_grad=False):
     return q, k, v, AttentionSpec(window_right=0 if causal else None), D ** -0.5
 
 
-def _run(kind, d, s, causal, cfg):
+def _run(kind, d, s, causal, cfg, even=True):
     q, k, v, spec, scale = _inputs(d, s, causal)
     if kind == "fwd":
-        return lambda: triton_impl.forward(q, k, v, None, None, None, None, scale, spec, config=cfg)
-    out, lse = triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
-    dout = torch.randn_like(out)
-    return lambda: triton_impl.backward(dout, q, k, v, out, lse, None, None, None, None, scale, spec, False,
-                                        config=cfg)
+        fn = lambda: triton_impl.forward(q, k, v, None, None, None, None, scale, spec, config=cfg)  # noqa: E731
+    else:
+        out, lse = triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
+        dout = torch.randn_like(out)
+        fn = lambda: triton_impl.backward(dout, q, k, v, out, lse, None, None, None, None, scale, spec,  # noqa: E731
+                                          False, config=cfg)
+    if even:
+        return fn
+
+    def noeven():
+        # The bound-checked kernels at the same (even) shape: the specialisation's A/B.
+        with triton_configs.no_even_specialisation():
+            return fn()
+    return noeven
 
 
 def _cells(dims, seqlens):
@@ -60,6 +71,7 @@ def _cells(dims, seqlens):
 
 
 _ONLY = []   # --only: key substrings; the table's default config always stays (the baseline)
+_EVENS = [True]   # --noeven adds False: every candidate also timed with the specialisation off
 
 
 def _candidates(kind, d, causal):
@@ -67,11 +79,20 @@ def _candidates(kind, d, causal):
     return [c for i, c in enumerate(cands) if i == 0 or not _ONLY or any(o in c.key() for o in _ONLY)]
 
 
+def _variants(kind, d, causal):
+    """(cfg, even) pairs to measure: each candidate, and with --noeven also its bound-checked run."""
+    return [(c, e) for c in _candidates(kind, d, causal) for e in _EVENS]
+
+
+def _variant_key(cfg, even):
+    return cfg.key() + ("" if even else "_noeven")
+
+
 def _jobs(dims, seqlens, kinds=KINDS):
     out = []
     for d, causal, s in _cells(dims, seqlens):
         for kind in kinds:
-            out += [(kind, d, s, causal, c) for c in _candidates(kind, d, causal)]
+            out += [(kind, d, s, causal, c, e) for c, e in _variants(kind, d, causal)]
     return out
 
 
@@ -93,8 +114,8 @@ def _warm_worker(index: int, count: int, dims, seqlens, kinds, path: str):
 
 
 def _job_key(job):
-    kind, d, s, causal, cfg = job
-    return f"{kind}:d{d}:s{s}:c{int(causal)}:{cfg.key()}"
+    kind, d, s, causal, cfg, even = job
+    return f"{kind}:d{d}:s{s}:c{int(causal)}:{_variant_key(cfg, even)}"
 
 
 def _warm(dims, seqlens, kinds, jobs_n: int, deadline_s: float, workdir: str):
@@ -109,7 +130,7 @@ def _warm(dims, seqlens, kinds, jobs_n: int, deadline_s: float, workdir: str):
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", f"{i}/{jobs_n}", "--dims",
                                        ",".join(map(str, dims)), "--seqlens", ",".join(map(str, seqlens)),
                                        "--kinds", ",".join(kinds), "--only", ",".join(_ONLY),
-                                       "--worker-log", path]))
+                                       "--worker-log", path] + ([] if _EVENS == [True] else ["--noeven"])))
     t0 = time.time()
     while time.time() - t0 < deadline_s and any(p.poll() is None for p in procs):
         time.sleep(1)
@@ -164,7 +185,10 @@ def main(argv=None):
     ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both (bwd alone saves device time)")
     ap.add_argument("--list", action="store_true", help="print the jobs and exit (no GPU needed)")
     ap.add_argument("--only", default="", help="comma-separated substrings of config keys to keep "
-                    "(e.g. 'fused'); the table's default always runs too, as the baseline")
+                    "(e.g. 'fused'); the table's default always runs too, as the baseline "
+                    "('--only default': the default alone)")
+    ap.add_argument("--noeven", action="store_true", help="also time every config with the even-length "
+                    "specialisation off (EVEN_M/EVEN_N false: bound checks kept), key suffix _noeven")
     ap.add_argument("--json", default=None)
     ap.add_argument("--warm-s", type=float, default=150.0, help="deadline of the compile phase")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -174,6 +198,7 @@ def main(argv=None):
     seqlens = [int(x) for x in args.seqlens.split(",")]
     kinds = [k for k in KINDS if k in args.kinds.split(",")]
     _ONLY[:] = [o for o in args.only.split(",") if o]
+    _EVENS[:] = [True, False] if args.noeven else [True]
     if args.list:
         for job in _jobs(dims, seqlens, kinds):
             print(_job_key(job))
@@ -197,16 +222,17 @@ def main(argv=None):
         cell = dict(d=d, causal=causal, seqlen=s, cudnn_fwd=fl / ref["fwd"] / 1e9 if "fwd" in ref else None,
                     cudnn_bwd=2.5 * fl / ref["bwd"] / 1e9 if "bwd" in ref else None, fwd=[], bwd=[])
         for kind in kinds:
-            for cfg in _candidates(kind, d, causal):
-                if _job_key((kind, d, s, causal, cfg)) not in ok:
-                    cell[kind].append(dict(cfg=cfg.key(), error="not compiled in the warm phase"))
+            for cfg, even in _variants(kind, d, causal):
+                name = _variant_key(cfg, even)
+                if _job_key((kind, d, s, causal, cfg, even)) not in ok:
+                    cell[kind].append(dict(cfg=name, error="not compiled in the warm phase"))
                     continue
                 try:
-                    ms = do_bench(_run(kind, d, s, causal, cfg))
+                    ms = do_bench(_run(kind, d, s, causal, cfg, even))
                 except Exception as exc:
-                    cell[kind].append(dict(cfg=cfg.key(), error=str(exc).splitlines()[0][:100]))
+                    cell[kind].append(dict(cfg=name, error=str(exc).splitlines()[0][:100]))
                     continue
-                cell[kind].append(dict(cfg=cfg.key(), ms=ms, tflops=(fl if kind == "fwd" else 2.5 * fl) / ms / 1e9))
+                cell[kind].append(dict(cfg=name, ms=ms, tflops=(fl if kind == "fwd" else 2.5 * fl) / ms / 1e9))
             cell[kind].sort(key=lambda r: r.get("ms", 1e9))
         results.append(cell)
         _print_cell(cell)

@@ -344,3 +344,112 @@ def test_render_only_needed_code():
     assert "WRITE_DBIAS = tl.constexpr(True)" in rich and "_tanh(qk" in rich
     compile(plain, "fwd", "exec")
     compile(rich, "bwd", "exec")
+
+
+# ---- even-length specialisation (EVEN_M / EVEN_N launch constexprs) -----------------------
+# Lengths that the tiles divide compile the seqlen bound checks out (loads, stores, the key
+# boundary of the score rule).  Each case runs against the reference, checks which flags the
+# launches got, and checks bitwise equality with the same launch with the switch off
+# (triton_configs.no_even_specialisation: every bound check kept).  The odd lengths of the same
+# spec (one side even, the other not, or a length only one of the backward's tiles divides)
+# take the mixed paths.
+EVEN_FWD = FwdConfig(128, 64, 4, 1)
+EVEN_BWD = BwdConfig(64, 128, 128, 64, 4, 1)
+
+
+def _check_even(spec, q, k, v, *, fwd_cfg=EVEN_FWD, bwd_cfg=EVEN_BWD, monkeypatch, **kw):
+    from fa3_inductor.codegen import triton_configs
+    flags = []
+    even = triton_configs.even
+    monkeypatch.setattr(triton_configs, "even", lambda size, *t: flags.append(even(size, *t)) or flags[-1])
+    _check(spec, q, k, v, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg, **kw)
+    seen, flags[:] = list(flags), []
+    scale = q.shape[-1] ** -0.5
+    args = (kw.get("bias"), kw.get("key_padding"), kw.get("alibi"), kw.get("seed"), scale, spec)
+    out, lse = reference.forward(q, k, v, *args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(q.dtype)
+
+    def run():
+        f = triton_impl.forward(q, k, v, *args, config=fwd_cfg)
+        b = triton_impl.backward(dout, q, k, v, out.to(q.dtype), lse, *args[:-1], spec, kw.get("bias_grad", False),
+                                 config=bwd_cfg)
+        return (*f, *b)
+    on = run()
+    with triton_configs.no_even_specialisation():
+        off = run()
+    assert not any(flags[len(flags) // 2:]), "the switch did not turn the specialisation off"
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), on, off):
+        assert torch.equal(a, b), f"{name}: the even-length kernels differ from the bound-checked ones"
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("spec", [AttentionSpec(), AttentionSpec(window_right=0),
+                                  AttentionSpec(window_right=0, align="bottom_right", gqa_mapping="mod")],
+                         ids=["dense", "causal", "causal_br_gqa"])
+def test_even_lengths(spec, fused, monkeypatch):
+    q, k, v = _inputs(1, 4, 2, 256, 256, 32)
+    cfg = dataclasses.replace(EVEN_BWD, fused=fused)
+    assert all(_check_even(spec, q, k, v, bwd_cfg=cfg, monkeypatch=monkeypatch))
+
+
+@pytest.mark.parametrize("Sq,Sk,want", [(256, 200, "m"), (200, 256, "n"), (192, 192, "m1n2"), (1, 17, "")],
+                         ids=["even_q", "even_k", "one_tile_divides", "tiny"])
+def test_even_mixed_lengths(Sq, Sk, want, monkeypatch):
+    """Only one side even, or a length that BLOCK_M1 = 64 divides and BLOCK_M2 = 128 does not:
+    each launch gets its own flags (dK/dV even rows, dQ not), the fused one the conjunction."""
+    from fa3_inductor.codegen import triton_configs
+    q, k, v = _inputs(1, 4, 2, Sq, Sk, 32)
+    spec = AttentionSpec(window_left=70, window_right=0, align="bottom_right")
+    seen = _check_even(spec, q, k, v, monkeypatch=monkeypatch)
+    # forward (m, n), dK/dV (m1, n1), dQ (m2, n2)
+    assert seen == [triton_configs.even(Sq, 128), triton_configs.even(Sk, 64), triton_configs.even(Sq, 64),
+                    triton_configs.even(Sk, 128), triton_configs.even(Sq, 128), triton_configs.even(Sk, 64)]
+    assert any(seen) == bool(want)
+    seen = _check_even(spec, q, k, v, bwd_cfg=dataclasses.replace(EVEN_BWD, fused=True), monkeypatch=monkeypatch)
+    assert seen[2:] == [triton_configs.even(Sq, 64, 128), triton_configs.even(Sk, 128, 64)]
+
+
+@pytest.mark.parametrize("Sq,Sk", [(128, 256), (120, 250)])
+def test_even_padding_bias_dbias(Sq, Sk, monkeypatch):
+    B, H = 2, 2
+    q, k, v = _inputs(B, H, H, Sq, Sk, 32)
+    kp = torch.ones(B, Sk, dtype=torch.bool)
+    kp[1, 180:] = False
+    bias = torch.randn(B, H, Sq, Sk, generator=torch.Generator().manual_seed(9))
+    spec = AttentionSpec(mask_kind="additive", key_padding=True, window_right=0, align="bottom_right")
+    for fused in (False, True):
+        _check_even(spec, q, k, v, bias=bias, key_padding=kp, bias_grad=True, monkeypatch=monkeypatch,
+                    bwd_cfg=dataclasses.replace(EVEN_BWD, fused=fused))
+
+
+@pytest.mark.parametrize("Sq,Sk", [(128, 128), (100, 128)])
+def test_even_bool_mask_dropout(Sq, Sk, monkeypatch):
+    B, H = 1, 2
+    q, k, v = _inputs(B, H, 1, Sq, Sk, 32)
+    m = torch.rand(B, 1, Sq, Sk, generator=torch.Generator().manual_seed(3)) > 0.3
+    _check_even(AttentionSpec(mask_kind="bool"), q, k, v, bias=m.expand(B, H, Sq, Sk), monkeypatch=monkeypatch)
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    _check_even(AttentionSpec(dropout_p=0.3, window_right=0, gqa_mapping="mod"), q, k, v, seed=seed,
+                monkeypatch=monkeypatch)
+
+
+def test_even_atomic_dq_padded_head_dim(monkeypatch):
+    """Atomic dQ rows and a padded head dim (D = 24 in 32 lanes: those masks stay) at even lengths."""
+    from fa3_inductor import config
+    q, k, v = _inputs(1, 4, 2, 128, 256, 24)
+    with config.patch(deterministic_backward=False):
+        _check(AttentionSpec(window_right=0, align="bottom_right", gqa_mapping="mod"), q, k, v,
+               fwd_cfg=EVEN_FWD, bwd_cfg=EVEN_BWD)
+    _check_even(AttentionSpec(softcap=20.0, window_left=40, window_right=3), q, k, v, monkeypatch=monkeypatch)
+
+
+def test_even_flags():
+    from fa3_inductor.codegen import triton_configs
+    assert triton_configs.even(4096, 64, 128) and not triton_configs.even(4000, 64, 128)
+    assert triton_configs.even(192, 64) and not triton_configs.even(192, 64, 128)
+    with triton_configs.no_even_specialisation():
+        assert not triton_configs.even(4096, 64)
+    assert triton_configs.even(4096, 64)
+    src = triton_render.render_source("bwd", AttentionSpec(window_right=0, key_padding=True))
+    assert "if not EVEN_N:\n            keep = keep & (j < Sk)" in src

@@ -13,7 +13,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Optional
+
+# Even-length specialisation (launch constexprs EVEN_M / EVEN_N of the Triton kernels): when Sq / Sk
+# divide the launch's query / key tiles, the kernels drop their seqlen bound checks.  Same results
+# either way; this switch exists only so scripts/tune_triton.py --noeven (or the env var
+# FA3_NO_EVEN_SPECIALISATION=1) can time the masked code at even lengths in one process.
+even_specialisation = os.environ.get("FA3_NO_EVEN_SPECIALISATION", "") in ("", "0")
+
+
+@contextlib.contextmanager
+def no_even_specialisation():
+    """Launch every length as if it were odd (bound checks kept) inside the block."""
+    global even_specialisation
+    old = even_specialisation
+    even_specialisation = False
+    try:
+        yield
+    finally:
+        even_specialisation = old
+
+
+def even(size: int, *tiles: int) -> bool:
+    """EVEN_M / EVEN_N of a launch: every tile of `tiles` divides `size` (and the switch is on)."""
+    return even_specialisation and all(size % t == 0 for t in tiles)
 
 
 @dataclasses.dataclass(frozen=True)

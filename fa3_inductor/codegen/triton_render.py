@@ -84,8 +84,7 @@ def _score_mod(spec: AttentionSpec) -> str:
         # Bias tile loaded through its own strides (often 0 from expand()): never materialised.
         # Values <= BIAS_MASKED (finfo.min / -inf mask entries) mask the score: adding them
         # literally would overflow the log2 domain (-3.4e38 * log2e = -inf, then NaN).
-        out.append("b = tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), "
-                   "other=0.0).to(tl.float32)")
+        out.append("b = _load_ij(Bias_bh + i * sbm + j * sbn, i, j, Sq, Sk, EVEN_M, EVEN_N).to(tl.float32)")
         out.append(f"s = tl.where(b <= {BIAS_MASKED!r}, float(\"-inf\"), s + b * LOG2E)")
     return "\n".join(ind + line for line in out)
 
@@ -98,17 +97,28 @@ def _softcap_grad(spec: AttentionSpec) -> str:
 
 
 def _mask_mod(spec: AttentionSpec) -> str:
-    lines = ["if MASK:", "    keep = j < Sk"]
+    # The key-boundary test (j < Sk) and the operands' bound checks exist only for the seqlen
+    # edge: under EVEN_N / EVEN_M (launch constexprs) they are compiled out.  The spec's own
+    # rules (window, key padding, bool mask) are untouched.
+    window = []
     if spec.window_right is not None:
-        lines.append(f"    keep = keep & (j <= i + OFF + {spec.window_right})")
+        window.append(f"(j <= i + OFF + {spec.window_right})")
     if spec.window_left is not None:
-        lines.append(f"    keep = keep & (j >= i + OFF - {spec.window_left})")
-    lines.append('    s = tl.where(keep, s, float("-inf"))')
+        window.append(f"(j >= i + OFF - {spec.window_left})")
+    lines = ["if MASK:"]
+    if window:
+        lines += ["    keep = " + " & ".join(window),
+                  "    if not EVEN_N:",
+                  "        keep = keep & (j < Sk)",
+                  '    s = tl.where(keep, s, float("-inf"))']
+    else:
+        lines += ["    if not EVEN_N:",
+                  '        s = tl.where(j < Sk, s, float("-inf"))']
     if spec.key_padding:
-        lines.append("kp = tl.load(KP_b + j * skpn, mask=j < Sk, other=0)")
+        lines.append("kp = _load_rows(KP_b + j * skpn, j < Sk, 0, EVEN_N)")
         lines.append('s = tl.where(kp != 0, s, float("-inf"))')
     if spec.mask_kind == "bool":
-        lines.append("bm = tl.load(Bias_bh + i * sbm + j * sbn, mask=(i < Sq) & (j < Sk), other=0)")
+        lines.append("bm = _load_ij(Bias_bh + i * sbm + j * sbn, i, j, Sq, Sk, EVEN_M, EVEN_N)")
         lines.append('s = tl.where(bm != 0, s, float("-inf"))')
     return "\n".join("    " + line for line in lines)
 

@@ -110,6 +110,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
             bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
             HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=descs is not None, LPT=cfg.lpt,
+            EVEN_M=triton_configs.even(Sq, cfg.block_m), EVEN_N=triton_configs.even(Sk, cfg.block_n),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _launch(cfg, launch)
     return out, lse
@@ -169,6 +170,8 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     tails = (bs[0], bs[1], bs[2], bs[3], kps[0], kps[1])
     dbias_arg = dbias if want_dbias else None
 
+    # EVEN_M / EVEN_N from the tiles of the config actually launched (_launch may shrink it):
+    # true when they divide Sq / Sk, so the kernels compile out their seqlen bound checks.
     def launch_dkdv(cfg):
         n_blocks = triton_cdiv(Sk, cfg.block_n1)
         nsplit = gqa_splits(n_blocks * B * HK, H // HK, dev)
@@ -177,6 +180,7 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
             q, k, v, dout, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
             *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
             **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq,
+            EVEN_M=triton_configs.even(Sq, cfg.block_m1), EVEN_N=triton_configs.even(Sk, cfg.block_n1),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _sum_splits(dk, dv, dk_t, dv_t, nsplit)
 
@@ -191,7 +195,9 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
             q, k, v, dout, lse, delta, dq, dk_t, dv_t, dbias_arg, *common, *_strides3(dq),
             *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
             **dims, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
-            BLOCK_N2=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_N2=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m1, cfg.block_m2),
+            EVEN_N=triton_configs.even(Sk, cfg.block_n1, cfg.block_n2),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _sum_splits(dk, dv, dk_t, dv_t, nsplit)
 
     if cfg.fused and not atomic_dq:
@@ -203,7 +209,8 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         return dq, dk, dv, dbias
     _launch(cfg, lambda cfg: mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
         q, k, v, dout, lse, delta, dq, dbias_arg, *common, *_strides3(dq), *tails,
-        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m2),
+        EVEN_N=triton_configs.even(Sk, cfg.block_n2), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return dq, dk, dv, dbias
 
 
