@@ -51,7 +51,7 @@ def check(cfg):
     allowance = SPILL_ALLOWANCE.get(_tile_key(cfg), 0)
     if (rep["spill_stores"] or 0) > allowance or (rep["spill_loads"] or 0) > allowance:
         problems.append(f"spills {rep['spill_stores']}/{rep['spill_loads']}")
-    if (rep["stack"] or 0) > (8 if allowance else 0):
+    if (rep["stack"] or 0) > (8 if allowance else 0):  # an allowed spill comes with its 8-byte frame
         problems.append(f"stack {rep['stack']}")
     if rep["wgmma_serialized"]:
         problems.append("wgmma serialized: " + "; ".join(

@@ -68,10 +68,21 @@ def supports(q, k, v, bias, spec: AttentionSpec) -> Optional[str]:
 
 
 def kernel_for(q, k, v, bias, spec: AttentionSpec) -> str:
-    """"cuda" or "triton": the FP8 kernel forward() runs for this call (supports() passed)."""
-    if config.kernel != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None:
-        return "cuda"
-    return "triton"
+    """"cuda" or "triton": the FP8 kernel forward() runs for this call (supports() passed).
+    Remembered per call signature like every dispatch decision (it runs on every forward)."""
+    from ..ops import dispatch
+
+    def decide():
+        cuda = config.kernel != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None
+        return "cuda" if cuda else "triton"
+    return dispatch.remembered("fp8-kernel", q, k, v, bias, spec, config.kernel, decide)
+
+
+def _kernel(kernel, tiles, q, k, v, bias, scale, spec) -> str:
+    """The kernel forward() / emulated_forward() use: `kernel` if given, Triton when its tiles are
+    overridden, else kernel_for(); the CUDA template's exp2-domain running max needs scale > 0."""
+    kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
+    return kernel if kernel != "cuda" or (scale > 0 and math.isfinite(scale)) else "triton"
 
 
 def signs_for(spec: AttentionSpec, d: int, device) -> torch.Tensor:
@@ -89,10 +100,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
     warps, stages) overrides TILES of the Triton kernel (tests, tuning sweeps); `kernel`
     ("cuda" / "triton") overrides kernel_for().
     """
-    kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
-    if kernel == "cuda" and not (scale > 0 and math.isfinite(scale)):
-        kernel = "triton"  # the CUDA template's exp2-domain running max needs a positive scale
-    if kernel == "cuda":
+    if _kernel(kernel, tiles, q, k, v, bias, scale, spec) == "cuda":
         signs = signs_for(spec, q.shape[3], q.device) if incoherent else None
         return cuda_attention.forward(q, k, v, scale, spec, signs, quantized=quantized)
     B, Hq, Sq, D = q.shape
@@ -124,8 +132,7 @@ def emulated_forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: floa
                      *, tiles=None, kernel: Optional[str] = None):
     """Contract-shaped torch emulation with the tiles and key order of the kernel forward() runs
     (`kernel` as in forward; CPU fallback and tests)."""
-    kernel = kernel or (kernel_for(q, k, v, bias, spec) if tiles is None else "triton")
-    if kernel == "cuda":
+    if _kernel(kernel, tiles, q, k, v, bias, scale, spec) == "cuda":
         (bm, bn), descending = cuda_attention.tiles_for(q.shape[3], spec.window_right is not None), True
     else:
         (bm, bn, _, _), descending = tiles_for(q.shape[3], tiles), False

@@ -10,7 +10,6 @@ reproduces its arithmetic.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from ..codegen import cuda_jit
 from ..spec import AttentionSpec
 from . import quantize
+
 
 def config_for_call(q: torch.Tensor, spec: AttentionSpec, block_n: Optional[int] = None,
                     **variant) -> cuda_jit.KernelConfig:
@@ -36,18 +36,11 @@ def supports(q, k, v, bias, spec: AttentionSpec) -> Optional[str]:
     """None if the CUDA FP8 kernel runs this call (the spec checks shared with the Triton FP8
     kernel have passed already: fp8/attention.supports), else the reason."""
     from ..ops import cuda_impl
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "fp8 cuda: needs an sm_90 (Hopper) CUDA device"
-    if os.environ.get("FA3_DISABLE_CUDA", "0") not in ("", "0"):
-        return "fp8 cuda: disabled by FA3_DISABLE_CUDA"
     d = q.shape[-1]
-    if d not in cuda_jit.FP8_HEAD_DIMS:
-        return f"fp8 cuda: head dim {d} not in {cuda_jit.FP8_HEAD_DIMS}"
-    B, Hq, Sq, _ = q.shape
-    Sk = k.shape[2]
-    if B > 65535 or Hq > 65535 or Sq > 2**30 or Sk > 2**30:
-        return "fp8 cuda: sizes beyond the grid/int32 limits"
-    problem = cuda_impl.build_problem(lambda: config_for_call(q, spec))
+    problem = (cuda_impl.platform_problem(q)
+               or (f"head dim {d} not in {cuda_jit.FP8_HEAD_DIMS}" if d not in cuda_jit.FP8_HEAD_DIMS else None)
+               or cuda_impl.size_problem(q, k)
+               or cuda_impl.build_problem(lambda: config_for_call(q, spec)))
     return f"fp8 cuda: {problem}" if problem else None
 
 
@@ -56,7 +49,7 @@ def forward(q, k, v, scale: float, spec: AttentionSpec, signs: Optional[torch.Te
     """out [B, Hq, Sq, D] (spec.out_dtype), lse [B, Hq, Sq] fp32 natural log.  `quantized`
     (from quantize_qkv(..., *tiles_for(d, causal, block_n), permute=True)) lets the benchmark time the
     kernel alone; block_n / variant (stages, persistent) pick a benchmark candidate."""
-    from ..ops.cuda_impl import _strides, lpt_group, new_outputs
+    from ..ops.cuda_impl import lpt_group, tma_strides, new_outputs
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     out, lse, final = new_outputs(q, k, v, spec)
@@ -74,7 +67,7 @@ def forward(q, k, v, scale: float, spec: AttentionSpec, signs: Optional[torch.Te
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
         rc = kern.launch(qq.q8.data_ptr(), qq.k8.data_ptr(), qq.vt8.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                         B, Hq, Hk, Sq, Sk, D, *_strides(qq.q8), *_strides(qq.k8), *_strides(qq.vt8),
+                         B, Hq, Hk, Sq, Sk, D, *tma_strides(qq.q8), *tma_strides(qq.k8), *tma_strides(qq.vt8),
                          *out.stride()[:3], float(scale), off, 0, 0, 1,
                          lpt_group(B, Hq, Hk, Sk, D, 1) if spec.window_right is not None else 0,
                          0.0, qq.vt8.shape[-1],

@@ -65,11 +65,7 @@ def attention_quantized(qq: quantize.QuantizedQKV, scale: float, spec: Attention
     def rows(scales, block, n):
         return scales.repeat_interleave(block, dim=2)[:, :, :n].contiguous()
     vt = qq.vt8.float()
-    if permuted:
-        g = quantize.PERMUTE_GROUP
-        inv = torch.argsort(quantize.key_permutation(vt.device))
-        vt = vt.unflatten(-1, (-1, g))[..., inv].flatten(-2)
-    v8 = vt[..., :sk].transpose(2, 3)
+    v8 = (quantize.unpermute_keys(vt, sk) if permuted else vt[..., :sk]).transpose(2, 3)
     sq = qq.q8.shape[2]
     return _attend(qq.q8.float(), rows(qq.q_scale, qq.block_m, sq), qq.k8.float(),
                    rows(qq.k_scale, qq.block_n, sk), v8, rows(qq.v_scale, qq.block_n, sk),

@@ -52,6 +52,12 @@ def permute_keys(vt: torch.Tensor) -> torch.Tensor:
     return x.index_select(-1, idx)
 
 
+def unpermute_keys(vt: torch.Tensor, s: int) -> torch.Tensor:
+    """The inverse of permute_keys: [..., S_pad] in the CUDA template's key order -> [..., s]."""
+    inv = torch.argsort(key_permutation(vt.device))
+    return vt.unflatten(-1, (-1, PERMUTE_GROUP))[..., inv].flatten(-2)[..., :s]
+
+
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
@@ -121,9 +127,10 @@ def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] =
     if permute and (not transpose or block % PERMUTE_GROUP):
         raise ValueError(f"quantize_triton: permute needs transpose=True and block % {PERMUTE_GROUP} == 0 "
                          f"(got transpose={transpose}, block={block})")
-    s_store = -(-S // PERMUTE_GROUP) * PERMUTE_GROUP if permute else S
+    align = PERMUTE_GROUP if permute else VT_ALIGN
+    s_pad = -(-S // align) * align
+    s_store = s_pad if permute else S  # the permuted layout's pad is written (zeros), the plain one not
     if transpose:
-        s_pad = -(-S // (PERMUTE_GROUP if permute else VT_ALIGN)) * (PERMUTE_GROUP if permute else VT_ALIGN)
         y = torch.empty(B, H, D, s_pad, dtype=FP8, device=x.device)
         ys = (y.stride(0), y.stride(1), y.stride(3), y.stride(2))
     else:
@@ -137,7 +144,8 @@ def quantize_triton(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] =
     mod.fp8_quant_kernel[(nblk, B * H)](
         x, y, scales, signs_arg, S, s_store, H,
         *x.stride(), *ys, scales.stride(0), scales.stride(1),
-        BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), D=D, LOG2_D=D.bit_length() - 1, HADAMARD=signs is not None, PERMUTE=permute,
+        BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), D=D, LOG2_D=D.bit_length() - 1,
+        HADAMARD=signs is not None, PERMUTE=permute,
         INTERPRET=templates.interpreting(),
         num_warps=num_warps,
     )
@@ -162,5 +170,5 @@ def quantize_qkv(q, k, v, block_m: int, block_n: int, signs: Optional[torch.Tens
     return QuantizedQKV(q8, qs, k8, ks, vt8, vs, block_m, block_n)
 
 
-__all__ = ["E4M3_MAX", "FP8", "PERMUTE_GROUP", "key_permutation", "permute_keys", "quantize_ref", "quantize_per_tensor", "dequantize", "quantize_triton",
-           "quantize_qkv", "QuantizedQKV", "to_fp8"]
+__all__ = ["E4M3_MAX", "FP8", "PERMUTE_GROUP", "key_permutation", "permute_keys", "unpermute_keys", "quantize_ref",
+           "quantize_per_tensor", "dequantize", "quantize_triton", "quantize_qkv", "QuantizedQKV", "to_fp8"]

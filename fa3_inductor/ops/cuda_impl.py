@@ -53,13 +53,29 @@ def _tma_ok(t: torch.Tensor) -> str | None:
     return None
 
 
-def supports(q, k, v, bias, spec: AttentionSpec):
+def platform_problem(q) -> str | None:
+    """Why no CUDA template can run on q's device at all (the 16-bit and FP8 paths share it)."""
     if os.environ.get("FA3_DISABLE_CUDA", "0") not in ("", "0"):
         return "disabled by FA3_DISABLE_CUDA"
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return "needs sm_90 (Hopper)"
+    return None
+
+
+def size_problem(q, k) -> str | None:
+    """The launcher's grid (batch, heads at most 65535) and int32 index limits."""
+    B, Hq, Sq, _ = q.shape
+    if B > 65535 or Hq > 65535 or Sq > _INT_MAX // 2 or k.shape[2] > _INT_MAX // 2:
+        return "sizes beyond the grid/int32 limits"
+    return None
+
+
+def supports(q, k, v, bias, spec: AttentionSpec):
+    why = platform_problem(q)
+    if why:
+        return why
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (fp16/bf16 only, all equal)"
     if q.shape[-1] not in cuda_jit.SUPPORTED_HEAD_DIMS:
@@ -76,12 +92,11 @@ def supports(q, k, v, bias, spec: AttentionSpec):
         return "alibi not implemented in the CUDA template"
     if spec.dropout_p:
         return "dropout not implemented in the CUDA template"
-    B, Hq, Sq, _ = q.shape
-    Hk, Sk = k.shape[1], k.shape[2]
-    if Hq % Hk:
+    if q.shape[1] % k.shape[1]:
         return "Hq not a multiple of Hk"
-    if B > 65535 or Hq > 65535 or Sq > _INT_MAX // 2 or Sk > _INT_MAX // 2:
-        return "sizes beyond the grid/int32 limits"
+    why = size_problem(q, k)
+    if why:
+        return why
     k, v = _shared_kv_head(k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         why = _tma_ok(t)
@@ -118,7 +133,7 @@ def _shared_kv_head(k, v):
     return k, v
 
 
-def _strides(t: torch.Tensor) -> list[int]:
+def tma_strides(t: torch.Tensor) -> list[int]:
     """(batch, head, seq) strides in elements; dims of extent 1 get a harmless 16-byte multiple
     (TMA rejects strides that are not, even on dims it never steps along)."""
     return [t.stride(dim) if t.shape[dim] > 1 else max(8, t.shape[-1]) for dim in range(3)]
@@ -178,7 +193,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
     off = Sk - Sq if spec.align == "bottom_right" else 0
     wl = min(spec.window_left, _WINDOW_CAP) if spec.window_left is not None else 0
     wr = min(spec.window_right, _WINDOW_CAP) if spec.window_right is not None else 0
-    qs, ks, vs = _strides(q), _strides(k), _strides(v)
+    qs, ks, vs = tma_strides(q), tma_strides(k), tma_strides(v)
     os_ = list(out.stride()[:3])
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):

@@ -55,11 +55,8 @@ def choose_forward(q, k, v, bias, spec):
     call signature, as choose() does)."""
     if not spec.fp8:
         return choose(q, k, v, bias, spec)
-    key = ("fp8-forward",) + _call_key(q, k, v, bias, spec, config.kernel)
-    impl = _memo.get(key)
-    if impl is None:
-        impl = _remember(key, _choose_fp8_forward(q, k, v, bias, spec))
-    return impl
+    return remembered("fp8-forward", q, k, v, bias, spec, config.kernel,
+                      lambda: _choose_fp8_forward(q, k, v, bias, spec))
 
 
 def name_of(impl) -> str:
@@ -100,18 +97,19 @@ def choose(q, k, v, bias, spec, *, kernel: str | None = None):
     remembered per call signature (_call_key): the supports() chain runs once per signature,
     not on every call of a training step (measured: host time bounds small attention calls)."""
     kernel = kernel or config.kernel
-    key = _call_key(q, k, v, bias, spec, kernel)
-    impl = _memo.get(key)
-    if impl is None:
-        impl = _remember(key, _choose(q, k, v, bias, spec, kernel))
-    return impl
+    return remembered("impl", q, k, v, bias, spec, kernel, lambda: _choose(q, k, v, bias, spec, kernel))
 
 
-def _remember(key, impl):
-    if len(_memo) > 4096:
-        _memo.clear()
-    _memo[key] = impl
-    return impl
+def remembered(what: str, q, k, v, bias, spec, kernel: str, decide):
+    """decide() once per (what, call signature), then its remembered answer: for the decisions a
+    forward makes on every call (which implementation, which FP8 kernel)."""
+    key = (what,) + _call_key(q, k, v, bias, spec, kernel)
+    answer = _memo.get(key)
+    if answer is None:
+        if len(_memo) > 4096:
+            _memo.clear()
+        answer = _memo[key] = decide()
+    return answer
 
 
 def _choose(q, k, v, bias, spec, kernel: str):
