@@ -30,11 +30,27 @@ from fa3_inductor.codegen import cuda_jit  # noqa: E402
 # Spills accepted where measurement chose the spilling tile: (hdim, fp8, block_n) -> bytes.
 # d256 FP8 128x128 spills 12 bytes and beats the spill-free 128x96 under causal masks
 # (1086 vs 955 TFLOP/s at 8k on the H100; equal non-causal).
-SPILL_ALLOWANCE = {(256, True, 128): 16}
+# d256 16-bit 128x80 with the TMA-store epilogue spills 24 bytes (non-causal; causal none) and
+# measured no slower than the spill-free direct-store epilogue of the run before (device run 2
+# of session 5: 656 / 699 / 728 / 730 vs 638 / 694 / 731 / 714 TFLOP/s at 2k / 4k / 8k / 16k).
+# d64 192 x 128 (three consumer warpgroups of 160 registers) keeps up to 60 bytes of the tile's
+# loop-invariant values in local memory: stored before the main loop, read back in the epilogue
+# (no STL/LDL between the first and the last GMMA; checked below), and measured +12-15% over the
+# spill-free 128 x 128 at 4k-16k non-causal (session 5, device run 3).
+# (hdim, fp8, block_n) -> (bytes, whether the spill may sit inside the GMMA loop)
+SPILL_ALLOWANCE = {(256, True, 128): (16, True), (256, False, 80): (24, True), (64, False, 128): (60, False)}
 
 
 def _tile_key(cfg):
     return (cfg.head_dim, cfg.fp8, cfg.block_n)
+
+
+def _local_memory_in_loop(sass: str) -> bool:
+    """STL/LDL between the first and the last GMMA instruction: a spill inside the main loop
+    (allowed spills must stay in the prologue and the epilogue)."""
+    lines = sass.splitlines()
+    gmma = [i for i, ln in enumerate(lines) if re.search(r"\b[HQ]GMMA\.", ln)]
+    return bool(gmma) and any(re.search(r"\b(STL|LDL)\b", ln) for ln in lines[gmma[0]:gmma[-1]])
 
 
 def configs(hdims, extras):
@@ -48,10 +64,11 @@ def check(cfg):
     dt = time.perf_counter() - t0
     rep = cuda_jit.ptxas_report(cfg)
     problems = []
-    allowance = SPILL_ALLOWANCE.get(_tile_key(cfg), 0)
+    allowance, in_loop_ok = SPILL_ALLOWANCE.get(_tile_key(cfg), (0, False))
     if (rep["spill_stores"] or 0) > allowance or (rep["spill_loads"] or 0) > allowance:
         problems.append(f"spills {rep['spill_stores']}/{rep['spill_loads']}")
-    if (rep["stack"] or 0) > (8 if allowance else 0):  # an allowed spill comes with its 8-byte frame
+    stack_allowed = max(16, allowance) if allowance else 0  # an allowed spill comes with its frame
+    if (rep["stack"] or 0) > stack_allowed:
         problems.append(f"stack {rep['stack']}")
     if rep["wgmma_serialized"]:
         problems.append("wgmma serialized: " + "; ".join(
@@ -66,6 +83,8 @@ def check(cfg):
             problems.append("no HGMMA/QGMMA in SASS")
         if not allowance and re.search(r"\b(STL|LDL)\b", sass):
             problems.append("local memory (STL/LDL) in SASS")
+        elif allowance and not in_loop_ok and _local_memory_in_loop(sass):
+            problems.append("local memory (STL/LDL) between the GMMAs of the main loop")
     return dict(name=cfg.name(), seconds=dt, cached=cached, registers=rep["registers"],
                 spills=f"{rep['spill_stores']}/{rep['spill_loads']}", hgmma=n_hgmma, problems=problems)
 

@@ -3,7 +3,7 @@ registers / spills from `ptxas -v`.  Fails (exit 1) if a kernel does not compile
 reported (the tables hold measured winners, some of which spill a little).
 
     PYTHONPATH=. python scripts/compile_triton_sm90.py [--all-specs] [--candidates] [--kinds bwd]
-        [--dtypes fp16] [--dims 128] [--even off,on]
+        [--dtypes fp16] [--dims 128] [--even off,on] [--bwd-tma off,on]
 
 Main configs: the tuned table of codegen/triton_configs.py for head dims 64/128/256, fp16 and
 bf16, causal and not.  --all-specs also compiles feature-rich specs (bias, alibi, softcap,
@@ -11,11 +11,14 @@ dropout, key padding, windows); --candidates compiles every autotune candidate (
 the one-launch backward variants (BwdConfig.fused: one "fused" row, the kernel's registers being
 the larger of its dK/dV and dQ halves).  --even picks the kernels' EVEN_M / EVEN_N constexprs
 (seqlens that divide the tiles: no bound checks, as triton_impl launches them then): "off" (any
-length), "on", or both (the default: one row each, labelled even0 / even1).
+length), "on", or both (the default: one row each, labelled even0 / even1).  --bwd-tma off,on
+compiles each backward config with pointer loads and with TMA descriptor loads (BwdConfig.tma,
+key suffix _tma); without it each config is compiled as the table / candidate list has it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -110,16 +113,26 @@ def fwd_kernel(spec, dt, d, cfg, even=False):
                     f"fwd {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}")
 
 
+def _bwd_descs(dt, dp, block_m, block_n, suffix=""):
+    """Descriptor types of Q, K, V, DO for one kernel (half) with BwdConfig.tma, as
+    triton_impl._bwd_descriptors builds them (suffix "2": the fused kernel's dQ half)."""
+    ty = _TY[dt][1:]
+    return {f"{name}{suffix}": f"tensordesc<{ty}[1,1,{rows},{dp}]>"
+            for name, rows in (("Q", block_m), ("K", block_n), ("V", block_n), ("DO", block_m))}
+
+
 def bwd_kernels(spec, dt, d, cfg, atomic_dq=False, even=False):
     mod = triton_render.load("bwd", spec, dbias=spec.mask_kind == "additive")
     dp = triton_configs.pad_head_dim(d)
     out = []
     ptrs = _tensor_ptrs(dt, spec, ["Q", "K", "V", "DO", "DK", "DV", "DQ"])
     ptrs.update(Lse="*fp32", Delta="*fp32")
-    base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, EVEN_M=even, EVEN_N=even)
+    base = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, EVEN_M=even, EVEN_N=even, USE_TMA=cfg.tma)
     if cfg.fused and not atomic_dq:
         return [fused_kernel(mod, spec, dt, d, cfg, ptrs, base)]
     ce = dict(base, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq)
+    if cfg.tma:
+        ptrs = dict(ptrs, **_bwd_descs(dt, dp, cfg.block_m1, cfg.block_n1))
     if atomic_dq:
         ptrs["DQacc"] = "*fp32"
     else:
@@ -128,6 +141,8 @@ def bwd_kernels(spec, dt, d, cfg, atomic_dq=False, even=False):
     out.append(_compile(mod.attn_bwd_dkdv, ptrs, ce, cfg.num_warps, cfg.num_stages,
                         f"dkdv {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}"))
     ce = dict(base, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2)
+    if cfg.tma:
+        ptrs = dict(ptrs, **_bwd_descs(dt, dp, cfg.block_m2, cfg.block_n2))
     _optional(spec, ptrs, ce)
     if spec.mask_kind == "additive":
         ptrs["DBias"] = "*fp32"
@@ -142,6 +157,12 @@ def fused_kernel(mod, spec, dt, d, cfg, ptrs, base):
     """The one-launch backward (BwdConfig.fused): its registers are the larger half's."""
     ce = dict(base, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2)
     ptrs = dict(ptrs)
+    dp = base["D_PAD"]
+    if cfg.tma:   # two descriptor sets: the dK/dV half's tiles, then the dQ half's
+        ptrs.update(_bwd_descs(dt, dp, cfg.block_m1, cfg.block_n1))
+        ptrs.update(_bwd_descs(dt, dp, cfg.block_m2, cfg.block_n2, "2"))
+    else:
+        ce.update(Q2=None, K2=None, V2=None, DO2=None)
     _optional(spec, ptrs, ce)
     if spec.mask_kind == "additive":
         ptrs["DBias"] = "*fp32"
@@ -181,9 +202,12 @@ def main(argv=None):
     ap.add_argument("--kinds", default="fwd,bwd", help="which kernels: fwd, bwd or both")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--even", default="off,on", help="EVEN_M/EVEN_N constexprs: off, on or both")
+    ap.add_argument("--bwd-tma", default="", help="BwdConfig.tma of the backward configs: off, on or "
+                    "both (default: as configured)")
     args = ap.parse_args(argv)
     kinds = set(args.kinds.split(","))
     evens = [{"off": False, "on": True}[e] for e in args.even.split(",")]
+    bwd_tmas = [{"off": False, "on": True}[t] for t in args.bwd_tma.split(",") if t]
     if not shutil.which(PTXAS) and not os.path.exists(PTXAS):
         print(f"ptxas not found at {PTXAS}", file=sys.stderr)
         return 2
@@ -205,6 +229,8 @@ def main(argv=None):
                     bcfgs = triton_configs.bwd_candidates(d, d, spec.causal)
                 fcfgs = fcfgs if "fwd" in kinds else []
                 bcfgs = bcfgs if "bwd" in kinds else []
+                if bwd_tmas:
+                    bcfgs = list(dict.fromkeys(dataclasses.replace(c, tma=t) for c in bcfgs for t in bwd_tmas))
                 for cfg in fcfgs:
                     for even in evens:
                         rows.append(fwd_kernel(spec, dt, d, cfg, even))

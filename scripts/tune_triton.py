@@ -5,6 +5,8 @@ tuned tables in triton_configs.py.
     python scripts/tune_triton.py [--dims 64,128,256] [--seqlens 4096] [--kinds fwd,bwd] [--jobs 8] [--json F]
     python scripts/tune_triton.py --list ...   # the jobs that would run (no GPU needed)
     python scripts/tune_triton.py --kinds bwd --only fused   # default + one-launch backward variants
+    python scripts/tune_triton.py --kinds bwd --only tma     # default (pointer loads) + the TMA-descriptor
+                                                 # backward variants (BwdConfig.tma, key suffix _tma)
     python scripts/tune_triton.py --kinds bwd --only default --noeven   # default, with and without
                                                  # the even-length specialisation (key suffix _noeven)
 

@@ -209,14 +209,20 @@ def test_fused_window_alibi_softcap():
                  q, k, v, alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
 
 
-def test_fused_padding_bias_dbias():
+def _padding_bias_case():
+    """(spec, q, k, v, operands): key padding and an additive bias whose gradient is wanted."""
     B, H, Sq, Sk = 2, 2, 25, 34
     q, k, v = _inputs(B, H, H, Sq, Sk, 32)
     kp = torch.ones(B, Sk, dtype=torch.bool)
     kp[1, 21:] = False
     bias = torch.randn(B, H, Sq, Sk, generator=torch.Generator().manual_seed(9))
-    _check_fused(AttentionSpec(mask_kind="additive", key_padding=True, window_right=0, align="bottom_right"),
-                 q, k, v, bias=bias, key_padding=kp, bias_grad=True)
+    spec = AttentionSpec(mask_kind="additive", key_padding=True, window_right=0, align="bottom_right")
+    return spec, q, k, v, dict(bias=bias, key_padding=kp, bias_grad=True)
+
+
+def test_fused_padding_bias_dbias():
+    spec, q, k, v, operands = _padding_bias_case()
+    _check_fused(spec, q, k, v, **operands)
 
 
 def test_fused_dropout():
@@ -453,3 +459,169 @@ def test_even_flags():
     assert triton_configs.even(4096, 64)
     src = triton_render.render_source("bwd", AttentionSpec(window_right=0, key_padding=True))
     assert "if not EVEN_N:\n            keep = keep & (j < Sk)" in src
+
+
+# ---- TMA-descriptor backward (BwdConfig.tma) ----------------------------------------------
+# Q, K, V, dO through 4-D tensor descriptors: TMA's zero fill past Sq / Sk / the head dim stands
+# in for the masked pointer loads, so the loaded tiles, and with them every result, are the
+# pointer backward's bit for bit.  Each case runs against the reference (_check), checks that
+# descriptors were built (no silent pointer fallback) and compares bitwise with the pointer
+# loads at the same tiles.  Query tiles 16 (dK/dV) and 32 (dQ) and key tiles 32 / 16: the
+# fused kernel's two halves need descriptors of different block shapes.
+TMA_BWD = BwdConfig(16, 32, 32, 16, 4, 1, tma=True)
+
+
+def _check_tma_bwd(spec, q, k, v, monkeypatch, *, fused, cfg=TMA_BWD, against_reference=True, dout_fn=None,
+                   expect_tma=True, **kw):
+    """dout_fn: the layout of the dO the bitwise comparison hands in (e.g. strided views)."""
+    cfg = dataclasses.replace(cfg, fused=fused)
+    if against_reference:
+        _check(spec, q, k, v, bwd_cfg=cfg, **kw)
+    built = []
+    real = triton_impl._bwd_descriptors
+    monkeypatch.setattr(triton_impl, "_bwd_descriptors", lambda *a: built.append(a[4:6]) or real(*a))
+    scale = q.shape[-1] ** -0.5
+    args = (kw.get("bias"), kw.get("key_padding"), kw.get("alibi"), kw.get("seed"), scale, spec)
+    out, lse = reference.forward(q, k, v, *args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
+    if dout_fn is not None:
+        dout = dout_fn(dout)
+    runs = [triton_impl.backward(dout, q, k, v, out.to(q.dtype), lse, *args[:-1], spec, kw.get("bias_grad", False),
+                                 config=dataclasses.replace(cfg, tma=tma)) for tma in (True, False)]
+    # The tiles of the descriptors built: (block_m1, block_n1) for the dK/dV kernel or half,
+    # (block_m2, block_n2) for the dQ kernel or half.
+    if expect_tma:
+        assert set(built) == {(cfg.block_m1, cfg.block_n1), (cfg.block_m2, cfg.block_n2)}, built
+    else:
+        assert built == [], "descriptors built for strides TMA cannot take"
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), *runs):
+        assert torch.equal(a, b), f"{name}: the TMA backward differs from the pointer loads"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("Sq,Sk,align", [(37, 45, "top_left"), (45, 29, "bottom_right"), (40, 20, "bottom_right")])
+def test_tma_backward_causal(Sq, Sk, align, fused, monkeypatch):
+    q, k, v = _inputs(1, 2, 2, Sq, Sk, 24)   # D 24 padded to 32: TMA fills lanes 24..31 with zeros
+    _check_tma_bwd(AttentionSpec(window_right=0, align=align), q, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("wl,wr,align", [(5, 3, "top_left"), (7, 0, "bottom_right"), (None, 9, "bottom_right")])
+def test_tma_backward_window(wl, wr, align, fused, monkeypatch):
+    q, k, v = _inputs(1, 2, 1, 41, 53, 32)
+    _check_tma_bwd(AttentionSpec(window_left=wl, window_right=wr, align=align), q, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("mapping", ["div", "mod"])
+@pytest.mark.parametrize("splits", ["per_query_head", "whole_group"])
+def test_tma_backward_gqa(mapping, splits, fused, monkeypatch):
+    """The dK/dV program's head loop loads Q, dO of each query head of its group through the one
+    descriptor; per-query-head splits write fp32 partials (pointer stores)."""
+    if splits == "whole_group":
+        monkeypatch.setattr(triton_impl, "gqa_splits", lambda programs, group, device: 1)
+    q, k, v = _inputs(2, 6, 2, 33, 35, 32)
+    _check_tma_bwd(AttentionSpec(gqa_mapping=mapping, window_right=0), q, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_tma_backward_padding_bias_dbias(fused, monkeypatch):
+    """Key padding and an additive bias with its gradient: tensor operands keep their pointer
+    loads (and dBias its pointer stores) next to the descriptor loads."""
+    spec, q, k, v, operands = _padding_bias_case()
+    _check_tma_bwd(spec, q, k, v, monkeypatch, fused=fused, **operands)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_tma_backward_dropout_softcap(fused, monkeypatch):
+    q, k, v = _inputs(1, 2, 1, 26, 35, 32)
+    seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
+    _check_tma_bwd(AttentionSpec(dropout_p=0.3, window_right=0, gqa_mapping="mod"), q, k, v, monkeypatch,
+                   fused=fused, seed=seed)
+    q, k, v = _inputs(1, 2, 2, 27, 33, 32)
+    _check_tma_bwd(AttentionSpec(softcap=5.0, window_left=9, window_right=2), q * 4, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("Sq,Sk", [(17, 113), (113, 17)])
+def test_tma_backward_odd_lengths(Sq, Sk, fused, monkeypatch):
+    q, k, v = _inputs(1, 2, 1, Sq, Sk, 24)
+    _check_tma_bwd(AttentionSpec(window_right=0, align="bottom_right"), q, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (48, 96)])
+def test_tma_backward_head_dims(D, Dv, fused, monkeypatch):
+    """d64, a padded d80 (128 lanes), and dV != d (the dO / V descriptors take DV_PAD)."""
+    q, k, v = _inputs(1, 2, 1, 19, 27, D, Dv)
+    _check_tma_bwd(AttentionSpec(), q, k, v, monkeypatch, fused=fused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_tma_backward_head_dim_128(fused, monkeypatch):
+    q, k, v = _inputs(1, 2, 2, 70, 90, 128)
+    _check_tma_bwd(AttentionSpec(window_right=0, align="bottom_right"), q, k, v, monkeypatch, fused=fused,
+                   cfg=BwdConfig(16, 32, 32, 16, 4, 1, tma=True), fwd_cfg=FwdConfig(32, 16, 4, 1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_tma_backward_strided_bf16(fused, monkeypatch):
+    """[B, S, H, D] storage viewed as [B, H, S, D] (strides in any order are fine for TMA), bf16."""
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in _inputs(2, 4, 2, 21, 26, 32, dtype=torch.bfloat16))
+    _check_tma_bwd(AttentionSpec(window_right=0, gqa_mapping="mod", out_dtype="bfloat16"), q, k, v, monkeypatch,
+                   fused=fused, dout_fn=lambda d: d.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def test_tma_backward_atomic_dq(monkeypatch):
+    """deterministic_backward = False: the dK/dV kernel's descriptor loads next to its dQ atomics."""
+    from fa3_inductor import config
+    q, k, v = _inputs(1, 4, 2, 37, 45, 24)
+    built = []
+    real = triton_impl._bwd_descriptors
+    monkeypatch.setattr(triton_impl, "_bwd_descriptors", lambda *a: built.append(a[4:6]) or real(*a))
+    with config.patch(deterministic_backward=False):
+        _check(AttentionSpec(window_right=0, align="bottom_right", gqa_mapping="mod"), q, k, v, bwd_cfg=TMA_BWD)
+    assert built == [(16, 32)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_tma_backward_falls_back_to_pointers(fused, monkeypatch):
+    """Strides TMA rejects take the pointer loads, with the same answer: a 40-byte row stride
+    (D = 20), and a dO expanded over heads (stride 0, as autograd hands out for a broadcast
+    gradient)."""
+    q, k, v = _inputs(1, 2, 2, 21, 26, 20)
+    assert not triton_impl._tma_ok(q, k, v)
+    _check_tma_bwd(AttentionSpec(window_right=0), q, k, v, monkeypatch, fused=fused, expect_tma=False)
+    q, k, v = _inputs(1, 2, 2, 21, 26, 32)
+    _check_tma_bwd(AttentionSpec(window_right=0), q, k, v, monkeypatch, fused=fused, expect_tma=False,
+                   against_reference=False, dout_fn=lambda d: d[:, :1].expand(d.shape))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("Sq,Sk", [(128, 256), (120, 250)])
+def test_tma_backward_even_lengths(Sq, Sk, fused, monkeypatch):
+    """EVEN_M / EVEN_N with descriptor loads: the even launches (no bound checks left but the
+    spec's) equal the bound-checked ones and the reference; odd lengths take TMA's zero fill."""
+    q, k, v = _inputs(1, 4, 2, Sq, Sk, 32)
+    cfg = dataclasses.replace(EVEN_BWD, fused=fused, tma=True)
+    spec = AttentionSpec(window_left=70, window_right=0, align="bottom_right", gqa_mapping="mod")
+    seen = _check_even(spec, q, k, v, bwd_cfg=cfg, monkeypatch=monkeypatch)
+    assert all(seen) == (Sq % 128 == 0 and Sk % 128 == 0)
+    _check_tma_bwd(spec, q, k, v, monkeypatch, fused=fused, cfg=cfg, against_reference=False)
+
+
+def test_tma_backward_config_key():
+    from fa3_inductor.codegen import triton_configs
+    base = triton_configs.default_bwd(64, 64, False)
+    assert not base.tma and "tma" not in base.key()
+    assert dataclasses.replace(base, tma=True).key() == base.key() + "_tma"
+    for d in (64, 128, 256):
+        for causal in (False, True):
+            cands = triton_configs.bwd_candidates(d, d, causal)
+            default = triton_configs.default_bwd(d, d, causal)
+            # measured on the H100 (session 5): TMA loads won only at d128 non-causal
+            assert default.tma == (d == 128 and not causal)
+            assert dataclasses.replace(default, tma=True) in cands
+            assert len({c.key() for c in cands}) == len(cands)

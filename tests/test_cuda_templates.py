@@ -50,7 +50,8 @@ def test_tiles_fit_shared_memory():
         cfg = cuda_jit.config_for(hd, "float16")
         smem = 2 * hd * (cfg.block_m + 2 * cfg.stages * cfg.block_n)
         assert smem <= 227 * 1024, (hd, smem)
-        assert cfg.block_n % 16 == 0 and cfg.block_m == 128
+        assert cfg.block_n % 16 == 0 and cfg.block_m == (192 if hd == 64 else 128)
+        assert cfg.block_m == cuda_jit.block_m_for(hd)
 
 
 def test_config_rejects_unsupported():
@@ -64,6 +65,9 @@ def test_config_rejects_unsupported():
         cuda_jit.config_for(128, "bfloat16", fp8=True, block_n=80)
     with pytest.raises(ValueError, match="no softcap"):
         cuda_jit.config_for(128, "bfloat16", fp8=True, softcap=True)
+    with pytest.raises(ValueError, match="block_m 192"):
+        cuda_jit.config_for(128, "float16", block_m=192)
+    assert cuda_jit.config_for(64, "float16", block_m=128).block_m == 128  # session 4's d64 tile
 
 
 def test_fp8_and_softcap_configs():
@@ -80,6 +84,73 @@ def test_fp8_and_softcap_configs():
     for hd in cuda_jit.FP8_HEAD_DIMS:  # Q + 2 stages of K and V^T, one byte each
         cfg = cuda_jit.config_for(hd, "bfloat16", fp8=True)
         assert hd * (cfg.block_m + 4 * cfg.block_n) <= 227 * 1024
+
+
+def test_split_head_dims_config():
+    """q/k head dim 192 with v head dim 128: its own define, name and tile; other splits and FP8
+    splits are refused with the allowed pairs in the message."""
+    cfg = cuda_jit.config_for(192, "bfloat16", has_wr=True, head_dim_v=128)
+    assert cfg.defines()["FA3_HDIM_V"] == 128 and cfg.dv == 128 and "d192v128" in cfg.name()
+    assert 2 * (cfg.block_m * 192 + cfg.stages * cfg.block_n * (192 + 128)) <= 227 * 1024
+    assert "FA3_HDIM_V" in cuda_jit.render(cfg)
+    same = cuda_jit.config_for(128, "float16", head_dim_v=128)
+    assert same == cuda_jit.config_for(128, "float16") and "FA3_HDIM_V" not in same.defines()
+    with pytest.raises(ValueError, match=r"\(192, 128\)"):
+        cuda_jit.config_for(128, "float16", head_dim_v=64)
+    with pytest.raises(ValueError, match="16-bit"):
+        cuda_jit.config_for(192, "bfloat16", fp8=True, head_dim_v=128)
+    assert any(c.head_dim_v == 128 for c in cuda_jit.standard_configs(extras=True))
+
+
+def test_packed_gqa_config():
+    """Packed GQA rows are an instantiation of their own (the unpacked kernels keep their registers);
+    FP8 has none."""
+    cfg = cuda_jit.config_for(128, "bfloat16", has_wr=True, pack_gqa=True)
+    plain = cuda_jit.config_for(128, "bfloat16", has_wr=True)
+    assert cfg.defines()["FA3_PACK_GQA"] == 1 and "FA3_PACK_GQA" not in plain.defines()
+    assert "_gqa" in cfg.name() and cfg.name() != plain.name()
+    with pytest.raises(ValueError, match="packed GQA"):
+        cuda_jit.config_for(128, "bfloat16", fp8=True, pack_gqa=True)
+    text = (kernels_dir() / "cuda" / "fa3_fwd.cu").read_text()
+    assert "#ifndef FA3_PACK_GQA" in text and "#ifndef FA3_HDIM_V" in text
+
+
+def _gqa_q(B, Hq, Sq, D, layout="bhsd"):
+    if layout == "bshd":
+        return torch.randn(B, Sq, Hq, D).transpose(1, 2)
+    return torch.randn(B, Hq, Sq, D)
+
+
+@pytest.mark.parametrize("Hq,Hk,Sq,layout,mapping,expect", [
+    (8, 2, 1, "bhsd", "div", 1),      # decoding: one row per head, 4 heads per tile
+    (8, 2, 1, "bshd", "div", 1),      # Sq = 1 packs whatever the head stride
+    (8, 2, 17, "bhsd", "div", 17),    # heads stored after one another's queries
+    (8, 2, 64, "bhsd", "div", 64),    # 4 x 64 rows = 2 tiles instead of 4
+    (8, 2, 17, "bshd", "div", 0),     # rows of a group not one stride apart
+    (8, 2, 1, "bhsd", "mod", 0),      # heads of a group not consecutive
+    (4, 4, 1, "bhsd", "div", 0),      # no group
+    (8, 2, 100, "bhsd", "div", 0),    # 4 x 100 rows still need 4 tiles
+    (8, 2, 300, "bhsd", "div", 0),    # long queries fill their own tiles
+])
+def test_packed_gqa_rows(Hq, Hk, Sq, layout, mapping, expect):
+    from fa3_inductor.ops import cuda_impl
+    q = _gqa_q(2, Hq, Sq, 128, layout)
+    spec = AttentionSpec(gqa_mapping=mapping)
+    assert cuda_impl.packed_gqa_rows(q, Hk, spec, 128) == expect
+    assert cuda_impl.packed_gqa_rows(q, Hk, spec.replace(fp8=True), 128) == 0
+
+
+@pytest.mark.parametrize("Sq,layout", [(1, "bshd"), (1, "bhsd"), (17, "bhsd")])
+def test_packed_view_maps_rows_to_heads(Sq, layout):
+    """Row g * Sq + s of kv head h of the packed view is query s of head h * group + g."""
+    from fa3_inductor.ops import cuda_impl
+    B, Hq, Hk, D = 2, 8, 2, 16
+    q = _gqa_q(B, Hq, Sq, D, layout)
+    pv = cuda_impl._packed_view(q, Hk, Sq)
+    group = Hq // Hk
+    assert pv.shape == (B, Hk, group * Sq, D) and pv.data_ptr() == q.data_ptr()
+    want = q.reshape(B, Hk, group, Sq, D).reshape(B, Hk, group * Sq, D)
+    assert torch.equal(pv, want)
 
 
 def test_cache_key_separates_configs(monkeypatch):
@@ -130,11 +201,13 @@ def test_compile_one_sm90a():
 
 @pytest.mark.slow
 def test_compile_fp8_and_softcap_sm90a():
-    """The FP8 (e4m3, K-major V^T, permuted P) and softcap instantiations build for sm_90a."""
+    """The FP8 (e4m3, K-major V^T, permuted P), softcap and 192 / 128 head-dim instantiations
+    build for sm_90a."""
     if cuda_jit.toolchain_problem():
         pytest.skip(cuda_jit.toolchain_problem())
     for cfg in (cuda_jit.config_for(128, "bfloat16", fp8=True),
-                cuda_jit.config_for(128, "bfloat16", has_wr=True, softcap=True)):
+                cuda_jit.config_for(128, "bfloat16", has_wr=True, softcap=True),
+                cuda_jit.config_for(192, "bfloat16", has_wr=True, head_dim_v=128)):
         rep = cuda_jit.ptxas_report(cfg)
         assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, rep["log"][-2000:]
         assert not rep["wgmma_serialized"], rep["log"][-2000:]

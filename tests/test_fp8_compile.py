@@ -33,3 +33,15 @@ def test_quant_kernel_no_spills(d):
     for block, had, tr in [(bm, True, False), (bn, True, False), (bn, False, True)]:
         r = compile_check.check_quant(d, block, had, tr)
         assert r["spill_bytes"] == 0, (r["kernel"], r["log"])
+
+
+@needs_ptxas
+@pytest.mark.parametrize("launch", sorted(compile_check.QUANT_LAUNCHES))
+def test_persistent_quant_kernel_no_spills(launch):
+    """The one-launch Q/K/V quantisation of every FP8 path: no spills, no single-byte stores (the
+    permuted V^T is written in 16-byte rows), and its pipeline fits in the H100's shared memory."""
+    d, slots = compile_check.QUANT_LAUNCHES[launch]
+    r = compile_check.check_quant_qkv(d, slots)
+    assert r["spill_bytes"] == 0, (r["kernel"], r["log"])
+    assert r["st_global_b8"] == 0, r["kernel"]
+    assert r["smem"] <= 227 * 1024, (r["kernel"], r["smem"])

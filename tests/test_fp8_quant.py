@@ -127,8 +127,84 @@ def test_key_permutation_for_the_cuda_template():
         quantize.quantize_triton(v, 64, None, permute=True)
 
 
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 256, 512])
+def test_rotation_chunks_are_the_kronecker_split(d):
+    """H_d = H_{d/w} (x) H_w in Sylvester's ordering: x @ diag(s) H_d / sqrt(d) is, per output chunk
+    c, sum_c' H_{d/w}[c', c] (x_c' @ chunk_c'), the persistent kernel's GEMMs (d = 256: u0 + u1 and
+    u0 - u1 of two 128-wide GEMMs); exact in fp64 for every width the kernel could use."""
+    s = hadamard.random_signs(d, 3)
+    x = torch.randn(7, d, dtype=torch.float64)
+    dense = x @ hadamard.rotation_matrix(s)
+    for w in sorted({min(d, 128), 16, d}):
+        m = hadamard.rotation_chunks(s, w, torch.float64)
+        u = [x[:, c * w:(c + 1) * w] @ m[c * w:(c + 1) * w] for c in range(d // w)]
+        outer = hadamard.hadamard_matrix(d // w, normalized=False)
+        y = torch.cat([sum(outer[c2, c] * u[c2] for c2 in range(d // w)) for c in range(d // w)], 1)
+        assert torch.allclose(y / math.sqrt(d), dense, rtol=0, atol=1e-12), (d, w)
+    if d == 256:
+        m = hadamard.rotation_chunks(s, 128, torch.float64, quantize.rotation_fold(d))
+        u0, u1 = x[:, :128] @ m[:128], x[:, 128:] @ m[128:]
+        assert torch.allclose(torch.cat([u0 + u1, u0 - u1], 1), dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotation_chunks_exact_in_16_bits(d, dtype):
+    """The kernel's GEMM operand holds +-fold exactly (fold = 1/sqrt(d) where that is a power of
+    two), so the tensor cores' products with 16-bit inputs are exact."""
+    fold = quantize.rotation_fold(d)
+    assert fold == {64: 0.125, 128: 1.0, 256: 0.0625}[d]
+    m = hadamard.rotation_chunks(hadamard.random_signs(d, 9), min(d, 128), dtype, fold)
+    assert m.dtype == dtype and m.shape == (d, min(d, 128))
+    assert set(m.double().abs().unique().tolist()) == {fold}
+
+
+def test_fma_division_is_correctly_rounded():
+    """The persistent kernel's y / s: r = RN(1/s) once per tile, then q0 = RN(y r),
+    q = RN(q0 + RN(y - s q0) r) (two FMAs) is RN(y / s), the reference's division, where y r
+    alone is not.  Emulated in fp64, where every step but the final rounding is exact."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    amax = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-30, 30, generator=g)).float()
+    y = (amax.double() * torch.empty(n, dtype=torch.float64).uniform_(-1, 1, generator=g)).float()
+    y[: n // 2] = y[: n // 2].bfloat16().float()   # 16-bit inputs (V, unrotated Q/K)
+    y[:1000] = amax[:1000]                        # the tile's largest value itself
+    s = (amax.double() * float(torch.tensor(1 / 448.0))).float()
+    r = (1.0 / s.double()).float()
+    q0 = (y.double() * r.double()).float()
+    e = (y.double() - s.double() * q0.double()).float()
+    q = (q0.double() + e.double() * r.double()).float()
+    want = (y.double() / s.double()).float()
+    assert torch.equal(q, want)
+    assert not torch.equal(q0, want)
+
+
+def test_persistent_kernel_tiles_and_stages():
+    """A 96/160/192-row tile is two power-of-two parts; 224 pads its second part to 128 rows; the
+    pipeline is 3 deep where 3 tiles and the rotation fit in shared memory, else 2 (d256)."""
+    parts = {b: (quantize.slot_constexprs(b, True, False, False)["BA"], quantize.slot_constexprs(b, True, False, False)["BB"])
+             for b in (32, 64, 96, 128, 160, 192, 224, 256)}
+    assert parts == {32: (32, 0), 64: (64, 0), 96: (64, 32), 128: (128, 0), 160: (128, 32), 192: (128, 64),
+                     224: (128, 128), 256: (256, 0)}
+    assert quantize.persistent_config(128, [(128, True), (192, True), (192, False)])["STAGES"] == 3
+    assert quantize.persistent_config(256, [(128, True), (128, True), (128, False)])["STAGES"] == 2
+    cfg = quantize.persistent_config(128, [(128, True)])
+    assert cfg["K"] == 128 and cfg["POST"] == float(torch.tensor(math.sqrt(128), dtype=torch.float32))
+
+
+def test_quant_kernel_choice(monkeypatch):
+    monkeypatch.delenv(quantize.QUANT_KERNEL_ENV, raising=False)
+    assert quantize.quant_kernel() == "persistent"
+    monkeypatch.setenv(quantize.QUANT_KERNEL_ENV, "legacy")
+    assert quantize.quant_kernel() == "legacy" and quantize.quant_kernel("persistent") == "persistent"
+    monkeypatch.setenv(quantize.QUANT_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="FA3_FP8_QUANT"):
+        quantize.quant_kernel()
+
+
 def test_triton_quant_kernel_matches_reference_interpreted():
-    """The fused kernel (rotation, scales, V^T) against quantize_ref, bit for bit, in
+    """Both fused kernels (rotation, scales, V^T; the persistent one for Q, K, V in one launch at
+    hdim 64/128/256 with every tile shape of the FP8 paths) against quantize_ref, bit for bit, in
     Triton's interpreter.  A subprocess, because TRITON_INTERPRET must be set before
     triton is imported."""
     pytest.importorskip("triton")

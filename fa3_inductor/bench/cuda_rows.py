@@ -98,14 +98,127 @@ def ablation_rows(hdim=128, seqlen=8192, total_tokens=16384, hidden=2048, dtype=
     return rows
 
 
-def format_rows(rows, key_cols=("impl", "hdim", "causal", "seqlen", "batch", "heads")) -> str:
-    cols = [c for c in key_cols if any(c in r for r in rows)] + ["ms", "tflops"]
+def _sdpa_fn(q, k, v, scale, backend: str):
+    """SDPA restricted to one backend ("flash", "cudnn", "efficient", or "default"); GQA through
+    enable_gqa (K/V not repeated)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gqa = q.shape[1] != k.shape[1]
+    call = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)  # noqa: E731
+    if backend == "default":
+        return call
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel([which]):
+            return call()
+    return run
+
+
+def _timed_row(row, fn, warmup, iters, flops, kv_bytes):
+    try:
+        ms = _time_ms(fn, warmup, iters)
+        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, kv_gbs=kv_bytes / (ms * 1e-3) / 1e9)
+    except Exception as exc:  # an unsupported backend gives a row with its reason
+        row.update(ms=float("nan"), tflops=float("nan"), kv_gbs=float("nan"), error=str(exc).splitlines()[0][:120])
+    return row
+
+
+def gqa_decode_rows(batch=64, hk=8, groups=(4, 8), sqs=(1, 16), sks=(4096, 16384), ds=(128, 64),
+                    dtype=torch.bfloat16, sdpa_backends=("flash", "cudnn", "efficient"), warmup=3,
+                    iters=20) -> list[dict]:
+    """Short queries over a long KV cache with GQA (decoding, speculative verification): the CUDA
+    template with the group's heads packed into one tile (default), unpacked (one tile per query
+    head), the Triton template, and SDPA's backends on the same tensors.  kv_gbs = the K/V bytes
+    read once / time: the bound of this regime is HBM bandwidth (~3.35 TB/s on the H100)."""
+    from ..ops import cuda_impl, triton_impl
+    rows = []
+    spec = AttentionSpec(out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+    for d, group, sq, sk in ((d, gr, sq, sk) for d in ds for gr in groups for sq in sqs for sk in sks):
+        g = torch.Generator(device="cuda").manual_seed(sq * 7 + sk)
+        q = torch.randn(batch, hk * group, sq, d, device="cuda", dtype=dtype, generator=g)
+        k = torch.randn(batch, hk, sk, d, device="cuda", dtype=dtype, generator=g)
+        v = torch.randn(batch, hk, sk, d, device="cuda", dtype=dtype, generator=g)
+        scale = d ** -0.5
+        flops = 4.0 * batch * hk * group * sq * sk * d
+        kv_bytes = 2.0 * batch * hk * sk * d * q.element_size()
+        fns = {}
+        why = cuda_impl.supports(q, k, v, None, spec)
+        if why is None:
+            fns["cuda packed"] = lambda: cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+            fns["cuda unpacked"] = lambda: cuda_impl.forward(q, k, v, None, None, None, None, scale, spec,
+                                                             pack_gqa=False)
+        fns["triton"] = lambda: triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
+        for be in sdpa_backends:
+            fns[f"sdpa {be}"] = _sdpa_fn(q, k, v, scale, be)
+        for impl, fn in fns.items():
+            row = dict(impl=impl, hdim=d, group=group, sq=sq, sk=sk, batch=batch, hk=hk)
+            rows.append(_timed_row(row, fn, warmup, iters, flops, kv_bytes))
+    return rows
+
+
+def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, dv=128, causals=(False, True),
+                    dtype=torch.bfloat16, sdpa_backends=("cudnn", "efficient", "flash"), warmup=3,
+                    iters=10) -> list[dict]:
+    """q/k head dim 192 with v head dim 128 (DeepSeek-style MLA prefill): the CUDA template next to
+    SDPA's backends.  FLOPs: 2 * b * h * sq * sk * (d + dv), halved when causal."""
+    from ..ops import cuda_impl
+    rows = []
+    for causal in causals:
+        spec = AttentionSpec(window_right=0 if causal else None,
+                             out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+        for s in seqlens:
+            b = max(1, total_tokens // s)
+            g = torch.Generator(device="cuda").manual_seed(s)
+            q = torch.randn(b, heads, s, d, device="cuda", dtype=dtype, generator=g)
+            k = torch.randn(b, heads, s, d, device="cuda", dtype=dtype, generator=g)
+            v = torch.randn(b, heads, s, dv, device="cuda", dtype=dtype, generator=g)
+            scale = d ** -0.5
+            flops = 2.0 * b * heads * s * s * (d + dv) / (2 if causal else 1)
+            fns = {"cuda": lambda: cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)}
+            import torch.nn.functional as F
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            for be in sdpa_backends:
+                which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[be]
+
+                def run(which=which):
+                    with sdpa_kernel([which]):
+                        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+                fns[f"sdpa {be}"] = run
+            for impl, fn in fns.items():
+                row = dict(impl=impl, hdim=f"{d}/{dv}", causal=causal, seqlen=s, batch=b, heads=heads)
+                rows.append(_timed_row(row, fn, warmup, iters, flops, 0.0))
+    return rows
+
+
+D64_TILES = {"192x128": {}, "192x112": dict(block_n=112), "192x96": dict(block_n=96),
+             "128x128": dict(block_m=128)}
+
+
+def d64_tile_rows(seqlens=(1024, 4096, 16384), causals=(False, True)) -> list[dict]:
+    """Head dim 64 with 192-row tiles (three consumer warpgroups) against session 4's 128 x 128,
+    next to SDPA (cuDNN) in the same process."""
+    rows = []
+    for name, kw in list(D64_TILES.items()) + [("sdpa", None)]:
+        for r in cuda_forward_rows(hdims=(64,), causals=causals, seqlens=seqlens,
+                                   impls=("sdpa",) if kw is None else ("cuda",), **(kw or {})):
+            r["tile"] = name
+            rows.append(r)
+    return rows
+
+
+def format_rows(rows, key_cols=("impl", "hdim", "causal", "seqlen", "batch", "heads"),
+                values=("ms", "tflops")) -> str:
+    cols = [c for c in key_cols if any(c in r for r in rows)] + list(values)
     lines = [" ".join(f"{c:>10}" for c in cols)]
     for r in rows:
         cells = []
         for c in cols:
             val = r.get(c, "")
-            cells.append(f"{val:>10.3f}" if c == "ms" else f"{val:>10.1f}" if c == "tflops" else f"{str(val):>10}")
+            cells.append(f"{val:>10.3f}" if c == "ms" else f"{val:>10.1f}" if c in ("tflops", "kv_gbs")
+                         else f"{str(val):>10}")
         line = " ".join(cells)
         if "error" in r:
             line += f"  ({r['error']})"
@@ -119,8 +232,24 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", default=["cuda"], help="cuda triton sdpa")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--decode", action="store_true",
+                    help="only the GQA short-query rows (packed vs unpacked heads vs SDPA), bf16")
+    ap.add_argument("--split", action="store_true", help="only the 192 / 128 head-dim rows vs SDPA, bf16")
+    ap.add_argument("--d64", action="store_true", help="only the d64 tile candidates vs SDPA, fp16")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.d64:
+        print("d64 tiles (rows x keys), b*s = 16k, hidden 2048, fp16")
+        print(format_rows(d64_tile_rows(), key_cols=("impl", "tile", "causal", "seqlen")))
+    if args.decode or args.split or args.d64:
+        if args.decode:
+            print("GQA short queries over a KV cache (batch 64, 8 kv heads, bf16, non-causal)")
+            print(format_rows(gqa_decode_rows(), key_cols=("impl", "hdim", "group", "sq", "sk"),
+                              values=("ms", "tflops", "kv_gbs")))
+        if args.split:
+            print("q/k head dim 192, v head dim 128 (b*s = 16k, 16 heads, bf16)")
+            print(format_rows(split_head_rows()))
+        return
     seqlens = (512, 2048, 8192) if args.quick else SEQLENS
     rows = cuda_forward_rows(seqlens=seqlens, impls=tuple(args.impls), dtype=dtype)
     print("forward, b*s = 16k, hidden 2048,", args.dtype)

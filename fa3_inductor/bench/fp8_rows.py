@@ -2,6 +2,8 @@
 
     python -m fa3_inductor.bench.fp8_rows [--hdims 128 256] [--seqlens 2048 ... 16384] [--causal]
                                           [--kernels cuda triton] [--sweep] [--json out.json]
+    python -m fa3_inductor.bench.fp8_rows --quant-only [...]   (the quantisation pass alone,
+                                          old kernel vs new: fa3_inductor/bench/fp8_quant.py)
 
 Each row times one FP8 kernel ("cuda": the CUDA template, "triton": fp8_fwd.tmpl), and beside it
 cuDNN's bf16 SDPA on the same bf16 inputs (the 16-bit speed the FP8 path has to beat).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import torch
 
@@ -116,7 +119,16 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true",
                     help="CUDA kernel: default vs persistent / 3-stage at seqlen 8k and 16k")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quant-only", action="store_true",
+                    help="time the quantisation pass alone, old kernel vs new (bench/fp8_quant.py)")
+    args, rest = ap.parse_known_args(argv)
+    if args.quant_only:
+        from . import fp8_quant
+        fwd = ["--hdims", *map(str, args.hdims), "--seqlens", *map(str, args.seqlens)] + rest
+        fwd += ["--causal"] * args.causal + (["--json", args.json] if args.json else [])
+        return fp8_quant.main(fwd)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     rows = []
     causals = [False, True] if args.both else [args.causal]
     for causal in causals:
@@ -139,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,6 +30,8 @@ from ..kernels_path import kernels_dir
 log = logging.getLogger("fa3_inductor")
 
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
+# (q/k head dim, v head dim) pairs besides equal ones: DeepSeek-style 192 / 128.
+SPLIT_HEAD_DIMS = ((192, 128),)
 # -DNDEBUG drops CUTLASS' debug traps (role checks in the pipeline) from the device code.
 NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
               "-shared", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo", "-DNDEBUG")
@@ -61,10 +63,19 @@ class KernelConfig:
     persistent: bool = False   # one CTA per SM looping over tiles (static round robin)
     fp8: bool = False          # e4m3 Q/K/V^T with block scales (fa3_inductor/fp8/cuda_attention.py)
     softcap: bool = False      # s = cap * tanh(s * scale / cap), cap a run-time value
+    head_dim_v: int = 0        # V / O head dim when it differs from head_dim (SPLIT_HEAD_DIMS), else 0
+    pack_gqa: bool = False     # query heads of a GQA group packed into the rows (cuda_impl.packed_gqa_rows)
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim_v or self.head_dim
 
     def defines(self) -> dict:
+        split = {"FA3_HDIM_V": self.head_dim_v} if self.head_dim_v else {}
+        if self.pack_gqa:
+            split["FA3_PACK_GQA"] = 1
         return {
-            "FA3_HDIM": self.head_dim,
+            "FA3_HDIM": self.head_dim, **split,
             "FA3_DTYPE_BF16": int(self.dtype == "bfloat16"),
             "FA3_OUT_DTYPE": int(self.out_fp32),
             "FA3_BLOCK_M": self.block_m,
@@ -84,15 +95,19 @@ class KernelConfig:
         abl = "".join(ch for ch, on in (("p", self.pingpong), ("o", self.intra_wg), ("w", self.warp_spec),
                                         ("P", self.persistent)) if on)
         mask = ("L" if self.has_wl else "") + ("R" if self.has_wr else "")
-        return (f"fa3fwd_d{self.head_dim}_{'e4m3_' if self.fp8 else ''}"
+        return (f"fa3fwd_d{self.head_dim}{f'v{self.head_dim_v}' if self.head_dim_v else ''}_"
+                f"{'e4m3_' if self.fp8 else ''}"
                 f"{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
-                f"_{mask or 'N'}{'_sc' if self.softcap else ''}_{abl or 'none'}")
+                f"_{mask or 'N'}{'_sc' if self.softcap else ''}{'_gqa' if self.pack_gqa else ''}_{abl or 'none'}")
 
 
 # Tile sizes per head dim (block_m, block_n): registers per consumer thread stay under 240 and
 # K/V stages fit the 227 KiB of shared memory (hdim 256: 64 KiB Q + 2 x 2 x 40 KiB K/V).
-_TILES = {64: (128, 128), 96: (128, 128), 128: (128, 128), 192: (128, 96), 256: (128, 80)}
+# hdim 64: 192 query rows, three consumer warpgroups of 160 registers (as FA3 does there): the K/V
+# tile is reused by 1.5x the rows, and the S, P and O of d64 fit 160 registers.
+_TILES = {64: (192, 128), 96: (128, 128), 128: (128, 128), 192: (128, 96), 256: (128, 80),
+          (192, 128): (128, 128)}  # 192 / 128: S and O take d128's registers, K/V stages 208 KiB
 # FP8: operands take half the shared memory and P a quarter of S's registers; key tiles are whole
 # k32 steps of the 8-bit PV GEMM.  These are also the quantisation blocks (one scale per tile).
 # Keyed (head dim, causal); measured on the H100 at 8k (bf16 out, TFLOP/s of the attention kernel):
@@ -107,26 +122,46 @@ _TILES_FP8 = {(64, False): (128, 128), (64, True): (128, 128), (128, False): (12
 def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: bool = False,
                has_wr: bool = False, pingpong: bool = True, intra_wg: bool = True,
                warp_spec: bool = True, persistent: bool = False, block_n: int | None = None,
-               stages: int = 2, fp8: bool = False, softcap: bool = False) -> KernelConfig:
+               block_m: int | None = None,
+               stages: int = 2, fp8: bool = False, softcap: bool = False,
+               head_dim_v: int | None = None, pack_gqa: bool = False) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
     (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
-    fp8).  With fp8, dtype is the output dtype (the operands are e4m3)."""
-    if head_dim not in (FP8_HEAD_DIMS if fp8 else _TILES):
-        raise ValueError(f"CUDA template{' (fp8)' if fp8 else ''}: head dim {head_dim} not in "
-                         f"{FP8_HEAD_DIMS if fp8 else sorted(_TILES)}")
+    fp8; block_m 128 or 192: two or three consumer warpgroups).  With fp8, dtype is the output dtype (the operands are e4m3).  head_dim_v: V's head dim
+    when it differs (one of SPLIT_HEAD_DIMS, 16-bit only).  pack_gqa: the instantiation for launches
+    with packed GQA rows (16-bit only)."""
+    split = head_dim_v is not None and head_dim_v != head_dim
+    if split and ((head_dim, head_dim_v) not in SPLIT_HEAD_DIMS or fp8):
+        raise ValueError(f"CUDA template: head dims q/k {head_dim}, v {head_dim_v}: equal, or one of "
+                         f"{SPLIT_HEAD_DIMS} (16-bit)")
+    allowed = FP8_HEAD_DIMS if fp8 else SUPPORTED_HEAD_DIMS
+    if head_dim not in allowed:
+        raise ValueError(f"CUDA template{' (fp8)' if fp8 else ''}: head dim {head_dim} not in {allowed}")
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"CUDA template: dtype {dtype} not float16/bfloat16")
-    if fp8 and (out_fp32 or softcap):
-        raise ValueError("CUDA template (fp8): fp16/bf16 output and no softcap only")
-    bm, bn = _TILES_FP8[(head_dim, has_wr)] if fp8 else _TILES[head_dim]
+    if fp8 and (out_fp32 or softcap or pack_gqa):
+        raise ValueError("CUDA template (fp8): fp16/bf16 output, no softcap, no packed GQA only")
+    bm, bn = (_TILES_FP8[(head_dim, has_wr)] if fp8 else
+              _TILES[(head_dim, head_dim_v)] if split else _TILES[head_dim])
     if block_n is not None:
         step = 32 if fp8 else 16
         if block_n % step or not step <= block_n <= 256:
             raise ValueError(f"CUDA template: block_n {block_n} must be a multiple of {step} in [{step}, 256]")
         bn = block_n
+    if block_m is not None:
+        if block_m not in (128, 192) or (block_m == 192 and (head_dim > 64 or fp8)):
+            raise ValueError(f"CUDA template: block_m {block_m}: 128, or 192 at head dim 64 (16-bit)")
+        bm = block_m
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn, stages=stages,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
-                        warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap)
+                        warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap,
+                        head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa)
+
+
+def block_m_for(head_dim: int, head_dim_v: int | None = None) -> int:
+    """Query rows per tile of the 16-bit instantiation for these head dims."""
+    split = head_dim_v is not None and head_dim_v != head_dim
+    return (_TILES[(head_dim, head_dim_v)] if split else _TILES.get(head_dim, (128, 0)))[0]
 
 
 def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelConfig]:
@@ -149,6 +184,19 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out.append(config_for(128, "float16", block_n=176))  # the paper's hdim-128 non-causal tile
         out.append(config_for(128, "bfloat16", has_wr=True, softcap=True))
         out.append(config_for(64, "bfloat16", has_wr=True, fp8=True))
+        out += [config_for(192, dt, has_wr=causal, head_dim_v=128) for dt in ("float16", "bfloat16")
+                for causal in (False, True)]
+        # d64 tile candidates (cuda_rows --d64): the session-4 128 x 128 and narrower key tiles
+        out += [config_for(64, "float16", has_wr=causal, **kw) for causal in (False, True)
+                for kw in (dict(block_m=128), dict(block_n=96), dict(block_n=112))]
+        # packed GQA: decoding at d64/d128 (benchmark rows) and the GPU tests' cases
+        out += [config_for(hd, dt, has_wr=causal, pack_gqa=True) for hd in (64, 128)
+                for dt in ("float16", "bfloat16") for causal in (False, True)]
+        out += [config_for(128, "float16", has_wl=True, has_wr=True, pack_gqa=True),
+                config_for(128, "float16", has_wl=True, pack_gqa=True),
+                config_for(128, "float16", has_wr=True, pack_gqa=True),
+                config_for(192, "bfloat16", has_wr=True, head_dim_v=128, pack_gqa=True),
+                config_for(192, "bfloat16", head_dim_v=128, pack_gqa=True)]
     return list(dict.fromkeys(out))
 
 
@@ -326,9 +374,9 @@ def ptxas_report(cfg: KernelConfig) -> dict:
 
 # ---------------------------------------------------------------- load
 _c_i64 = ctypes.c_int64
-_LAUNCH_ARGTYPES = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [_c_i64] * 12
+_LAUNCH_ARGTYPES = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [_c_i64] * 12   # .. b .. d, dv, strides
                     + [ctypes.c_float] + [ctypes.c_int] * 5        # scale .. reverse_m
-                    + [ctypes.c_float, ctypes.c_int]               # softcap, sk_v
+                    + [ctypes.c_float, ctypes.c_int, ctypes.c_int]  # softcap, sk_v, pack_sq
                     + [ctypes.c_void_p] * 3 + [_c_i64] * 4         # fp8 scales and their strides
                     + [ctypes.c_void_p])
 

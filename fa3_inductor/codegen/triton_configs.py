@@ -66,10 +66,15 @@ class BwdConfig:
     # dK/dV programs, one tail instead of two.  Deterministic either way; ignored by the atomic-dQ
     # mode (no dQ kernel there).
     fused: bool = False
+    # Q, K, V, dO through TMA tensor descriptors (pointers where strides forbid), as FwdConfig.tma;
+    # LSE, Delta, bias, key padding and the dQ/dK/dV stores stay pointer-based.
+    tma: bool = False
 
     def key(self) -> str:
+        # "_tma" only when set: the pointer configs keep the keys the measurements name.
         return (f"bwd_m{self.block_m1}_n{self.block_n1}_m{self.block_m2}_n{self.block_n2}"
-                f"_w{self.num_warps}_s{self.num_stages}" + ("_fused" if self.fused else ""))
+                f"_w{self.num_warps}_s{self.num_stages}" + ("_fused" if self.fused else "")
+                + ("_tma" if self.tma else ""))
 
 
 def pad_head_dim(d: int) -> int:
@@ -102,7 +107,10 @@ _BWD_TABLE = {
     # d128 non-causal: the one-launch backward with 64x64 tiles, 4 warps (session 4, H100, 16k
     # tokens: 338 / 344 / 376 / 375 TFLOP/s at 2k / 4k / 8k / 16k against 306 / 328 / 344 / 328
     # for the separate kernels).  Causal kept the separate kernels (fused 290-310 vs 325 at 8k).
-    (128, False): BwdConfig(64, 64, 64, 64, 4, 2, fused=True), (128, True): BwdConfig(64, 128, 128, 64, 8, 2),
+    # Session 5 (device run 4, 4k): the same tiles as two launches with TMA loads 424 against 404
+    # fused with pointers (TMA fused 413); TMA elsewhere no gain (d64 +2%, d128 causal +2%) or a
+    # loss (d64 causal -15%, d256 -19% to -68%: its 32-key dK/dV tile spills 1-3 KB with TMA).
+    (128, False): BwdConfig(64, 64, 64, 64, 4, 2, tma=True), (128, True): BwdConfig(64, 128, 128, 64, 8, 2),
     (256, False): BwdConfig(64, 32, 64, 32, 4, 2), (256, True): BwdConfig(64, 32, 64, 32, 4, 2),
 }
 
@@ -177,7 +185,7 @@ def bwd_candidates(d: int, dv: int, causal: bool) -> list[BwdConfig]:
                 BwdConfig(32, 64, 64, 32, 4, 4), BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(64, 64, 128, 64, 8, 2),
                 BwdConfig(64, 128, 128, 32, 8, 2), BwdConfig(32, 64, 128, 32, 4, 3),
                 BwdConfig(64, 128, 128, 64, 8, 3)]   # the last: the tile PyTorch's FlexAttention picks on sm_90
-    for c in more + _fused_candidates(dp):
+    for c in more + _fused_candidates(dp) + _tma_candidates(dp, cands[0]):
         if c not in cands:
             cands.append(c)
     return cands
@@ -197,3 +205,14 @@ def _fused_candidates(dp: int) -> list[BwdConfig]:
         tiles = [BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(64, 128, 128, 64, 8, 2),
                  BwdConfig(64, 128, 128, 64, 8, 3), BwdConfig(32, 64, 64, 32, 4, 3)]
     return [dataclasses.replace(c, fused=True) for c in tiles]
+
+
+def _tma_candidates(dp: int, default: BwdConfig) -> list[BwdConfig]:
+    """TMA-load variants (BwdConfig.tma), not yet measured: the table's tile, the same tiles
+    launched the other way (fused / separate), and one more tile: FlexAttention's sm_90 tile at
+    d <= 128; at d256 16x64 with 8 warps, spill-free under ptxas with TMA loads, causal or not
+    (the table's 32-key dK/dV tile runs mma.sync, not wgmma, and spills 1-3 KB with TMA loads).
+    scripts/tune_triton.py --only tma times exactly these next to the pointer-load default."""
+    more = BwdConfig(16, 64, 64, 16, 8, 2) if dp >= 256 else BwdConfig(64, 128, 128, 64, 8, 3)
+    tiles = [default, dataclasses.replace(default, fused=not default.fused), more]
+    return [dataclasses.replace(c, tma=True) for c in tiles]

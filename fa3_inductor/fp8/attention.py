@@ -1,7 +1,7 @@
 """FP8 attention forward, keeping the contract of ops/contract.py.
 
-forward() = quantize_qkv (one fused Triton pass per tensor: Hadamard on Q and K, block
-scales, V written transposed) + an e4m3 attention kernel: the CUDA template
+forward() = quantize_qkv (one fused Triton pass over Q, K and V in one launch: Hadamard on Q
+and K, block scales, V written transposed) + an e4m3 attention kernel: the CUDA template
 (fp8/cuda_attention.py) where it runs, else the Triton one (fp8_fwd.tmpl); kernel_for()
 says which, following config.kernel ("triton" / "cuda" pin one, "auto" prefers CUDA).
 Only the forward exists: the backward of an FP8 forward is the bf16/fp16 backward, chosen by

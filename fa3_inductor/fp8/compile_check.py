@@ -2,7 +2,9 @@
 
     python -m fa3_inductor.fp8.compile_check          # prints one line per kernel/config
 
-For each kernel: triton.compile(ASTSource) for GPUTarget("cuda", 90, 128), then
+For each kernel (the attention kernel, the per-tile quantisation kernel, and the persistent
+one-launch quantisation of each FP8 path's Q/K/V tiles): triton.compile(ASTSource) for
+GPUTarget("cuda", 90, 128), then
   - the PTX must contain FP8 WGMMA (`wgmma.mma_async...e4m3.e4m3`) for the attention GEMMs,
   - `ptxas -arch=sm_90a -v` must report 0 bytes of spill stores/loads.
 Pointer and stride arguments get the divisibility-by-16 hints a real launch would give
@@ -89,7 +91,7 @@ def check_quant(d: int, block: int, hadamard: bool, transpose: bool, dtype: str 
                 num_warps: int | None = None, permute: bool = False) -> dict:
     mod = templates.load("fp8_quant")
     if num_warps is None:
-        num_warps = 8 if block * d >= 128 * 128 else 4  # as quantize.quantize_triton
+        num_warps = 8 if block * d >= 128 * 128 else 4  # as quantize._quantize_legacy
     sig = {"X": f"*{dtype}", "Y": "*fp8e4nv", "SCALES": "*fp32", "SIGNS": "*fp32", "seqlen": "i32", "s_store": "i32",
            "n_heads": "i32"}
     strides = ["stride_xb", "stride_xh", "stride_xs", "stride_xd", "stride_yb", "stride_yh", "stride_ys",
@@ -116,6 +118,106 @@ def check_quant(d: int, block: int, hadamard: bool, transpose: bool, dtype: str 
             "wgmma": wgmma_kinds(ptx), **rep, "ptx": ptx}
 
 
+_SLOT_ARGS = ["X", "Y", "SC", "RM", "seqlen", "s_store", "n_heads", "n_tiles", "sxb", "sxh", "sxs", "sxd",
+              "syb", "syh", "sys", "syd", "ssb", "ssh"]
+
+
+def check_quant_qkv(d: int, slots, dtype: str = "bf16", stages: int | None = None, num_warps: int | None = None,
+                    sass: bool = False) -> dict:
+    """The persistent kernel (fp8_quant_qkv_kernel) for one launch: `slots` = [(block, rotate, transpose,
+    permute)] (Q, K, V), specialised as quantize._launch_persistent launches it on contiguous inputs
+    whose lengths are multiples of 16.  sass=True adds the SASS and the tile loop's instruction count."""
+    from . import quantize
+    mod = templates.load("fp8_quant")
+    fn = mod.fp8_quant_qkv_kernel
+    cfg = quantize.persistent_config(d, [(b, r) for b, r, _, _ in slots])
+    stages = stages or cfg["STAGES"]
+    num_warps = num_warps or quantize.QUANT_WARPS
+    types, const, div16 = {}, dict(cfg, STAGES=stages, N_SLOTS=len(slots), INTERPRET=False), []
+    for i in range(3):
+        if i >= len(slots):  # an unused slot: constexpr zeros (the launcher passes slot 0's tensors)
+            const.update({f"{n}{i}": 0 for n in _SLOT_ARGS})
+            const.update({f"{k}{i}": v for k, v in quantize.slot_constexprs(16, False, False, False).items()})
+            continue
+        block, rot, tr, perm = slots[i]
+        const.update({f"{k}{i}": v for k, v in quantize.slot_constexprs(block, rot, tr, perm).items()})
+        unit = {"sxd", "sys" if tr else "syd"}
+        for n in _SLOT_ARGS:
+            name = f"{n}{i}"
+            if n in unit:
+                const[name] = 1  # Triton specialises a stride of 1 into the constant
+            elif n in ("X", "RM"):
+                types[name] = f"*{dtype}"
+            elif n == "Y":
+                types[name] = "*fp8e4nv"
+            elif n == "SC":
+                types[name] = "*fp32"
+            else:
+                types[name] = "i32"
+            if n not in unit and n not in ("n_heads", "n_tiles", "ssb", "ssh"):
+                div16.append(name)
+    sig = {n: (types[n] if n in types else "constexpr") for n in fn.arg_names}
+    cc = _compile(fn, sig, const, div16, num_warps, stages)
+    ptx = cc.asm["ptx"]
+    rep = ptxas_report(ptx)
+    label = " ".join(f"{b}{'r' if r else ''}{'t' if t else ''}{'p' if p else ''}" for b, r, t, p in slots)
+    out = {"kernel": f"fp8_quant_qkv d={d} [{label}] s{stages} w{num_warps}", "smem": cc.metadata.shared,
+           "wgmma": wgmma_kinds(ptx), "st_global_b8": len(re.findall(r"st\.global(\.\w+)*\.b8", ptx)), **rep,
+           "ptx": ptx}
+    if sass:
+        out["sass"] = _sass(cc.asm["cubin"])
+        out["loop_instructions"] = loop_instructions(out["sass"])
+    return out
+
+
+def _sass(cubin: bytes) -> str:
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True).stdout
+
+
+def loop_instructions(sass: str) -> list:
+    """SASS instruction counts of the outermost loops (backward-branch spans), in program order:
+    the tile loops of the persistent kernel."""
+    labels, ops, pending = {}, [], []
+    for line in sass.splitlines():
+        lab = re.match(r"^(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            ops.append((addr, m.group(3), m.group(4)))
+    spans = []
+    for addr, op, rest in ops:
+        t = re.search(r"\(([.\w]+)\)", rest) if op.startswith("BRA") else None
+        if t and labels.get(t.group(1), addr + 1) < addr:
+            spans.append((labels[t.group(1)], addr))
+    outer = [sp for sp in spans if not any(o != sp and o[0] <= sp[0] and sp[1] <= o[1] for o in spans)]
+    return [sum(1 for a, _, _ in ops if lo <= a <= hi) for lo, hi in sorted(outer)]
+
+
+# Quantisation launches of the FP8 paths: name -> (head dim, [(block, rotate, transpose, permute)]).
+QUANT_LAUNCHES = {
+    "cuda d64": (64, [(128, True, False, False), (128, True, False, False), (128, False, True, True)]),
+    "cuda d128": (128, [(128, True, False, False), (192, True, False, False), (192, False, True, True)]),
+    "cuda d128 causal": (128, [(128, True, False, False), (160, True, False, False), (160, False, True, True)]),
+    "cuda d256": (256, [(128, True, False, False), (128, True, False, False), (128, False, True, True)]),
+    "cuda d256 bn96": (256, [(128, True, False, False), (96, True, False, False), (96, False, True, True)]),
+    "triton d64": (64, [(128, True, False, False), (64, True, False, False), (64, False, True, False)]),
+    "triton d128": (128, [(128, True, False, False), (64, True, False, False), (64, False, True, False)]),
+    "triton d256": (256, [(64, True, False, False), (64, True, False, False), (64, False, True, False)]),
+}
+
+
 def main():
     from .attention import TILES
     rows = []
@@ -129,6 +231,10 @@ def main():
         fp8 = any("e4m3" in w for w in r["wgmma"])
         print(f"{r['kernel']:60s} regs={r['registers']} spill={r['spill_bytes']}B "
               f"wgmma={sorted(r['wgmma'])} fp8_wgmma={fp8}")
+    for name, (d, slots) in QUANT_LAUNCHES.items():
+        r = check_quant_qkv(d, slots)
+        print(f"{name:17s} {r['kernel']:60s} regs={r['registers']} spill={r['spill_bytes']}B smem={r['smem']} "
+              f"byte_stores={r['st_global_b8']}")
 
 
 if __name__ == "__main__":

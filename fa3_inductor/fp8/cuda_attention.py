@@ -67,10 +67,10 @@ def forward(q, k, v, scale: float, spec: AttentionSpec, signs: Optional[torch.Te
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
         rc = kern.launch(qq.q8.data_ptr(), qq.k8.data_ptr(), qq.vt8.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                         B, Hq, Hk, Sq, Sk, D, *tma_strides(qq.q8), *tma_strides(qq.k8), *tma_strides(qq.vt8),
-                         *out.stride()[:3], float(scale), off, 0, 0, 1,
+                         B, Hq, Hk, Sq, Sk, D, D, *tma_strides(qq.q8), *tma_strides(qq.k8), *tma_strides(qq.vt8),
+                         *tma_strides(out), float(scale), off, 0, 0, 1,
                          lpt_group(B, Hq, Hk, Sk, D, 1) if spec.window_right is not None else 0,
-                         0.0, qq.vt8.shape[-1],
+                         0.0, qq.vt8.shape[-1], 0,
                          qq.q_scale.data_ptr(), qq.k_scale.data_ptr(), qq.v_scale.data_ptr(),
                          qq.q_scale.stride(0), qq.q_scale.stride(1), qq.k_scale.stride(0), qq.k_scale.stride(1),
                          stream)

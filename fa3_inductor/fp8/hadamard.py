@@ -8,8 +8,9 @@ amax that sets each block's FP8 scale and so the quantisation error of everythin
 H is the Sylvester Hadamard matrix (d a power of two): H_1 = [1], H_2n = [[H, H], [H, -H]],
 equivalently H[i, j] = (-1)^popcount(i & j).  x @ (diag(s) H / sqrt(d)) is a fast
 Walsh-Hadamard transform of x * s: O(d log d) butterflies instead of a d x d matmul.
-The Triton quantisation kernel builds the +-1 matrix in registers and runs the transform
-on the tensor cores instead (see kernels/triton/fp8_quant.tmpl for why).
+The Triton quantisation kernels run the transform on the tensor cores instead (see
+kernels/triton/fp8_quant.tmpl for why): the per-tile kernel with the whole d x d +-1 matrix,
+the persistent one with GEMMs of width min(d, 128) (rotation_chunks; two at d = 256).
 """
 from __future__ import annotations
 
@@ -68,6 +69,23 @@ def rotation_matrix(signs: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
     return signs.to(dtype).view(d, 1) * hadamard_matrix(d, dtype, device=signs.device)
 
 
+def rotation_chunks(signs: torch.Tensor, width: int, dtype=torch.float32, fold: float = 1.0) -> torch.Tensor:
+    """[d, width]: rows c*width .. (c+1)*width - 1 hold diag(signs[c*width : (c+1)*width]) H_width * fold.
+
+    Sylvester's ordering makes H_d = H_{d/width} (x) H_width (H[i, j] = (-1)^popcount(i & j), and
+    the bits of i = i1*width + i0 split between the factors), so x @ diag(s) H_d is, per column
+    chunk c of the output, sum_c' H_{d/width}[c', c] * (x_c' @ chunk_c'): the persistent
+    quantisation kernel's GEMMs (d = 2 * width: u0 + u1 and u0 - u1).  Entries are +-fold; with
+    fold a power of two they are exact in fp16/bf16."""
+    d = signs.shape[0]
+    check_dim(d)
+    if width > d or d % width:
+        raise ValueError(f"rotation_chunks: width {width} does not divide head dim {d}")
+    h = hadamard_matrix(width, torch.float32, normalized=False, device=signs.device)
+    s = signs.to(torch.float32).view(d // width, width, 1)
+    return (s * h * fold).reshape(d, width).to(dtype)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Normalised fast Walsh-Hadamard transform along the last dim: x @ H / sqrt(d), O(d log d).
 
@@ -93,4 +111,4 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["DEFAULT_SEED", "is_pow2", "check_dim", "site_seed", "random_signs", "hadamard_matrix",
-           "rotation_matrix", "fwht", "rotate"]
+           "rotation_matrix", "rotation_chunks", "fwht", "rotate"]

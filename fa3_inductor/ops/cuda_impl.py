@@ -7,6 +7,7 @@ FA3_DISABLE_CUDA=1 switches the template off (a kill switch while it is validate
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -31,11 +32,20 @@ def _log_once(reason: str) -> None:
         log.warning("fa3: CUDA template unavailable, using Triton instead: %s", reason.splitlines()[0])
 
 
-def config_for_call(q: torch.Tensor, spec: AttentionSpec, **ablation) -> cuda_jit.KernelConfig:
+def config_for_call(q: torch.Tensor, spec: AttentionSpec, head_dim_v: int | None = None,
+                    **ablation) -> cuda_jit.KernelConfig:
     return cuda_jit.config_for(
         q.shape[-1], dtype_name(q.dtype), out_fp32=spec.out_torch_dtype == torch.float32,
         has_wl=spec.window_left is not None, has_wr=spec.window_right is not None,
-        softcap=bool(spec.softcap), **ablation)
+        softcap=bool(spec.softcap), head_dim_v=head_dim_v, **ablation)
+
+
+def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablation):
+    """(KernelConfig, packed rows per head or 0) of a call, k/v after _shared_kv_head: what
+    supports() builds is what forward() launches."""
+    cfg = config_for_call(q, spec, v.shape[-1], **ablation)
+    pack = packed_gqa_rows(q, k.shape[1], spec, cfg.block_m) if pack_gqa else 0
+    return (dataclasses.replace(cfg, pack_gqa=True) if pack else cfg), pack
 
 
 def _tma_ok(t: torch.Tensor) -> str | None:
@@ -80,8 +90,8 @@ def supports(q, k, v, bias, spec: AttentionSpec):
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (fp16/bf16 only, all equal)"
     if q.shape[-1] not in cuda_jit.SUPPORTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]} not in {cuda_jit.SUPPORTED_HEAD_DIMS}"
-    if v.shape[-1] != q.shape[-1]:
-        return "head dim of v differs from q/k"
+    if v.shape[-1] != q.shape[-1] and (q.shape[-1], v.shape[-1]) not in cuda_jit.SPLIT_HEAD_DIMS:
+        return f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: equal, or one of {cuda_jit.SPLIT_HEAD_DIMS}"
     if spec.out_torch_dtype not in (q.dtype, torch.float32):
         return f"out dtype {spec.out_dtype} (input dtype or float32 only)"
     if bias is not None or spec.mask_kind is not None:
@@ -102,7 +112,7 @@ def supports(q, k, v, bias, spec: AttentionSpec):
         why = _tma_ok(t)
         if why:
             return f"{name}: {why}"
-    return build_problem(lambda: config_for_call(q, spec))
+    return build_problem(lambda: _launch_config(q, k, v, spec)[0])
 
 
 def build_problem(make_cfg) -> str | None:
@@ -163,6 +173,36 @@ def lpt_group(b: int, hq: int, hk: int, sk: int, d: int, elem_bytes: int) -> int
     return best
 
 
+def packed_gqa_rows(q, hk: int, spec: AttentionSpec, block_m: int) -> int:
+    """Rows per head (Sq) when the launch packs each kv group's query heads into one head of
+    group * Sq rows (Params::pack_sq in the kernel), else 0.
+
+    It pays when Sq is short against the 128-row tile: unpacked, each query head takes a tile of
+    mostly empty rows and sweeps its group's K/V on its own; packed, one tile holds the queries of
+    several heads (decoding with Sq = 1 and 8 heads per group: 8 rows instead of 1) and the tile
+    count drops by up to the group size, while each tile still sweeps K/V once.  Packing needs the
+    group's heads to be consecutive ("div" mapping) and rows that one stride can walk: Sq = 1, or
+    heads stored right after one another's queries (head stride = Sq x row stride)."""
+    B, Hq, Sq, _ = q.shape
+    group = Hq // hk
+    if group <= 1 or spec.gqa_mapping != "div" or Sq > block_m or spec.fp8:
+        return 0
+    if -(-group * Sq // block_m) >= group:  # no fewer tiles than one per head
+        return 0
+    if Sq > 1 and q.stride(1) != Sq * q.stride(2):
+        return 0
+    return Sq
+
+
+def _packed_view(t, hk: int, sq: int):
+    """[B, Hq, Sq, D] -> [B, Hk, group * Sq, D] over the same memory (packed_gqa_rows checked
+    that one row stride walks the group's queries)."""
+    B, Hq, _, D = t.shape
+    group = Hq // hk
+    row = t.stride(2) if sq > 1 else t.stride(1)
+    return t.as_strided((B, hk, group * sq, D), (t.stride(0), group * t.stride(1), row, t.stride(3)))
+
+
 def new_outputs(q, k, v, spec: AttentionSpec):
     """(out, lse, final) of the op's contract: final when there is nothing for a kernel to do
     (no rows; or no keys: O = 0, LSE = -inf).  The FP8 path shares it."""
@@ -177,7 +217,9 @@ def new_outputs(q, k, v, spec: AttentionSpec):
 
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,
-            **ablation):
+            pack_gqa: bool = True, **ablation):
+    """ablation: KernelConfig switches for benchmarks; pack_gqa=False launches one head per
+    query head even where packed_gqa_rows would pack (benchmark baseline)."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     out, lse, final = new_outputs(q, k, v, spec)
@@ -189,19 +231,25 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
         return triton_impl.forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec)
     k, v = _shared_kv_head(k, v)
     Hk = k.shape[1]
-    kern = cuda_jit.get_kernel(config_for_call(q, spec, **ablation))
+    Dv = v.shape[-1]
+    cfg, pack = _launch_config(q, k, v, spec, pack_gqa, **ablation)
+    kern = cuda_jit.get_kernel(cfg)
     off = Sk - Sq if spec.align == "bottom_right" else 0
     wl = min(spec.window_left, _WINDOW_CAP) if spec.window_left is not None else 0
     wr = min(spec.window_right, _WINDOW_CAP) if spec.window_right is not None else 0
-    qs, ks, vs = tma_strides(q), tma_strides(k), tma_strides(v)
-    os_ = list(out.stride()[:3])
+    qk, ok, lk = q, out, lse
+    if pack:  # the kernel sees Hk heads of group * Sq rows (out / lse are fresh contiguous tensors)
+        qk, ok = _packed_view(q, Hk, Sq), _packed_view(out, Hk, Sq)
+    Hq_k, Sq_k = qk.shape[1], qk.shape[2]
+    qs, ks, vs = tma_strides(qk), tma_strides(k), tma_strides(v)
+    os_ = tma_strides(ok)  # 16-bit outputs leave through a TMA store
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
-        rc = kern.launch(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                         B, Hq, Hk, Sq, Sk, D, *qs, *ks, *vs, *os_,
-                         float(scale), off, wl, wr, int(spec.gqa_mapping == "div"),
-                         lpt_group(B, Hq, Hk, Sk, D, q.element_size()) if spec.window_right is not None else 0,
-                         float(spec.softcap or 0.0), Sk, None, None, None, 0, 0, 0, 0,
+        rc = kern.launch(qk.data_ptr(), k.data_ptr(), v.data_ptr(), ok.data_ptr(), lk.data_ptr(),
+                         B, Hq_k, Hk, Sq_k, Sk, D, Dv, *qs, *ks, *vs, *os_,
+                         float(scale), off, wl, wr, int(spec.gqa_mapping == "div" or pack > 0),
+                         lpt_group(B, Hq_k, Hk, Sk, D, q.element_size()) if spec.window_right is not None else 0,
+                         float(spec.softcap or 0.0), Sk, pack, None, None, None, 0, 0, 0, 0,
                          stream)
     if rc != 0:
         raise RuntimeError(f"fa3 CUDA forward {kern.cfg.name()} failed to launch: status {rc} "

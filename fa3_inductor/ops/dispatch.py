@@ -43,8 +43,13 @@ def hopper_available(device: torch.device | None = None) -> bool:
 
 def _kernel_order(kernel: str, q, k, spec) -> list[str]:
     if kernel == "auto":
+        from ..codegen.cuda_jit import block_m_for
+        from .cuda_impl import packed_gqa_rows
         from .kernel_table import triton_first
-        if triton_first(q.shape[-1], k.shape[2], spec.window_right is not None):
+        # Short GQA queries: the CUDA template packs a group's query heads into one tile, where
+        # the Triton template runs a mostly empty tile per head (cuda_rows --decode measures it).
+        packs = packed_gqa_rows(q, k.shape[1], spec, block_m_for(q.shape[-1])) > 0
+        if not packs and triton_first(q.shape[-1], k.shape[2], spec.window_right is not None):
             return ["triton", "cuda"]
         return ["cuda", "triton"]
     return [kernel]

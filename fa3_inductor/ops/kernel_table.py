@@ -15,6 +15,10 @@ d256 512 223, 1k 365.  Against the Triton numbers above that moves d128 and d256
 everywhere (15-25% ahead at 1k-2k) and leaves d64 causal with Triton up to 4k (7-23% ahead).
 The two runs are different machine starts (cuDNN moved up to 5% between such runs); the
 margins kept here are larger than that.
+Session 5 (device run 3): the CUDA d64 tile became 192 x 128 (non-causal 347 / 461 / 485 at 1k / 4k /
+16k, causal 197 / 353 / 451): still behind run 11's Triton 381 (non-causal 1k) and 387 (causal 4k) in the
+buckets Triton owns, so the table stands.  Calls whose GQA heads the CUDA template packs (short
+queries) go to it first whatever the bucket (dispatch._kernel_order).
 Triton goes first where it measured faster by more than the noise; elsewhere the CUDA template
 (which falls back to Triton for specs it does not support).  The backward is Triton's in both cases.
 """

@@ -116,17 +116,34 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
     return out, lse
 
 
-def _descriptors(q, k, v, cfg, d_pad: int, dv_pad: int):
-    """TMA descriptors over the 4-D [B, H, S, D] views (zero fill past S and D, so the kernel's
-    loads need no bounds), or None where TMA's rules fail: 16-byte aligned base, nonzero
-    16-byte aligned strides (an expanded stride-0 view takes the pointer path)."""
+def _tma_ok(*tensors) -> bool:
+    """Whether TMA can read every [B, H, S, D] tensor given (the rule of both the forward's and
+    the backward's descriptors): 16-byte aligned base, nonzero 16-byte aligned strides (an
+    expanded stride-0 view takes the pointer path)."""
+    return all(t.data_ptr() % 16 == 0 and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
+def _desc(t, rows: int, cols: int):
+    """A TMA descriptor over the 4-D [B, H, S, D] view, one [rows, cols] tile per load: zero fill
+    past S (never the next head's rows) and past D (cols is the padded head dim), so the kernel's
+    loads need no bounds."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    for t in (q, k, v):
-        if t.data_ptr() % 16 or any(st <= 0 or (st * t.element_size()) % 16 for st in t.stride()[:-1]):
-            return None
-    return (TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, cfg.block_m, d_pad]),
-            TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg.block_n, d_pad]),
-            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg.block_n, dv_pad]))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols])
+
+
+def _descriptors(q, k, v, cfg, d_pad: int, dv_pad: int):
+    """The forward's Q, K, V descriptors, or None where _tma_ok fails."""
+    if not _tma_ok(q, k, v):
+        return None
+    return _desc(q, cfg.block_m, d_pad), _desc(k, cfg.block_n, d_pad), _desc(v, cfg.block_n, dv_pad)
+
+
+def _bwd_descriptors(q, k, v, dout, block_m: int, block_n: int, d_pad: int, dv_pad: int):
+    """The backward's Q, K, V, dO descriptors for a kernel (half) with query tile block_m and
+    key tile block_n; the caller has checked _tma_ok."""
+    return (_desc(q, block_m, d_pad), _desc(k, block_n, d_pad), _desc(v, block_n, dv_pad),
+            _desc(dout, block_m, dv_pad))
 
 
 def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec,
@@ -164,6 +181,15 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         out, dout, delta, Sq, H, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), HEAD_DV=Dv, DV_PAD=dv_pad, BLOCK_M=pre_m)
 
+    # BwdConfig.tma: Q, K, V, dO through descriptors unless a stride forbids it (the forward's
+    # rule); the launched config's tiles shape them, so each launch builds its own.
+    tma_allowed = _tma_ok(q, k, v, dout)
+
+    def loads(cfg, block_m, block_n):
+        if cfg.tma and tma_allowed:
+            return _bwd_descriptors(q, k, v, dout, block_m, block_n, d_pad, dv_pad), True
+        return (q, k, v, dout), False
+
     common = (bias_t, kp, slopes, seed_t, float(scale), Sq, Sk, H, HK,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
@@ -176,12 +202,13 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         n_blocks = triton_cdiv(Sk, cfg.block_n1)
         nsplit = gqa_splits(n_blocks * B * HK, H // HK, dev)
         dk_t, dv_t = _split_targets(dk, dv, nsplit)
+        src, tma = loads(cfg, cfg.block_m1, cfg.block_n1)
         mod.attn_bwd_dkdv[(n_blocks, B * HK * nsplit)](
-            q, k, v, dout, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
+            *src, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
             *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
             **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq,
             EVEN_M=triton_configs.even(Sq, cfg.block_m1), EVEN_N=triton_configs.even(Sk, cfg.block_n1),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _sum_splits(dk, dv, dk_t, dv_t, nsplit)
 
     def launch_fused(cfg):
@@ -191,13 +218,18 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         nsplit = gqa_splits(n_kv * B * HK, H // HK, dev)
         n_dq = triton_cdiv(Sq, cfg.block_m2) * (H // HK // nsplit)
         dk_t, dv_t = _split_targets(dk, dv, nsplit)
+        src, tma = loads(cfg, cfg.block_m1, cfg.block_n1)
+        src2 = (None,) * 4   # pointer loads: the dQ half reads Q, K, V, DO as well
+        if tma:   # the dQ half's descriptors have its own tiles (the same objects when equal)
+            same = (cfg.block_m2, cfg.block_n2) == (cfg.block_m1, cfg.block_n1)
+            src2 = src if same else loads(cfg, cfg.block_m2, cfg.block_n2)[0]
         mod.attn_bwd_fused[(n_kv + n_dq, B * HK * nsplit)](
-            q, k, v, dout, lse, delta, dq, dk_t, dv_t, dbias_arg, *common, *_strides3(dq),
+            *src, *src2, lse, delta, dq, dk_t, dv_t, dbias_arg, *common, *_strides3(dq),
             *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
             **dims, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
             BLOCK_N2=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m1, cfg.block_m2),
             EVEN_N=triton_configs.even(Sk, cfg.block_n1, cfg.block_n2),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _sum_splits(dk, dv, dk_t, dv_t, nsplit)
 
     if cfg.fused and not atomic_dq:
@@ -207,10 +239,15 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     if atomic_dq:
         dq.copy_(dq_acc[..., :D])
         return dq, dk, dv, dbias
-    _launch(cfg, lambda cfg: mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
-        q, k, v, dout, lse, delta, dq, dbias_arg, *common, *_strides3(dq), *tails,
-        **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m2),
-        EVEN_N=triton_configs.even(Sk, cfg.block_n2), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+    def launch_dq(cfg):
+        src, tma = loads(cfg, cfg.block_m2, cfg.block_n2)
+        mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
+            *src, lse, delta, dq, dbias_arg, *common, *_strides3(dq), *tails,
+            **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m2),
+            EVEN_N=triton_configs.even(Sk, cfg.block_n2), USE_TMA=tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch(cfg, launch_dq)
     return dq, dk, dv, dbias
 
 

@@ -9,6 +9,9 @@
 #ifndef FA3_HDIM
 #define FA3_HDIM 128
 #endif
+#ifndef FA3_HDIM_V
+#define FA3_HDIM_V FA3_HDIM  // V / O head dim: FA3_HDIM, or 128 with FA3_HDIM 192
+#endif
 #ifndef FA3_DTYPE_BF16
 #define FA3_DTYPE_BF16 0  // 0: fp16, 1: bf16
 #endif
@@ -45,6 +48,9 @@
 #ifndef FA3_FP8
 #define FA3_FP8 0         // 1: e4m3 Q/K/V^T with block scales; FA3_DTYPE_BF16 then picks the output
 #endif
+#ifndef FA3_PACK_GQA
+#define FA3_PACK_GQA 0    // 1: launched with pack_sq > 0 (GQA query heads packed into the rows)
+#endif
 #ifndef FA3_SOFTCAP
 #define FA3_SOFTCAP 0
 #endif
@@ -56,7 +62,8 @@ using Element = std::conditional_t<FA3_FP8, cutlass::float_e4m3_t, Element16>;
 using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element16>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
-                        bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP)>;
+                        bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP), FA3_HDIM_V,
+                        bool(FA3_PACK_GQA)>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;
@@ -75,9 +82,14 @@ int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int*
   return 0;
 }
 
-// q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, D] with arbitrary batch/head/seq strides
+// q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, DV] with arbitrary batch/head/seq strides
 // (elements; last dim contiguous, strides multiples of 8 elements and 16-byte aligned bases: TMA).
-// out [B, Hq, Sq, D] (strides given), lse [B, Hq, Sq] fp32 contiguous.
+// out [B, Hq, Sq, DV] (strides given; 16-byte multiples and a 16-byte aligned base, as for the
+// inputs: 16-bit outputs leave through a TMA store), lse [B, Hq, Sq] fp32 contiguous.
+// pack_sq > 0 (FA3_PACK_GQA instantiations, which need it): packed GQA.  The caller passes each kv group's query heads as one head of Sq rows
+// (hq == hk, Sq = group * pack_sq, row r = query r % pack_sq of the group's head r / pack_sq; q,
+// out and lse viewed so); masks then use the query position r % pack_sq, and align_off is
+// computed from pack_sq.
 // align_off: 0 for top-left, sk - sq for bottom-right.  wl / wr: window sizes, used when the
 // instantiation has FA3_HAS_WL / FA3_HAS_WR.  gqa_div: 1 for kv head h / (Hq/Hk), 0 for h % Hk.
 // reverse_m: 0, or the number of (batch, head) pairs per longest-first group (decode_tile).
@@ -88,21 +100,22 @@ int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int*
 // BLOCK_M)], k_scale / v_scale [B, Hk, cdiv(sk, BLOCK_N)] fp32 with the given batch/head strides
 // (v_scale shares k_scale's).  16-bit instantiations ignore the scales and sk_v.
 int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float* lse,
-                   int b, int hq, int hk, int sq, int sk, int d,
+                   int b, int hq, int hk, int sq, int sk, int d, int dv,
                    int64_t q_sb, int64_t q_sh, int64_t q_ss,
                    int64_t k_sb, int64_t k_sh, int64_t k_ss,
                    int64_t v_sb, int64_t v_sh, int64_t v_ss,
                    int64_t o_sb, int64_t o_sh, int64_t o_ss,
                    float scale, int align_off, int wl, int wr, int gqa_div, int reverse_m,
-                   float softcap, int sk_v,
+                   float softcap, int sk_v, int pack_sq,
                    const float* q_scale, const float* k_scale, const float* v_scale,
                    int64_t qs_sb, int64_t qs_sh, int64_t ks_sb, int64_t ks_sh,
                    void* stream) {
-  if (d != Cfg::kHeadDim || b <= 0 || hq <= 0 || hk <= 0 || hq % hk != 0 || sq <= 0 || sk <= 0 ||
+  if (d != Cfg::kHeadDim || dv != Cfg::kHeadDimV || b <= 0 || hq <= 0 || hk <= 0 || hq % hk != 0 || sq <= 0 || sk <= 0 ||
       hq > 65535 || b > 65535) {
     return kErrBadArgs;
   }
   if (Cfg::kSoftcap && !(softcap > 0.f)) return kErrBadArgs;
+  if (Cfg::kPackGQA != (pack_sq > 0) || (pack_sq > 0 && (hq != hk || sq % pack_sq != 0))) return kErrBadArgs;
   if (Cfg::kFp8 && (sk_v < sk || sk_v % 32 != 0 || !q_scale || !k_scale || !v_scale)) return kErrBadArgs;
   if (!Cfg::kFp8) sk_v = sk;
   using E = Element;
@@ -110,6 +123,7 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
       fa3::make_tma_q<Cfg>(static_cast<E const*>(q), sq, hq, b, q_ss, q_sh, q_sb),
       fa3::make_tma_k<Cfg>(static_cast<E const*>(k), sk, hk, b, k_ss, k_sh, k_sb),
       fa3::make_tma_v<Cfg>(static_cast<E const*>(v), sk_v, hk, b, v_ss, v_sh, v_sb),
+      fa3::make_tma_o<Cfg>(static_cast<OutT*>(out), sq, hq, b, o_ss, o_sh, o_sb),
   };
   p.out = static_cast<OutT*>(out);
   p.lse = lse;
@@ -127,6 +141,7 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
     p.scale_log2 = softcap * 1.4426950408889634f;
   }
   p.sk_v = sk_v;
+  p.pack_sq = pack_sq;
   p.q_scale = q_scale; p.k_scale = k_scale; p.v_scale = v_scale;
   p.qs_sb = qs_sb; p.qs_sh = qs_sh; p.ks_sb = ks_sb; p.ks_sh = ks_sh;
 

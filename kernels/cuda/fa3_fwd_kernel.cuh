@@ -4,15 +4,15 @@
 //   warpgroup 0: producer.  One thread issues TMA loads: Q once, then K_j / V_j into kStages-deep
 //                circular buffers (PipelineTmaAsync: full barriers with tx counts, empty barriers
 //                released by the consumers).  setmaxnreg gives its registers to the consumers.
-//   warpgroups 1, 2: consumers.  Each owns 64 of the kBlockM query rows of the tile:
+//   warpgroups 1, 2 (and 3 for 192-row tiles): consumers.  Each owns 64 of the kBlockM query rows:
 //                S = Q K^T (WGMMA, both operands in smem), online softmax in registers,
 //                O += P V (WGMMA, P from registers, V from smem viewed MN-major).
 // FP8 (Element = e4m3): Q and K carry one scale per tile of rows (folded into the block's
 //   exp2 multiplier), V^T arrives transposed and key-permuted from the quantisation pass (8-bit
 //   WGMMA needs K-major B; see acc_to_fp8_operand_a for the permutation), and V's per-block scale
 //   is folded into the O rescale that the online softmax does anyway.
-// Pingpong: two named barriers hand a token between the consumer warpgroups so that one issues its
-//   GEMMs while the other does its softmax (kPingpong).
+// Pingpong: named barriers hand a token round the consumer warpgroups so that one issues its
+//   GEMMs while the others do their softmax (kPingpong).
 // Intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j runs, and
 //   P_j V_j runs under that softmax (kIntraWG).
 // Without warp specialisation (kWarpSpec == false) there is no producer warpgroup: thread 0 of the
@@ -56,28 +56,38 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
           bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
-          bool kPersistent_ = false, bool kSoftcap_ = false>
+          bool kPersistent_ = false, bool kSoftcap_ = false, int kHeadDimV_ = kHeadDim_,
+          bool kPackGQA_ = false>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  // Head dim of V and O; differs from Q/K's only for the 192 / 128 split (DeepSeek-style MLA).
+  static constexpr int kHeadDimV = kHeadDimV_;
+  static_assert(kHeadDimV == kHeadDim || (kHeadDim == 192 && kHeadDimV == 128), "head dims: equal, or 192 / 128");
   static constexpr bool kHasWL = kHasWL_, kHasWR = kHasWR_;
   static constexpr bool kPingpong = kPingpong_, kIntraWG = kIntraWG_, kWarpSpec = kWarpSpec_;
   static constexpr bool kPersistent = kPersistent_;  // one CTA per SM looping over tiles
   static constexpr bool kSoftcap = kSoftcap_;        // s = cap * tanh(s * scale / cap)
+  // Packed GQA rows (Params::pack_sq): a switch of its own so that the unpacked kernels keep their
+  // registers (the row -> query modulo in the masks made d256 causal spill).
+  static constexpr bool kPackGQA = kPackGQA_;
   using Element = Element_;
   using OutT = OutT_;
   static constexpr bool kFp8 = sizeof(Element) == 1;  // e4m3 operands with block scales
   static_assert(!kFp8 || kBlockN % 32 == 0, "FP8: key tiles of whole k32 WGMMA steps");
 
   static constexpr int kMmaWG = kBlockM / 64;  // one consumer warpgroup per 64 query rows
-  static_assert(kMmaWG == 2, "two consumer warpgroups (pingpong pairs)");
+  static_assert(kBlockM % 64 == 0 && (kMmaWG == 2 || kMmaWG == 3),
+                "two or three consumer warpgroups (the pingpong token goes round them)");
   static constexpr int kMmaThreads = kMmaWG * 128;
+  // A pingpong barrier joins the warpgroup waiting for the token and the one passing it.
+  static constexpr int kSchedThreads = 256;
   static constexpr int kThreads = kMmaThreads + (kWarpSpec ? 128 : 0);
-  // Register split after setmaxnreg: 24 for the producer, 240 for each consumer thread
-  // (24*128 + 240*256 = 64512 <= 65536).
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Register split after setmaxnreg: 24 for the producer, 240 for each consumer thread with two
+  // consumer warpgroups (24*128 + 240*256 = 64512 <= 65536), 160 with three (24*128 + 160*384).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kMmaWG == 2 ? 240 : 160;
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
-  using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
+  using TilePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;
   using AtomLayout = Layout<Shape<Int<kMmaWG>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, TileQK>(), AtomLayout{}));
@@ -94,9 +104,9 @@ struct Config {
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutVt = std::conditional_t<kFp8,
       decltype(tile_to_shape(smem_atom<Element, kBlockN, true>(),
-                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{})),
-      decltype(tile_to_shape(smem_atom<Element, kHeadDim, false>(),
-                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
+                             Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{})),
+      decltype(tile_to_shape(smem_atom<Element, kHeadDimV, false>(),
+                             Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
 
   using PipelineK = cutlass::PipelineTmaAsync<kStages>;
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
@@ -111,10 +121,20 @@ struct Config {
     alignas(16) typename PipelineV::SharedStorage pipe_v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+
+  // O leaves through shared memory and one TMA store per tile when it has the operands' 16-bit
+  // type: it is staged in sQ, free once the tile's last QK GEMM has run (same byte count or
+  // fewer).  fp32 output and FP8 operands (O twice sQ's bytes or more) store from registers.
+  static constexpr bool kTmaStoreO = !kFp8 && std::is_same_v<OutT, Element>;
+  using SmemLayoutO = decltype(tile_to_shape(smem_atom<OutT, kHeadDimV, true>(),
+                                             Shape<Int<kBlockM>, Int<kHeadDimV>>{}));
+  static_assert(!kTmaStoreO || cosize_v<SmemLayoutO> * sizeof(OutT) <= cosize_v<SmemLayoutQ> * sizeof(Element),
+                "O is staged in sQ");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of sm_90 exceeded");
 
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
   // Global tensors seen by TMA: (seq, d, head, batch) for Q/K and (d, seq, head, batch) for V
   // (16-bit: d contiguous; FP8: V^T, seq contiguous).
@@ -144,9 +164,18 @@ auto make_tma_v(typename Cfg::Element const* p, int s, int h, int b, int64_t ss,
     if constexpr (Cfg::kFp8) return make_stride(ss, _1{}, sh, sb);
     else return make_stride(_1{}, ss, sh, sb);
   }();
-  auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDim), s, h, b), stride);
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDimV), s, h, b), stride);
   return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutVt{}),
-                       Shape<Int<Cfg::kHeadDim>, Int<Cfg::kBlockN>>{}, _1{});
+                       Shape<Int<Cfg::kHeadDimV>, Int<Cfg::kBlockN>>{}, _1{});
+}
+
+// O [seq, dv, head, batch] for the TMA-store epilogue (kTmaStoreO).
+template <class Cfg>
+auto make_tma_o(typename Cfg::OutT* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
+  auto g = make_tensor(make_gmem_ptr(p), make_shape(s, int32_t(Cfg::kHeadDimV), h, b),
+                       make_stride(ss, _1{}, sh, sb));
+  return make_tma_copy(SM90_TMA_STORE{}, g, typename Cfg::SmemLayoutO{},
+                       Shape<Int<Cfg::kBlockM>, Int<Cfg::kHeadDimV>>{}, _1{});
 }
 
 template <class Cfg>
@@ -154,9 +183,11 @@ struct Params {
   using TmaQ = decltype(make_tma_q<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
   using TmaK = decltype(make_tma_k<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
   using TmaV = decltype(make_tma_v<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
+  using TmaO = decltype(make_tma_o<Cfg>(nullptr, 1, 1, 1, 0, 0, 0));
   TmaQ tma_q;
   TmaK tma_k;
   TmaV tma_v;
+  TmaO tma_o;  // used by kTmaStoreO instantiations only
   // Default initialisers: the launcher brace-initialises the TMA members only.
   typename Cfg::OutT* out = nullptr;
   float* lse = nullptr;
@@ -172,6 +203,11 @@ struct Params {
   float scale_log2 = 0;  // scale * log2(e) (with softcap: cap * log2(e), the tanh's multiplier)
   float softcap_pre2 = 0;  // kSoftcap: 2 * log2(e) * scale / cap (apply_softcap)
   int sk_v = 0;            // keys in V's global extent (FP8: sk padded to the permutation's 32)
+  // Packed GQA (kPackGQA, small seqlen_q): the launcher views the query heads of each kv group as
+  // one head of group * sq rows (row r = query r % pack_sq of the group's head r / pack_sq), so a
+  // tile fills with several heads' queries and reads their shared K/V once.  Then hq == hk here,
+  // and the masks take the query position as row % pack_sq.
+  int pack_sq = 0;
   // FP8 block scales: q_scale [B, Hq, cdiv(sq, kBlockM)], k/v_scale [B, Hk, cdiv(sk, kBlockN)].
   float const* q_scale = nullptr;
   float const* k_scale = nullptr;
@@ -179,12 +215,24 @@ struct Params {
   int64_t qs_sb = 0, qs_sh = 0, ks_sb = 0, ks_sh = 0;  // their batch/head strides (elements)
 };
 
-// Key-block range [n_min, n_max) that holds any kept key for query rows [row_lo, row_hi].
+// Query positions [lo, hi] held by the rows of m block m_block.  Packed GQA: a block whose rows
+// wrap from one head to the next holds every position.
+template <class Cfg>
+CUTE_DEVICE void query_range(Params<Cfg> const& p, int m_block, int& lo, int& hi) {
+  lo = m_block * Cfg::kBlockM;
+  hi = min(p.sq, lo + Cfg::kBlockM) - 1;
+  if constexpr (Cfg::kPackGQA) {
+    if (lo / p.pack_sq != hi / p.pack_sq) { lo = 0; hi = p.pack_sq - 1; }
+    else { lo %= p.pack_sq; hi %= p.pack_sq; }
+  }
+}
+
+// Key-block range [n_min, n_max) that holds any kept key for the block's query rows.
 template <class Cfg>
 CUTE_DEVICE void block_range(Params<Cfg> const& p, int m_block, int& n_min, int& n_max) {
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
-  int const row_lo = m_block * BM;
-  int const row_hi = min(p.sq, row_lo + BM) - 1;
+  constexpr int BN = Cfg::kBlockN;
+  int row_lo, row_hi;
+  query_range<Cfg>(p, m_block, row_lo, row_hi);
   n_min = 0;
   n_max = (p.sk + BN - 1) / BN;
   if constexpr (Cfg::kHasWR) {
@@ -200,15 +248,18 @@ CUTE_DEVICE void block_range(Params<Cfg> const& p, int m_block, int& n_min, int&
 // Does key block n hold any masked entry for the tile's rows?  Blocks strictly inside run mask-free.
 template <class Cfg>
 CUTE_DEVICE bool block_needs_mask(Params<Cfg> const& p, int m_block, int n) {
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN;
-  int const row_lo = m_block * BM, row_hi = row_lo + BM - 1;
+  constexpr int BN = Cfg::kBlockN;
+  int row_lo, row_hi;
+  query_range<Cfg>(p, m_block, row_lo, row_hi);
   bool need = (n + 1) * BN > p.sk;
   if constexpr (Cfg::kHasWR) need |= (n + 1) * BN - 1 > row_lo + p.off + p.wr;
   if constexpr (Cfg::kHasWL) need |= n * BN < row_hi + p.off - p.wl;
   return need;
 }
 
-enum : uint32_t { kBarSchedWG0 = 1 };  // named barriers kBarSchedWG0 + wg (above CUTLASS' reserved ids)
+// Named barriers (ids above CUTLASS' reserved ones): kBarSchedWG0 + wg for the pingpong token,
+// kBarEpilogue for the consumer warpgroups around the TMA-store epilogue.
+enum : uint32_t { kBarSchedWG0 = 1, kBarEpilogue = 4 };
 
 // log2(448): FP8 P is produced as 448 * exp2(s - max), 448 being e4m3's largest finite value.
 constexpr float kLog2Fp8Max = 8.807354922057604f;
@@ -241,7 +292,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
 fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   using Element = typename Cfg::Element;
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim, DV = Cfg::kHeadDimV;
   using SS = typename Cfg::SharedStorage;
   using PipelineK = typename Cfg::PipelineK;
   using PipelineV = typename Cfg::PipelineV;
@@ -264,12 +315,13 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    if constexpr (Cfg::kTmaStoreO) prefetch_tma_descriptor(p.tma_o.get_tma_descriptor());
     ss.barrier_q.init(1);
     ss.barrier_q_empty.init(Cfg::kMmaThreads);
   }
 
   typename PipelineK::Params pk;
-  pk.transaction_bytes = Cfg::kBytesKV;
+  pk.transaction_bytes = Cfg::kBytesK;
   pk.role = Cfg::kWarpSpec ? (is_producer_wg ? PipelineK::ThreadCategory::Producer
                                               : PipelineK::ThreadCategory::Consumer)
                            : PipelineK::ThreadCategory::ProducerConsumer;
@@ -277,7 +329,9 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   pk.num_consumers = Cfg::kMmaThreads;
   pk.initializing_warp = 0;
   PipelineK pipe_k(ss.pipe_k, pk, Shape<_1, _1, _1>{});
-  PipelineV pipe_v(ss.pipe_v, pk, Shape<_1, _1, _1>{});
+  typename PipelineV::Params pv = pk;
+  pv.transaction_bytes = Cfg::kBytesV;
+  PipelineV pipe_v(ss.pipe_v, pv, Shape<_1, _1, _1>{});
   // Barrier initialisation must be visible to every thread (and the async proxy) before use.
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -287,7 +341,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
   Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.sq, int32_t(D), p.hq, p.b));
   Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.sk, int32_t(D), p.hk, p.b));
-  Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(D), p.sk_v, p.hk, p.b));
+  Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int32_t(DV), p.sk_v, p.hk, p.b));
 
   // Producer-side state, persistent across tiles.
   PipeState wk = cutlass::make_producer_start_state<PipelineK>();
@@ -312,7 +366,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     ++wk;
   };
   auto load_v = [&](TileCoord const& tc, int kv_head, int n) {
-    Tensor gVt = local_tile(mVt(_, _, kv_head, tc.batch), Shape<Int<D>, Int<BN>>{}, make_coord(_0{}, _));
+    Tensor gVt = local_tile(mVt(_, _, kv_head, tc.batch), Shape<Int<DV>, Int<BN>>{}, make_coord(_0{}, _));
     auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
     pipe_v.producer_acquire(wv);
     copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv), 0), get<0>(tv)(_, n), get<1>(tv)(_, wv.index()));
@@ -356,7 +410,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   Tensor cS = make_identity_tensor(Shape<Int<BM>, Int<BN>>{});
   Tensor tScS = thr_qk.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<D>>{});
+  Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<DV>>{});
   Tensor tOcO = thr_pv.partition_C(cO);
   Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
 
@@ -364,10 +418,12 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   int q_phase = 0;
 
   auto sched_sync = [&]() {
-    if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + wg);
+    if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::sync(Cfg::kSchedThreads, kBarSchedWG0 + wg);
   };
   auto sched_arrive = [&]() {
-    if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + (1 - wg));
+    if constexpr (Cfg::kPingpong) {
+      cutlass::arch::NamedBarrier::arrive(Cfg::kSchedThreads, kBarSchedWG0 + (wg + 1) % Cfg::kMmaWG);
+    }
   };
 
   for (int t = blockIdx.x; t < num_tiles; t += tile_stride) {
@@ -400,7 +456,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       }
     }
 
-    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<DV>>{});
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
     OnlineSoftmax<kRows> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
@@ -441,7 +497,8 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       if constexpr (Cfg::kSoftcap) apply_softcap(tSrS, p.softcap_pre2);
       if (block_needs_mask<Cfg>(p, m_block, n)) {
         Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-        apply_mask<Cfg::kHasWL, Cfg::kHasWR>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off, p.wl, p.wr);
+        apply_mask<Cfg::kHasWL, Cfg::kHasWR, Cfg::kPackGQA>(s_rc, tScS_rc, m_block * BM, n * BN, p.sk, p.off,
+                                                            p.wl, p.wr, p.pack_sq);
       }
     };
     auto rescale_o = [&](float const (&alpha)[kRows], float f) {
@@ -466,7 +523,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     if (!empty_tile) {
       // The first consumer warpgroup holds the token first.
       if constexpr (Cfg::kPingpong) {
-        if (wg == 0) cutlass::arch::NamedBarrier::arrive(Cfg::kMmaThreads, kBarSchedWG0 + 0);
+        if (wg == 0) cutlass::arch::NamedBarrier::arrive(Cfg::kSchedThreads, kBarSchedWG0 + 0);
       }
       ss.barrier_q.wait(q_phase);
       q_phase ^= 1;
@@ -545,18 +602,22 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           ++rv;
         }
       }
-      // Every GEMM reading sQ has completed: the producer may load the next tile's Q.
-      ss.barrier_q_empty.arrive();
+      // Every GEMM reading sQ has completed: the producer may load the next tile's Q (with the
+      // TMA-store epilogue, once O has left sQ).
+      if constexpr (!Cfg::kTmaStoreO) ss.barrier_q_empty.arrive();
       // Take back the token the other warpgroup passed after its last GEMMs, leaving both named
       // barriers balanced at the end of every tile.
       if constexpr (Cfg::kPingpong) {
-        if (wg == 0) cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarSchedWG0 + 0);
+        if (wg == 0) cutlass::arch::NamedBarrier::sync(Cfg::kSchedThreads, kBarSchedWG0 + 0);
       }
     }
 
     // ---------------------------------------------------------------- epilogue
-    // O /= l, written straight from registers: each thread owns pairs of adjacent columns of two
-    // rows.  LSE by the first lane of each quad.  Empty tiles write O = 0, LSE = -inf.
+    // O /= l.  Each thread owns pairs of adjacent columns of kRows rows.  kTmaStoreO: staged in sQ
+    // and written by one TMA store per tile (full lines, rows past sq clipped by the TMA unit);
+    // otherwise, and for empty tiles (whose Q was never loaded: in a persistent CTA the producer
+    // may be filling sQ for the next tile), stored straight from registers.  LSE by the first
+    // lane of each quad.  Empty tiles write O = 0, LSE = -inf.
     float inv[kRows], lse[kRows];
     softmax.finalize(inv, lse);
     if constexpr (Cfg::kFp8) {
@@ -564,22 +625,65 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       for (int r = 0; r < kRows; ++r) inv[r] *= v_unit;  // O's units back to values
     }
     using OutT = typename Cfg::OutT;
-    OutT* out_bh = p.out + tc.batch * p.o_sb + tc.head * p.o_sh;
+    auto o_pair = [&](int r, int c) {
+      cutlass::Array<OutT, 2> v2;
+      v2[0] = OutT(tOrO_rc(r, c) * inv[r]);
+      v2[1] = OutT(tOrO_rc(r, c + 1) * inv[r]);
+      return v2;
+    };
     float* lse_bh = p.lse + (int64_t(tc.batch) * p.hq + tc.head) * p.sq;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       int const row = m_block * BM + get<0>(tOcO_rc(r, 0));
-      if (row < p.sq) {
-        OutT* orow = out_bh + row * p.o_ss;
+      if (row < p.sq && mma_tid % 4 == 0) lse_bh[row] = lse[r];
+    }
+    bool stored = false;
+    if constexpr (Cfg::kTmaStoreO) {
+      if (!empty_tile) {
+        if constexpr (Cfg::kHeadDimV != Cfg::kHeadDim) {
+          // O's smem layout differs from Q's: wait until neither warpgroup's GEMMs read sQ.
+          cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarEpilogue);
+        }  // (same layout: each warpgroup overwrites only the Q rows its own GEMMs read)
+        Tensor sO = make_tensor(make_smem_ptr(reinterpret_cast<OutT*>(ss.q.data())), typename Cfg::SmemLayoutO{});
+        Tensor tOsO = thr_pv.partition_C(sO);
+        Tensor tOsO_rc = make_tensor(tOsO.data(), acc_rowcol(tOsO.layout()));
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(tOcO_rc); c += 2) {
-          int const col = get<1>(tOcO_rc(r, c));
-          cutlass::Array<OutT, 2> v2;
-          v2[0] = OutT(tOrO_rc(r, c) * inv[r]);
-          v2[1] = OutT(tOrO_rc(r, c + 1) * inv[r]);
-          *reinterpret_cast<cutlass::Array<OutT, 2>*>(orow + col) = v2;
+        for (int r = 0; r < kRows; ++r) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(tOsO_rc); c += 2) {
+            // a column pair stays inside one 16-byte chunk of the swizzled row
+            *reinterpret_cast<cutlass::Array<OutT, 2>*>(&tOsO_rc(r, c)) = o_pair(r, c);
+          }
         }
-        if (mma_tid % 4 == 0) lse_bh[row] = lse[r];
+        cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> the TMA unit
+        cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarEpilogue);
+        if (mma_tid == 0) {
+          Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.sq, int32_t(DV), p.hq, p.b));
+          Tensor gO = local_tile(mO(_, _, tc.head, tc.batch), Shape<Int<BM>, Int<DV>>{}, make_coord(m_block, _0{}));
+          auto to = tma_partition(p.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
+          copy(p.tma_o, get<1>(to), get<0>(to));  // tma_partition gives (gmem, smem): smem -> gmem
+          tma_store_arrive();
+          tma_store_wait<0>();  // sO read out: sQ may take the next tile's Q
+        }
+        ss.barrier_q_empty.arrive();
+        stored = true;
+      }
+    }
+    // Only window / causal tiles can be empty: without masks the direct path is not compiled
+    // next to the TMA store.
+    constexpr bool kDirectO = !Cfg::kTmaStoreO || Cfg::kHasWL || Cfg::kHasWR;
+    if (kDirectO && !stored) {
+      OutT* out_bh = p.out + tc.batch * p.o_sb + tc.head * p.o_sh;
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        int const row = m_block * BM + get<0>(tOcO_rc(r, 0));
+        if (row < p.sq) {
+          OutT* orow = out_bh + row * p.o_ss;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(tOcO_rc); c += 2) {
+            *reinterpret_cast<cutlass::Array<OutT, 2>*>(orow + get<1>(tOcO_rc(r, c))) = o_pair(r, c);
+          }
+        }
       }
     }
   }

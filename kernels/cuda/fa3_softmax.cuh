@@ -82,12 +82,15 @@ CUTE_DEVICE void apply_softcap(TensorS& s, float pre2) {
 
 // keep(i, j) = j < sk and (!HasWR or j <= i + off + wr) and (!HasWL or j >= i + off - wl)
 // with i, j global indices; coords holds the (row, col) of every accumulator element.
-template <bool kHasWL, bool kHasWR, class TensorS, class TensorC>
+// kPack (packed GQA): row r is query r % pack_sq.
+template <bool kHasWL, bool kHasWR, bool kPack, class TensorS, class TensorC>
 CUTE_DEVICE void apply_mask(TensorS& s, TensorC const& coords, int row0, int col0, int sk,
-                            int off, int wl, int wr) {
+                            int off, int wl, int wr, int pack_sq) {
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
-    int const i = row0 + get<0>(coords(r, 0)) + off;
+    int row = row0 + get<0>(coords(r, 0));
+    if constexpr (kPack) row %= pack_sq;
+    int const i = row + off;
     int const hi = kHasWR ? min(sk - 1, i + wr) : sk - 1;  // last kept column
     int const lo = kHasWL ? i - wl : 0;                     // first kept column
     CUTE_UNROLL

@@ -57,14 +57,14 @@ def _eager_lowp(q, k, v, scale, spec):
     return torch.matmul(p.to(q.dtype), vx).float()
 
 
-def _make(B, Hq, Hk, Sq, Sk, D, dtype, layout="bhsd"):
+def _make(B, Hq, Hk, Sq, Sk, D, dtype, layout="bhsd", Dv=None):
     g = torch.Generator(device=DEV).manual_seed(B * 1000003 + Sq * 101 + Sk * 7 + D)
 
-    def t(H, S):
+    def t(H, S, d=D):
         if layout == "bshd":  # [B, S, H, D] storage viewed as [B, H, S, D]
-            return torch.randn(B, S, H, D, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
-        return torch.randn(B, H, S, D, device=DEV, dtype=dtype, generator=g)
-    return t(Hq, Sq), t(Hk, Sk), t(Hk, Sk)
+            return torch.randn(B, S, H, d, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
+        return torch.randn(B, H, S, d, device=DEV, dtype=dtype, generator=g)
+    return t(Hq, Sq), t(Hk, Sk), t(Hk, Sk, Dv or D)
 
 
 def _check(q, k, v, spec, scale=None, **ablation):
@@ -101,15 +101,17 @@ def test_head_dims(D, dtype, causal):
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 113), (1000, 1000), (4097, 4097), (1, 1000),
                                    (17, 4097), (113, 1000), (1000, 113), (4097, 17)])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
-def test_odd_lengths(sq, sk, causal):
-    q, k, v = _make(1, 2, 2, sq, sk, 128, torch.float16)
+@pytest.mark.parametrize("D", [128, 64])  # d64: 192-row tiles, three consumer warpgroups
+def test_odd_lengths(sq, sk, causal, D):
+    q, k, v = _make(1, 2, 2, sq, sk, D, torch.float16)
     _check(q, k, v, _spec(causal))
 
 
 @pytest.mark.parametrize("gqa", ["div", "mod"])
 @pytest.mark.parametrize("causal", ["none", "bottom_right"])
-def test_gqa(gqa, causal):
-    q, k, v = _make(2, 8, 2, 300, 517, 128, torch.bfloat16)
+@pytest.mark.parametrize("D", [128, 64])
+def test_gqa(gqa, causal, D):
+    q, k, v = _make(2, 8, 2, 300, 517, D, torch.bfloat16)
     _check(q, k, v, _spec(causal, out_dtype="bfloat16", gqa=gqa))
 
 
@@ -168,6 +170,9 @@ def test_auto_follows_measured_table():
     assert dispatch.choose(*short, None, _spec("causal"), kernel="auto") is triton_impl
     assert dispatch.choose(*long, None, _spec("causal"), kernel="auto") is cuda_impl
     assert dispatch.choose(*d128, None, _spec("causal"), kernel="auto") is cuda_impl
+    # d64 GQA decoding packs the group's heads in the CUDA template: it goes first there.
+    decode = _make(4, 8, 2, 1, 1024, 64, torch.float16)
+    assert dispatch.choose(*decode, None, _spec("none"), kernel="auto") is cuda_impl
 
 
 def test_tile_176():
@@ -185,3 +190,64 @@ def test_softcap(cap, causal, sq, sk, D, dtype):
     the cap bites; masked entries stay masked after the tanh."""
     q, k, v = _make(2, 4, 2, sq, sk, D, dtype)
     _check(q * 2, k * 2, v, _spec(causal, out_dtype=str(dtype).split(".")[-1], softcap=cap))
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+@pytest.mark.parametrize("B,Hq,Hk,sq,sk", [(2, 4, 4, 384, 384), (1, 8, 2, 113, 1000), (2, 2, 2, 1000, 17),
+                                           (3, 8, 2, 1, 777)])
+def test_split_head_dims(causal, B, Hq, Hk, sq, sk):
+    """q/k head dim 192, v head dim 128 (DeepSeek-style): O and the PV GEMM take V's 128."""
+    q, k, v = _make(B, Hq, Hk, sq, sk, 192, torch.bfloat16, Dv=128)
+    _check(q, k, v, _spec(causal, out_dtype="bfloat16"))
+
+
+def _packed_and_not(q, k, v, spec):
+    scale = q.shape[-1] ** -0.5
+    a, la = cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+    b, lb = cuda_impl.forward(q, k, v, None, None, None, None, scale, spec, pack_gqa=False)
+    return a, la, b, lb
+
+
+@pytest.mark.parametrize("sq", [1, 3, 17, 64])
+@pytest.mark.parametrize("group", [2, 4, 8])
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+@pytest.mark.parametrize("D", [128, 64])
+def test_packed_gqa(sq, group, causal, D):
+    """Small seqlen_q with GQA: the query heads of a group share tiles (packed_gqa_rows); the
+    result meets the bar and, without masks, equals the unpacked launch bit for bit (same key
+    blocks in the same order per row)."""
+    hk = 2
+    q, k, v = _make(3, hk * group, hk, sq, 1000, D, torch.bfloat16)
+    spec = _spec(causal, out_dtype="bfloat16")
+    assert cuda_impl.packed_gqa_rows(q, hk, spec, 192 if D == 64 else 128) == sq
+    _check(q, k, v, spec)
+    a, la, b, lb = _packed_and_not(q, k, v, spec)
+    if causal == "none":
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    else:
+        assert (a.float() - b.float()).abs().max().item() <= 2e-2
+
+
+@pytest.mark.parametrize("wl,wr,sq,sk", [(8, 0, 17, 300), (40, None, 5, 1000), (None, 3, 17, 17), (16, 0, 17, 5)])
+def test_packed_gqa_windows(wl, wr, sq, sk):
+    """Windows and dead rows (sq > sk bottom-right) with packed heads: the masks read the query
+    position of each packed row."""
+    q, k, v = _make(2, 8, 2, sq, sk, 128, torch.float16)
+    spec = AttentionSpec(align="bottom_right", window_left=wl, window_right=wr)
+    assert cuda_impl.packed_gqa_rows(q, 2, spec, 128) == sq
+    _check(q, k, v, spec)
+
+
+def test_packed_gqa_strided_and_split():
+    """Decoding (sq = 1) from a [B, S, H, D] buffer packs whatever the head stride; 192 / 128 head
+    dims pack too; a [B, S, H, D] query with sq > 1 is launched unpacked and stays correct."""
+    q, k, v = _make(2, 16, 2, 1, 513, 128, torch.bfloat16, layout="bshd")
+    spec = _spec("bottom_right", out_dtype="bfloat16")
+    assert cuda_impl.packed_gqa_rows(q, 2, spec, 128) == 1
+    _check(q, k, v, spec)
+    q, k, v = _make(2, 8, 2, 9, 700, 192, torch.bfloat16, Dv=128)
+    assert cuda_impl.packed_gqa_rows(q, 2, spec, 128) == 9
+    _check(q, k, v, spec)
+    q, k, v = _make(2, 8, 2, 17, 300, 128, torch.bfloat16, layout="bshd")
+    assert cuda_impl.packed_gqa_rows(q, 2, spec, 128) == 0
+    _check(q, k, v, spec)

@@ -103,6 +103,31 @@ def test_permuted_vt_quant_matches_reference(d):
     assert (y.float() != ref.vt8.float()).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("path", ["cuda", "triton"])
+def test_persistent_quant_matches_reference_exactly(d, path):
+    """The one-launch Q/K/V quantisation (the default kernel) against quantize_ref on this GPU: V^T,
+    unrotated Q/K and their scales equal (the division is correctly rounded and amax / 448 is
+    torch's product with fp32(1/448)); rotated Q/K within the summation-order bound."""
+    bm, bn = cuda_attention.tiles_for(d, False) if path == "cuda" else attention.tiles_for(d)[:2]
+    permute = path == "cuda"
+    q = outliers((2, 4, 1000, d), 5).bfloat16()
+    k, v = outliers((2, 2, 1100, d), 6).bfloat16(), outliers((2, 2, 1100, d), 7).bfloat16()
+    for signs in (None, attention.hadamard.random_signs(d, 3, device="cuda")):
+        got = quantize.quantize_qkv(q, k, v, bm, bn, signs, permute=permute)
+        ref = quantize.quantize_qkv(q, k, v, bm, bn, signs, impl="ref", permute=permute)
+        vt = got.vt8.float() if permute else got.vt8.float()[..., :1100]
+        assert torch.equal(vt, ref.vt8.float()) and torch.equal(got.v_scale, ref.v_scale)
+        for name in "qk":
+            y, yr = getattr(got, f"{name}8").float(), getattr(ref, f"{name}8").float()
+            sc, scr = getattr(got, f"{name}_scale"), getattr(ref, f"{name}_scale")
+            if signs is None:
+                assert torch.equal(sc, scr) and torch.equal(y, yr), name
+            else:
+                torch.testing.assert_close(sc, scr, rtol=1e-6, atol=0)
+                assert (y != yr).float().mean() < 1e-3, name
+
+
 def test_cuda_fp8_is_the_default_on_hopper():
     spec = AttentionSpec(window_right=0, out_dtype="bfloat16")
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)

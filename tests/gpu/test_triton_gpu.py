@@ -223,3 +223,20 @@ def test_fused_backward(name, shape):
                                  config=dataclasses.replace(tiles, fused=f)) for f in (True, False))
     for x, y in zip(a[:3], b[:3]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("name,shape", [("causal_br", (1, 8, 2, 113, 1000, 128)), ("plain", (2, 4, 4, 4097, 4097, 64)),
+                                        ("softcap", (2, 4, 2, 17, 300, 256)), ("window", (2, 4, 4, 1000, 1000, 128)),
+                                        ("key_padding", (2, 4, 4, 1000, 1000, 80)),
+                                        ("additive", (1, 4, 4, 256, 384, 64))])
+def test_tma_backward(name, shape, fused):
+    """BwdConfig.tma (Q, K, V, dO through TMA descriptors) with the table's tiles, fused or not:
+    the numerics bar.  Lengths no tile divides read past Sq / Sk through TMA's zero fill, d80
+    past the head dim (128 lanes)."""
+    import dataclasses
+    from fa3_inductor.codegen import triton_configs
+    spec, D = SPECS[name], shape[-1]
+    tiles = triton_configs.default_bwd(D, D, spec.causal)
+    with triton_configs.override(bwd=dataclasses.replace(tiles, tma=True, fused=fused)):
+        _run(spec, shape)
