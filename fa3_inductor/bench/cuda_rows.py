@@ -193,19 +193,44 @@ def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, d
     return rows
 
 
-D64_TILES = {"192x128": {}, "192x112": dict(block_n=112), "192x96": dict(block_n=96),
-             "128x128": dict(block_m=128)}
+# Tile candidates per head dim (rows x keys, stages): the default first.
+TILE_CANDIDATES = {
+    64: {"192x128": {}, "128x128": dict(block_m=128)},
+    128: {"128x128": {}, "128x128 s3": dict(stages=3), "128x160": dict(block_n=160),
+          "128x176": dict(block_n=176)},
+}
 
 
-def d64_tile_rows(seqlens=(1024, 4096, 16384), causals=(False, True)) -> list[dict]:
-    """Head dim 64 with 192-row tiles (three consumer warpgroups) against session 4's 128 x 128,
-    next to SDPA (cuDNN) in the same process."""
+def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds: int = 3,
+              total_tokens=16384, hidden=2048, dtype=torch.float16, iters=10) -> list[dict]:
+    """The CUDA template's tile candidates for head dim d next to SDPA (cuDNN), interleaved: per
+    (causal, seqlen) the variants are timed in turn, `rounds` times, and each keeps its median, so
+    clock and thermal drift during the run falls on all of them alike (one variant after another
+    read up to 7% apart between runs of the same kernel)."""
+    import statistics
     rows = []
-    for name, kw in list(D64_TILES.items()) + [("sdpa", None)]:
-        for r in cuda_forward_rows(hdims=(64,), causals=causals, seqlens=seqlens,
-                                   impls=("sdpa",) if kw is None else ("cuda",), **(kw or {})):
-            r["tile"] = name
-            rows.append(r)
+    variants = list(TILE_CANDIDATES[d].items()) + [("sdpa", None)]
+    h = hidden // d
+    for causal in causals:
+        spec = AttentionSpec(window_right=0 if causal else None,
+                             out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+        for s in seqlens:
+            b = max(1, total_tokens // s)
+            q, k, v = _inputs(b, h, s, d, dtype)
+            fns, times = {}, {}
+            for name, kw in variants:
+                try:
+                    fns[name] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
+                except Exception as exc:  # a variant that cannot run gets a row with its reason
+                    rows.append(dict(impl="cuda", tile=name, causal=causal, seqlen=s, ms=float("nan"),
+                                     tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times.setdefault(name, []).append(_time_ms(fn, 3, iters))
+            for name, ts in times.items():
+                ms = statistics.median(ts)
+                rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name, causal=causal, seqlen=s,
+                                 ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
     return rows
 
 
@@ -235,13 +260,13 @@ def main(argv=None):
     ap.add_argument("--decode", action="store_true",
                     help="only the GQA short-query rows (packed vs unpacked heads vs SDPA), bf16")
     ap.add_argument("--split", action="store_true", help="only the 192 / 128 head-dim rows vs SDPA, bf16")
-    ap.add_argument("--d64", action="store_true", help="only the d64 tile candidates vs SDPA, fp16")
+    ap.add_argument("--tiles", type=int, choices=sorted(TILE_CANDIDATES), help="only this head dim's tile candidates vs SDPA")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if args.d64:
-        print("d64 tiles (rows x keys), b*s = 16k, hidden 2048, fp16")
-        print(format_rows(d64_tile_rows(), key_cols=("impl", "tile", "causal", "seqlen")))
-    if args.decode or args.split or args.d64:
+    if args.tiles:
+        print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}")
+        print(format_rows(tile_rows(args.tiles, dtype=dtype), key_cols=("impl", "tile", "causal", "seqlen")))
+    if args.decode or args.split or args.tiles:
         if args.decode:
             print("GQA short queries over a KV cache (batch 64, 8 kv heads, bf16, non-causal)")
             print(format_rows(gqa_decode_rows(), key_cols=("impl", "hdim", "group", "sq", "sk"),

@@ -186,9 +186,11 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out.append(config_for(64, "bfloat16", has_wr=True, fp8=True))
         out += [config_for(192, dt, has_wr=causal, head_dim_v=128) for dt in ("float16", "bfloat16")
                 for causal in (False, True)]
-        # d64 tile candidates (cuda_rows --d64): the session-4 128 x 128 and narrower key tiles
+        # tile candidates (cuda_rows --tiles 64 / 128)
         out += [config_for(64, "float16", has_wr=causal, **kw) for causal in (False, True)
-                for kw in (dict(block_m=128), dict(block_n=96), dict(block_n=112))]
+                for kw in (dict(block_m=128),)]  # (192 x 96 / 112 measured slower and spill: perf-notes)
+        out += [config_for(128, "float16", has_wr=causal, **kw) for causal in (False, True)
+                for kw in (dict(stages=3), dict(block_n=160), dict(block_n=176))]
         # packed GQA: decoding at d64/d128 (benchmark rows) and the GPU tests' cases
         out += [config_for(hd, dt, has_wr=causal, pack_gqa=True) for hd in (64, 128)
                 for dt in ("float16", "bfloat16") for causal in (False, True)]
