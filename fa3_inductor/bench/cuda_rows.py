@@ -29,6 +29,22 @@ def _inputs(b, h, s, d, dtype):
     return [torch.randn(b, h, s, d, device="cuda", dtype=dtype, generator=g) for _ in range(3)]
 
 
+def _spec(causal: bool, dtype) -> AttentionSpec:
+    """The benchmark's spec: causal (top-left) or not, output in the input dtype."""
+    return AttentionSpec(window_right=0 if causal else None,
+                         out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+
+
+def _cells(d, causals, seqlens, total_tokens, hidden, dtype):
+    """(causal, spec, seqlen, batch, heads, q, k, v) per cell of the grid at b*s = total_tokens."""
+    h = hidden // d
+    for causal in causals:
+        spec = _spec(causal, dtype)
+        for s in seqlens:
+            b = max(1, total_tokens // s)
+            yield (causal, spec, s, b, h, *_inputs(b, h, s, d, dtype))
+
+
 def _flops(b, h, s, d, causal):
     f = 4.0 * b * h * s * s * d
     return f / 2 if causal else f
@@ -46,8 +62,7 @@ def forward_fn(impl: str, q, k, v, spec: AttentionSpec, scale: float, **ablation
         from ..ops import triton_impl
         return lambda: triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
     if impl == "sdpa":
-        import torch.nn.functional as F
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale)
+        return _sdpa_fn(q, k, v, scale, "default", causal=spec.causal)
     raise ValueError(impl)
 
 
@@ -57,22 +72,15 @@ def cuda_forward_rows(hdims=(64, 128, 256), causals=(False, True), seqlens=SEQLE
     """One row per (impl, hdim, causal, seqlen): ms and TFLOP/s.  Failures give a row with `error`."""
     rows = []
     for d in hdims:
-        h = hidden // d
-        for causal in causals:
-            spec = AttentionSpec(window_right=0 if causal else None,
-                                 out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
-            for s in seqlens:
-                b = max(1, total_tokens // s)
-                q, k, v = _inputs(b, h, s, d, dtype)
-                for impl in impls:
-                    row = dict(impl=impl, hdim=d, causal=causal, seqlen=s, batch=b, heads=h)
-                    try:
-                        ms = _time_ms(forward_fn(impl, q, k, v, spec, 1 / math.sqrt(d), **ablation), warmup, iters)
-                        row.update(ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12)
-                    except Exception as exc:  # keep the table going; report the reason in the row
-                        row.update(ms=float("nan"), tflops=float("nan"), error=str(exc).splitlines()[0][:120])
-                    rows.append(row)
-                del q, k, v
+        for causal, spec, s, b, h, q, k, v in _cells(d, causals, seqlens, total_tokens, hidden, dtype):
+            for impl in impls:
+                row = dict(impl=impl, hdim=d, causal=causal, seqlen=s, batch=b, heads=h)
+                try:
+                    ms = _time_ms(forward_fn(impl, q, k, v, spec, 1 / math.sqrt(d), **ablation), warmup, iters)
+                    row.update(ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12)
+                except Exception as exc:  # keep the table going; report the reason in the row
+                    row.update(ms=float("nan"), tflops=float("nan"), error=str(exc).splitlines()[0][:120])
+                rows.append(row)
     return rows
 
 
@@ -98,13 +106,14 @@ def ablation_rows(hdim=128, seqlen=8192, total_tokens=16384, hidden=2048, dtype=
     return rows
 
 
-def _sdpa_fn(q, k, v, scale, backend: str):
-    """SDPA restricted to one backend ("flash", "cudnn", "efficient", or "default"); GQA through
-    enable_gqa (K/V not repeated)."""
+def _sdpa_fn(q, k, v, scale, backend: str, causal: bool = False):
+    """SDPA restricted to one backend ("flash", "cudnn", "efficient", or "default": SDPA's own
+    choice); GQA through enable_gqa (K/V not repeated)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     gqa = q.shape[1] != k.shape[1]
-    call = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)  # noqa: E731
+    call = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal,  # noqa: E731
+                                                  enable_gqa=gqa)
     if backend == "default":
         return call
     which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -134,7 +143,7 @@ def gqa_decode_rows(batch=64, hk=8, groups=(4, 8), sqs=(1, 16), sks=(4096, 16384
     read once / time: the bound of this regime is HBM bandwidth (~3.35 TB/s on the H100)."""
     from ..ops import cuda_impl, triton_impl
     rows = []
-    spec = AttentionSpec(out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+    spec = _spec(False, dtype)
     for d, group, sq, sk in ((d, gr, sq, sk) for d in ds for gr in groups for sq in sqs for sk in sks):
         g = torch.Generator(device="cuda").manual_seed(sq * 7 + sk)
         q = torch.randn(batch, hk * group, sq, d, device="cuda", dtype=dtype, generator=g)
@@ -166,8 +175,7 @@ def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, d
     from ..ops import cuda_impl
     rows = []
     for causal in causals:
-        spec = AttentionSpec(window_right=0 if causal else None,
-                             out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+        spec = _spec(causal, dtype)
         for s in seqlens:
             b = max(1, total_tokens // s)
             g = torch.Generator(device="cuda").manual_seed(s)
@@ -177,16 +185,8 @@ def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, d
             scale = d ** -0.5
             flops = 2.0 * b * heads * s * s * (d + dv) / (2 if causal else 1)
             fns = {"cuda": lambda: cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)}
-            import torch.nn.functional as F
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             for be in sdpa_backends:
-                which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[be]
-
-                def run(which=which):
-                    with sdpa_kernel([which]):
-                        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
-                fns[f"sdpa {be}"] = run
+                fns[f"sdpa {be}"] = _sdpa_fn(q, k, v, scale, be, causal=causal)
             for impl, fn in fns.items():
                 row = dict(impl=impl, hdim=f"{d}/{dv}", causal=causal, seqlen=s, batch=b, heads=heads)
                 rows.append(_timed_row(row, fn, warmup, iters, flops, 0.0))
@@ -210,27 +210,21 @@ def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds
     import statistics
     rows = []
     variants = list(TILE_CANDIDATES[d].items()) + [("sdpa", None)]
-    h = hidden // d
-    for causal in causals:
-        spec = AttentionSpec(window_right=0 if causal else None,
-                             out_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
-        for s in seqlens:
-            b = max(1, total_tokens // s)
-            q, k, v = _inputs(b, h, s, d, dtype)
-            fns, times = {}, {}
-            for name, kw in variants:
-                try:
-                    fns[name] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
-                except Exception as exc:  # a variant that cannot run gets a row with its reason
-                    rows.append(dict(impl="cuda", tile=name, causal=causal, seqlen=s, ms=float("nan"),
-                                     tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    times.setdefault(name, []).append(_time_ms(fn, 3, iters))
-            for name, ts in times.items():
-                ms = statistics.median(ts)
-                rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name, causal=causal, seqlen=s,
-                                 ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
+    for causal, spec, s, b, h, q, k, v in _cells(d, causals, seqlens, total_tokens, hidden, dtype):
+        fns, times = {}, {}
+        for name, kw in variants:
+            try:
+                fns[name] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
+            except Exception as exc:  # a variant that cannot run gets a row with its reason
+                rows.append(dict(impl="cuda", tile=name, causal=causal, seqlen=s, ms=float("nan"),
+                                 tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times.setdefault(name, []).append(_time_ms(fn, 3, iters))
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name, causal=causal, seqlen=s,
+                             ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
     return rows
 
 

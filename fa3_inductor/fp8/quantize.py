@@ -16,7 +16,6 @@ kept for A/B timing: FA3_FP8_QUANT=legacy or kernel="legacy" selects it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from typing import Optional
@@ -301,14 +300,11 @@ def _dummy_slot(like: list) -> tuple:
 
 
 def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 0 off the GPU (the interpreter: a few programs instead)."""
     if device.type != "cuda":
         return 0
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    from ..ops.triton_impl import sm_count_of
+    return sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _OCCUPANCY: dict = {}

@@ -237,17 +237,18 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: 
     off = Sk - Sq if spec.align == "bottom_right" else 0
     wl = min(spec.window_left, _WINDOW_CAP) if spec.window_left is not None else 0
     wr = min(spec.window_right, _WINDOW_CAP) if spec.window_right is not None else 0
-    qk, ok, lk = q, out, lse
-    if pack:  # the kernel sees Hk heads of group * Sq rows (out / lse are fresh contiguous tensors)
+    qk, ok = q, out
+    if pack:  # the kernel sees Hk heads of group * Sq rows (out and lse are fresh contiguous tensors,
+        # so lse [B, Hq, Sq] already is [B, Hk, group * Sq]); one query head per kv head then
         qk, ok = _packed_view(q, Hk, Sq), _packed_view(out, Hk, Sq)
     Hq_k, Sq_k = qk.shape[1], qk.shape[2]
     qs, ks, vs = tma_strides(qk), tma_strides(k), tma_strides(v)
     os_ = tma_strides(ok)  # 16-bit outputs leave through a TMA store
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
-        rc = kern.launch(qk.data_ptr(), k.data_ptr(), v.data_ptr(), ok.data_ptr(), lk.data_ptr(),
+        rc = kern.launch(qk.data_ptr(), k.data_ptr(), v.data_ptr(), ok.data_ptr(), lse.data_ptr(),
                          B, Hq_k, Hk, Sq_k, Sk, D, Dv, *qs, *ks, *vs, *os_,
-                         float(scale), off, wl, wr, int(spec.gqa_mapping == "div" or pack > 0),
+                         float(scale), off, wl, wr, int(spec.gqa_mapping == "div"),
                          lpt_group(B, Hq_k, Hk, Sk, D, q.element_size()) if spec.window_right is not None else 0,
                          float(spec.softcap or 0.0), Sk, pack, None, None, None, 0, 0, 0, 0,
                          stream)

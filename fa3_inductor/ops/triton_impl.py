@@ -283,14 +283,15 @@ def gqa_splits(programs: int, group: int, device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
+def sm_count_of(index: int) -> int:
+    """SMs of CUDA device `index` (cached: launch decisions ask on every call)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 132   # the Triton interpreter (tests): an H100's count
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _shrink(cfg):
