@@ -31,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fa3_inductor.codegen import triton_configs, triton_render
+from fa3_inductor.ops import triton_impl
 from fa3_inductor.spec import AttentionSpec
 
 TARGET = GPUTarget("cuda", 90, 128)
@@ -107,7 +108,8 @@ def fwd_kernel(spec, dt, d, cfg, even=False):
         for name, rows in (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n)):
             ptrs[name] = f"tensordesc<{ty}[1,1,{rows},{dp}]>"
     ce = dict(HEAD_D=d, HEAD_DV=d, D_PAD=dp, DV_PAD=dp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-              USE_TMA=cfg.tma, LPT=cfg.lpt, EVEN_M=even, EVEN_N=even)
+              USE_TMA=cfg.tma, LPT=cfg.lpt, EVEN_M=even, EVEN_N=even,
+              FOLD_SCALE=triton_impl.fold_scale(spec, 1.0, dp))  # as triton_impl launches it
     _optional(spec, ptrs, ce)
     return _compile(mod.attn_fwd, ptrs, ce, cfg.num_warps, cfg.num_stages,
                     f"fwd {dt} d{d} {spec.describe()[:40]:40s} {cfg.key()} even{int(even)}")

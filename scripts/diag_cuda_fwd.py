@@ -3,6 +3,7 @@ cuDNN in one run (fp16, batch*seqlen = 16k, hidden 2048).
 
     python scripts/diag_cuda_fwd.py [--set d128] [--seqlen 8192] [--jobs 6]   # compile in parallel, time
     python scripts/diag_cuda_fwd.py --ncu-target 256 [--causal]    # one launch of the default, for ncu
+    python scripts/diag_cuda_fwd.py --ncu-target 128 --ncu-impl cudnn   # the same for cuDNN's SDPA
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import concurrent.futures as cf
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
@@ -58,17 +61,26 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--ncu-target", type=int, default=None)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--ncu-impl", choices=("cuda", "cudnn"), default="cuda",
+                    help="with --ncu-target: our kernel, or cuDNN's SDPA on the same inputs (the peer's profile)")
     ap.add_argument("--set", choices=("d128", "d256"), default="d256")
     args = ap.parse_args(argv)
     variants = D128 if args.set == "d128" else D256
     if args.ncu_target:
         q, k, v, spec, _ = _inputs(args.ncu_target, args.seqlen, args.causal)
         scale = q.shape[-1] ** -0.5
+        if args.ncu_impl == "cudnn":
+            def run():
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, scale=scale)
+        else:
+            def run():
+                cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
         for _ in range(2):
-            cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+            run()
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-        cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+        run()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
         return 0
@@ -80,8 +92,6 @@ def main(argv=None):
             except Exception as exc:
                 print(f"build {futs[f]} failed: {str(exc)[:300]}")
     from triton.testing import do_bench
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     for lab, d, causal, kw in variants:
         q, k, v, spec, fl = _inputs(d, args.seqlen, causal)
         scale = d ** -0.5

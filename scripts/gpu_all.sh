@@ -3,7 +3,7 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag models bench" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag against ablation ncu models bench" bash scripts/gpu_all.sh
 # PACK_CACHE=1 returns the kernel cache (cat the parts into .carry/fa3_cache.tgz).
 # NO_FP8ROWS=1 skips the FP8 throughput rows; CUDA_ROWS="--decode --split" picks other CUDA rows,
 # CUDA_ROWS=none none (default: the forward grid next to SDPA, with the ablation table).
@@ -30,6 +30,10 @@ has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 say "device: $(nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader 2>&1)"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 python3 -m pip install -q --no-deps --no-build-isolation . > "$W/pip.log" 2>&1 || { say "pip install failed"; tail -20 "$W/pip.log" | tee -a "$LOG"; }
+# cuDNN's FP8 SDPA (the FP8 rows' peer) through the cuDNN frontend, when its wheel is carried.
+for whl in .carry/nvidia_cudnn_frontend-*-cp312-*.whl; do
+  [ -f "$whl" ] && { python3 -m pip install -q --no-deps "$whl" >> "$W/pip.log" 2>&1 || say "cudnn frontend install failed"; }
+done
 
 if has ddp; then
   say "== 2-GPU DDP/FSDP2 tests + DDP throughput (issue 7)"
@@ -93,6 +97,39 @@ if has cudadiag; then
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
         python3 scripts/diag_cuda_fwd.py --ncu-target $d > "$W/ncu_d$d.log" 2>&1
     say "ncu d$d rc=$?"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Stall|No Eligible|Active Warps Per|Registers Per|Executed Ipc|Tensor|Warp Cycles Per Issued" "$W/ncu_d$d.log" | head -24 | tee -a "$LOG"
+  done
+fi
+if has against; then
+  # This build vs the earlier one (.carry/fa3_cache_earlier.tgz: the previous sources' builds of the
+  # benchmark's instantiations) vs cuDNN, interleaved in one run (bench/other_build.py).
+  say "== CUDA forward: this build vs the earlier build vs cuDNN (16-bit, then FP8)"
+  mkdir -p /tmp/fa3_cache_earlier && tar xzf .carry/fa3_cache_earlier.tgz -C /tmp/fa3_cache_earlier
+  timeout ${T_AGAINST:-200} python3 -m fa3_inductor.bench.cuda_rows --against /tmp/fa3_cache_earlier > "$W/against.md" 2>&1
+  say "against rc=$?"; tail -80 "$W/against.md" | tee -a "$LOG"
+  timeout ${T_AGAINST8:-200} python3 -m fa3_inductor.bench.fp8_rows --both --kernels cuda --against /tmp/fa3_cache_earlier \
+      --json "$W/fp8_against.json" > "$W/fp8_against.md" 2>&1
+  say "fp8 against rc=$?"; tail -30 "$W/fp8_against.md" | tee -a "$LOG"
+fi
+if has ablation; then
+  say "== CUDA ablation (d128, 8k) and the d128 tile candidates, interleaved"
+  timeout ${T_ABLATION:-150} python3 -c "from fa3_inductor.bench import cuda_rows as c; print(c.format_rows(c.ablation_rows(), key_cols=('variant', 'hdim', 'seqlen')))" > "$W/ablation.md" 2>&1
+  say "ablation rc=$?"; tail -10 "$W/ablation.md" | tee -a "$LOG"
+  timeout ${T_TILES:-150} python3 -m fa3_inductor.bench.cuda_rows --tiles ${TILES_D:-128} > "$W/tiles.md" 2>&1
+  say "tiles rc=$?"; tail -32 "$W/tiles.md" | tee -a "$LOG"
+fi
+if has ncu; then
+  # NCU_TARGETS: hdim:impl[:causal] items, impl cuda (our forward), cudnn (the peer on the same
+  # inputs, 8k) or triton (the Triton forward + backward at 4k, scripts/ncu_triton.py).
+  for t in ${NCU_TARGETS:-128:cuda 128:cudnn}; do
+    IFS=: read -r d impl c <<< "$t"
+    say "== ncu d$d $impl ${c:-}"
+    if [ "$impl" = triton ]; then prog=(scripts/ncu_triton.py --d "$d" ${c:+--causal})
+    else prog=(scripts/diag_cuda_fwd.py --ncu-target "$d" --ncu-impl "$impl" ${c:+--causal}); fi
+    timeout ${T_NCU:-90} ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats --section SchedulerStats \
+        --print-details all python3 "${prog[@]}" > "$W/ncu_d${d}_${impl}${c:+_causal}.log" 2>&1
+    say "ncu rc=$?"; grep -E "^  [a-zA-Z_]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|No Eligible|SM: Pipe Tensor Cycles Active|Pipe Xu|Pipe Alu Cycles|Pipe Fma Cycles Active|Stall (Long|Barrier|Wait|Math|Short|Not Sel|Dispatch|Branch|Sleep|MIO|GMMA)|Warp Cycles Per Issued|Registers Per" \
+        "$W/ncu_d${d}_${impl}${c:+_causal}.log" | grep -v "^    INF\|^    OPT" | head -40 | tee -a "$LOG"
   done
 fi
 if has models; then

@@ -93,6 +93,15 @@ def test_window(wl, wr, align):
     _check(AttentionSpec(window_left=wl, window_right=wr, align=align), q, k, v)
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.25])
+@pytest.mark.parametrize("causal", [False, True])
+def test_scale_sign(scale, causal):
+    # Plain scores fold a positive scale into the exponent (FOLD_SCALE: row max of the raw q.k);
+    # a zero or negative scale must take the unfolded path (max(c * qk) != c * max(qk) there).
+    q, k, v = _inputs(1, 2, 2, 33, 47, 32)
+    _check(AttentionSpec(window_right=0 if causal else None), q, k, v, scale=scale, backward=False)
+
+
 def test_window_dead_rows():
     # bottom_right causal with Sq > Sk: the first rows see no key -> out 0, lse -inf, no NaN.
     q, k, v = _inputs(1, 2, 2, 40, 20, 32)

@@ -3,6 +3,7 @@
 
     python -m fa3_inductor.bench.cuda_rows            # grid + ablation, prints tables
     python -m fa3_inductor.bench.cuda_rows --quick    # seqlens 512, 2k, 8k only
+    python -m fa3_inductor.bench.cuda_rows --against OLD_CACHE   # this build vs an earlier one
 
 TFLOP/s = 4 * b * h * sq * sk * d / t, halved for causal (the FLOPs actually needed).
 """
@@ -228,6 +229,29 @@ def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds
     return rows
 
 
+def against_rows(against: str, hdims=(64, 128, 256), seqlens=(2048, 4096, 8192, 16384), causals=(False, True),
+                 rounds: int = 3, total_tokens=16384, hidden=2048, dtype=torch.float16, iters=10) -> list[dict]:
+    """This build of the CUDA template next to an earlier build (the kernel cache at `against`) and
+    SDPA (cuDNN), interleaved as in tile_rows: per cell each is timed in turn, `rounds` times, and
+    keeps its median.  A template change is judged by the two cuda rows of one cell."""
+    from .other_build import interleaved
+    rows = []
+    for d in hdims:
+        for causal, spec, s, b, h, q, k, v in _cells(d, causals, seqlens, total_tokens, hidden, dtype):
+            fns = {"cuda": forward_fn("cuda", q, k, v, spec, d ** -0.5),
+                   "sdpa": forward_fn("sdpa", q, k, v, spec, d ** -0.5)}
+            try:
+                med = interleaved(fns, against, rounds, lambda fn: _time_ms(fn, 3, iters))
+            except Exception as exc:  # e.g. no earlier build of this instantiation
+                rows.append(dict(impl="cuda", hdim=d, causal=causal, seqlen=s, ms=float("nan"),
+                                 tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
+                continue
+            for name, ms in med.items():
+                rows.append(dict(impl=name, hdim=d, causal=causal, seqlen=s, ms=ms,
+                                 tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
+    return rows
+
+
 def format_rows(rows, key_cols=("impl", "hdim", "causal", "seqlen", "batch", "heads"),
                 values=("ms", "tflops")) -> str:
     cols = [c for c in key_cols if any(c in r for r in rows)] + list(values)
@@ -255,8 +279,14 @@ def main(argv=None):
                     help="only the GQA short-query rows (packed vs unpacked heads vs SDPA), bf16")
     ap.add_argument("--split", action="store_true", help="only the 192 / 128 head-dim rows vs SDPA, bf16")
     ap.add_argument("--tiles", type=int, choices=sorted(TILE_CANDIDATES), help="only this head dim's tile candidates vs SDPA")
+    ap.add_argument("--against", metavar="CACHE",
+                    help="only: this build vs the earlier build in kernel cache CACHE vs SDPA, interleaved")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.against:
+        print(f"this build vs {args.against} vs SDPA (interleaved medians), b*s = 16k, hidden 2048, {args.dtype}")
+        print(format_rows(against_rows(args.against, dtype=dtype), key_cols=("impl", "hdim", "causal", "seqlen")))
+        return
     if args.tiles:
         print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}")
         print(format_rows(tile_rows(args.tiles, dtype=dtype), key_cols=("impl", "tile", "causal", "seqlen")))

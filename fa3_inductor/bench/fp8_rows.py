@@ -10,9 +10,11 @@ cuDNN's bf16 SDPA on the same bf16 inputs (the 16-bit speed the FP8 path has to 
 
 Shapes follow the FA3 paper: batch * seqlen = 16k tokens, hidden 2048 (heads = 2048 / hdim).
 TFLOP/s counts 4 * b * h * sq * sk * d (halved for causal) over the attention kernel time
-alone ("attn"), and over quantisation + attention ("attn+quant").  cuDNN is called through
-F.scaled_dot_product_attention with float8_e4m3fn inputs under SDPBackend.CUDNN_ATTENTION;
-where the installed torch refuses that, the column says n/a (the reason is printed).
+alone ("attn"), and over quantisation + attention ("attn+quant").  cuDNN's FP8 SDPA is called
+through F.scaled_dot_product_attention with float8_e4m3fn inputs under
+SDPBackend.CUDNN_ATTENTION, or where this torch refuses that (2.11 does), through the cuDNN
+frontend's graph API (optional package nvidia-cudnn-frontend; bench/cudnn_fp8.py).  Without
+either the column says n/a and the reason is printed.
 """
 from __future__ import annotations
 
@@ -31,17 +33,30 @@ def _time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
 
 
 def _cudnn_fp8(q, k, v, causal, scale):
-    """ms of cuDNN SDPA on fp8 inputs, or the reason it cannot run."""
+    """(ms, note, relative error) of cuDNN's FP8 SDPA, or (None, reason, None).  torch's SDPA
+    first; where this torch refuses float8 inputs (2.11 does), the cuDNN frontend's graph API
+    (bench/cudnn_fp8.py).  The relative error of its output against bf16 SDPA on the same
+    e4m3-rounded inputs shows that the peer computes the same attention."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from . import cudnn_fp8
     q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             F.scaled_dot_product_attention(q8, k8, v8, is_causal=causal, scale=scale)
             torch.cuda.synchronize()
-            return _time_ms(lambda: F.scaled_dot_product_attention(q8, k8, v8, is_causal=causal, scale=scale))
+            return (_time_ms(lambda: F.scaled_dot_product_attention(q8, k8, v8, is_causal=causal, scale=scale)),
+                    "cuDNN FP8 via torch SDPA", None)
     except Exception as exc:  # unsupported dtype/backend combination in this torch
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        torch_reason = f"torch SDPA: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    ms, note = cudnn_fp8.sdpa_fp8_ms(q8, k8, v8, causal, scale, _time_ms)
+    if ms is None:
+        return None, f"{torch_reason}; {note}", None
+    out = cudnn_fp8.sdpa_fp8_out(q8, k8, v8, causal, scale)
+    ref = F.scaled_dot_product_attention(*(t.to(torch.bfloat16) for t in (q8, k8, v8)),
+                                         is_causal=causal, scale=scale).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    return ms, note, rel
 
 
 def _cudnn_bf16(q, k, v, causal, scale):
@@ -54,7 +69,7 @@ def _cudnn_bf16(q, k, v, causal, scale):
         return None
 
 
-def row(d, s, causal, tiles=None, kernel="triton", block_n=None, **variant):
+def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, **variant):
     from ..fp8 import attention, cuda_attention, quantize
     from ..spec import AttentionSpec
     b, h = max(1, 16384 // s), 2048 // d
@@ -77,27 +92,43 @@ def row(d, s, causal, tiles=None, kernel="triton", block_n=None, **variant):
     qq = quant()
     t_quant = _time_ms(quant)
     t_attn = _time_ms(lambda: attn(qq))
+    earlier = None
+    if against and kernel == "cuda":  # this build and the earlier one, interleaved (bench/other_build.py)
+        from .other_build import interleaved
+        med = interleaved({"cuda": lambda: attn(qq)}, against, 3, _time_ms)
+        t_attn, earlier = med["cuda"], med["cuda (earlier)"]
     flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    cudnn = _cudnn_fp8(q, k, v, causal, scale)
+    cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
     bf16 = _cudnn_bf16(q, k, v, causal, scale)
     return {"kernel": kernel, "hdim": d, "seqlen": s, "batch": b, "heads": h, "causal": causal, "tiles": shown,
             "cudnn_bf16_tflops": flops / bf16 / 1e9 if bf16 else "n/a",
             "quant_ms": t_quant, "attn_ms": t_attn,
             "tflops_attn": flops / t_attn / 1e9, "tflops_attn_quant": flops / (t_attn + t_quant) / 1e9,
-            "cudnn_fp8_tflops": flops / cudnn / 1e9 if isinstance(cudnn, float) else "n/a",
-            "cudnn_note": "" if isinstance(cudnn, float) else cudnn}
+            "tflops_attn_earlier": flops / earlier / 1e9 if earlier else None,
+            "cudnn_fp8_tflops": flops / cudnn / 1e9 if cudnn else "n/a",
+            "vs_cudnn_fp8": cudnn / t_attn if cudnn else "n/a",
+            "cudnn_fp8_relerr": cudnn_rel, "cudnn_note": cudnn_note}
 
 
 def table(rows) -> str:
     lines = ["| kernel | hdim | seqlen | causal | tiles | quant ms | attn ms | TFLOP/s attn | TFLOP/s attn+quant "
-             "| cuDNN FP8 TFLOP/s | cuDNN bf16 TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cuDNN FP8 TFLOP/s | attn / cuDNN FP8 | cuDNN bf16 TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cud, b16 = (f"{x:.0f}" if isinstance(x, float) else x for x in (r["cudnn_fp8_tflops"], r["cudnn_bf16_tflops"]))
+        cud, ratio, b16 = (f"{x:.0f}" if isinstance(x, float) and x > 10 else f"{x:.2f}" if isinstance(x, float) else x
+                           for x in (r["cudnn_fp8_tflops"], r["vs_cudnn_fp8"], r["cudnn_bf16_tflops"]))
         lines.append(f"| {r['kernel']} | {r['hdim']} | {r['seqlen']} | {r['causal']} | {r['tiles']} | {r['quant_ms']:.3f} | "
-                     f"{r['attn_ms']:.3f} | {r['tflops_attn']:.0f} | {r['tflops_attn_quant']:.0f} | {cud} | {b16} |")
+                     f"{r['attn_ms']:.3f} | {r['tflops_attn']:.0f} | {r['tflops_attn_quant']:.0f} | {cud} | {ratio} | {b16} |")
     notes = sorted({r["cudnn_note"] for r in rows if r["cudnn_note"]})
-    return "\n".join(lines + [f"cuDNN n/a: {n}" for n in notes])
+    earlier = [f"d{r['hdim']} {'causal' if r['causal'] else 'non-causal'} {r['seqlen']}: "
+               f"{r['tflops_attn']:.0f} vs {r['tflops_attn_earlier']:.0f}" for r in rows if r.get("tflops_attn_earlier")]
+    if earlier:
+        lines.append("this build vs the earlier build (TFLOP/s attn, interleaved medians): " + "; ".join(earlier))
+    errs = [r["cudnn_fp8_relerr"] for r in rows if r.get("cudnn_fp8_relerr") is not None]
+    if errs:
+        notes.append(f"cuDNN FP8 output vs bf16 SDPA on the same e4m3 inputs: relative error "
+                     f"{min(errs):.2e}-{max(errs):.2e}")
+    return "\n".join(lines + [f"cuDNN: {n}" for n in notes])
 
 
 SWEEP = {64: [(128, 64, 8, 3), (128, 64, 4, 3)], 128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)],
@@ -119,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true",
                     help="CUDA kernel: default vs persistent / 3-stage at seqlen 8k and 16k")
     ap.add_argument("--json")
+    ap.add_argument("--against", metavar="CACHE",
+                    help="CUDA rows: also time the earlier build in kernel cache CACHE, interleaved")
     ap.add_argument("--quant-only", action="store_true",
                     help="time the quantisation pass alone, old kernel vs new (bench/fp8_quant.py)")
     args, rest = ap.parse_known_args(argv)
@@ -143,7 +176,7 @@ def main(argv=None):
                     else:
                         rows += [row(d, 8192, causal, tiles=t) for t in SWEEP.get(d, [])]
                 else:
-                    rows += [row(d, s, causal, kernel=kernel) for s in args.seqlens]
+                    rows += [row(d, s, causal, kernel=kernel, against=args.against) for s in args.seqlens]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -44,6 +44,13 @@ def _triton_version() -> str:
 
 # ---- generated code pieces -------------------------------------------------------------
 
+def plain_scores(spec: AttentionSpec) -> bool:
+    """Scores are the scaled q.k alone (no softcap, ALiBi or additive bias; masks only set -inf):
+    the forward may then take the row max of the raw q.k and fold the scale into the exponent's
+    FMA (FOLD_SCALE), which is exact when the scale is positive."""
+    return not spec.softcap and spec.alibi is None and spec.mask_kind != "additive"
+
+
 def _constants(spec: AttentionSpec, dbias: bool) -> str:
     def c(name, val):
         return f"{name} = tl.constexpr({val!r})"

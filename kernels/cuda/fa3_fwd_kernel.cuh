@@ -14,7 +14,7 @@
 // Pingpong: named barriers hand a token round the consumer warpgroups so that one issues its
 //   GEMMs while the others do their softmax (kPingpong).
 // Intra-warpgroup overlap: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j runs, and
-//   P_j V_j runs under that softmax (kIntraWG).
+//   P_j V_j runs under that softmax, and O takes its rescale while the next S GEMM runs (kIntraWG).
 // Without warp specialisation (kWarpSpec == false) there is no producer warpgroup: thread 0 of the
 //   first consumer issues the loads kStages-1 blocks ahead, in line with its own compute.
 //
@@ -73,6 +73,12 @@ struct Config {
   using Element = Element_;
   using OutT = OutT_;
   static constexpr bool kFp8 = sizeof(Element) == 1;  // e4m3 operands with block scales
+  // Intra-warpgroup overlap: O takes the softmax rescale while the next S GEMM runs (FA3's order)
+  // rather than after the PV GEMM.  Only up to 128 columns of O and with two consumer warpgroups:
+  // elsewhere the rescale between the two GEMM issues keeps both accumulators live at once and
+  // ptxas spills more (d256 non-causal 40 bytes against 24; d64 on 192 rows, 160 registers a
+  // thread, 84 against 60), while at d256 the longer GEMMs hide the softmax anyway.
+  static constexpr bool kRescaleUnderS = kHeadDimV_ <= 128 && kBlockM_ == 128;
   static_assert(!kFp8 || kBlockN % 32 == 0, "FP8: key tiles of whole k32 WGMMA steps");
 
   static constexpr int kMmaWG = kBlockM / 64;  // one consumer warpgroup per 64 query rows
@@ -544,7 +550,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
           softmax.template step<true>(s_rc, alpha, block_sc(n_max - 1));
         }
-        v_units_to(n_max - 1);  // O is still zero
+        if constexpr (!Cfg::kRescaleUnderS) v_units_to(n_max - 1);  // O is still zero
         // P lives in registers and feeds the PV GEMM as its A operand.
         Tensor tOrP = make_operand_p(tSrS);
         to_operand_p(tSrS, tOrP);
@@ -555,6 +561,10 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           pipe_k.consumer_wait(rk);
           sched_sync();
           wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS2);
+          // O takes block n+1's softmax rescale while S_n runs on the tensor cores (FA3's order):
+          // the multiplies leave the stretch between two GEMM issues that the pingpong has to
+          // hide.  The PV GEMM of block n+2 finished last iteration (warpgroup_wait<0>).
+          if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n + 1));
           pipe_v.consumer_wait(rv);
           wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
           sched_arrive();
@@ -569,9 +579,10 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           warpgroup_wait<0>();
           pipe_v.consumer_release(rv);
           ++rv;
-          rescale_o(alpha, v_units_to(n));
+          if constexpr (!Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n));
           to_operand_p(tSrS2, tOrP);  // safe: the PV GEMM reading tOrP has completed
         }
+        if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n_min));
         pipe_v.consumer_wait(rv);
         wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
         pipe_v.consumer_release(rv);

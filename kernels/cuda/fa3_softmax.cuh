@@ -32,22 +32,35 @@ struct OnlineSoftmax {
   template <bool kFirst, class TensorS>
   CUTE_DEVICE void step(TensorS& s, float (&alpha)[kRows], float sc) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    constexpr int kCols = decltype(size<1>(s))::value;
+    // Row maxima first for all rows, then their quad reductions, then the exponentials: each phase
+    // holds independent work for the one warp per SMSP that this warpgroup has.  Four partial
+    // maxima per row: a single running max is a chain of kCols dependent FMNMX (32 at a 128-key
+    // tile).  Exact in any order (fmaxf drops NaN the same way however the values are grouped).
+    float mx[kRows];
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float mx = -INFINITY;
+      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(s); ++c) { mx = fmaxf(mx, s(r, c)); }
-      mx = quad_max(mx);
-      float const m_new = fmaxf(row_max[r], mx * sc);  // -inf * sc stays -inf (sc > 0)
+      for (int c = 0; c < kCols; ++c) { m4[c % 4] = fmaxf(m4[c % 4], s(r, c)); }
+      mx[r] = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const m_new = fmaxf(row_max[r], mx[r] * sc);  // -inf * sc stays -inf (sc > 0)
       // A row with every score masked so far keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
       float const m_sub = (m_new == -INFINITY) ? 0.f : m_new;
-      alpha[r] = kFirst ? 1.f : exp2f(row_max[r] - m_sub);
+      alpha[r] = kFirst ? 1.f : exp2_ftz(row_max[r] - m_sub);
       row_max[r] = m_new;
       float const bias = p_log2 - m_sub;
       float sum = 0.f;
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(s); ++c) {
-        float const p = exp2f(fmaf(s(r, c), sc, bias));
+      for (int c = 0; c < kCols; ++c) {
+        float const p = exp2_ftz(fmaf(s(r, c), sc, bias));
         s(r, c) = p;
         sum += p;
       }
@@ -75,7 +88,7 @@ template <class TensorS>
 CUTE_DEVICE void apply_softcap(TensorS& s, float pre2) {
   CUTE_UNROLL
   for (int i = 0; i < size(s); ++i) {
-    float const e = exp2f(s(i) * pre2);
+    float const e = exp2_ftz(s(i) * pre2);
     s(i) = 1.f - __fdividef(2.f, e + 1.f);
   }
 }

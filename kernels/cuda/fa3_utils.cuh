@@ -1,5 +1,5 @@
 // Small device helpers for the sm_90a forward kernel: accumulator-layout views, fp32 -> 16-bit
-// conversion, a WGMMA issue helper and quad (4-lane) reductions.  Own code; the ideas follow the
+// conversion, a WGMMA issue helper, a flush-to-zero exp2 and the quad (4-lane) sum.  Own code; the ideas follow the
 // FlashAttention-3 paper (register-resident P reused as the A operand of the second GEMM).
 #pragma once
 
@@ -99,12 +99,18 @@ CUTE_DEVICE void wg_gemm(TiledMma& tiled_mma, TA const& tA, TB const& tB, TC& tC
   if constexpr (kARegs) { warpgroup_fence_operand(const_cast<TA&>(tA)); }
 }
 
-// Threads holding one accumulator row are the 4 lanes of a quad (lane / 4 equal).
-CUTE_DEVICE float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-  return x;
+// 2^x as one MUFU.EX2 (ex2.approx.ftz).  exp2f() without --use_fast_math keeps denormal results
+// and costs three more instructions per call (a range test and two predicated FMULs around the
+// MUFU): at d128 that was ~40% more ALU issue in the softmax, which the pingpong must hide under
+// the other warpgroup's GEMMs.  Flushing results below 2^-126 to zero changes nothing a softmax
+// can see: such a P is below fp16/bf16's smallest value and 1e-38 of the row's largest term.
+CUTE_DEVICE float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
+
+// Threads holding one accumulator row are the 4 lanes of a quad (lane / 4 equal).
 CUTE_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);

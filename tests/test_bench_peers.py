@@ -1,0 +1,82 @@
+"""The FP8 benchmark's cuDNN peer column: the reason when the peer cannot run, and the table."""
+import importlib
+
+import torch
+
+from fa3_inductor.bench import cudnn_fp8, fp8_rows
+
+
+def test_cudnn_fp8_peer_missing_frontend_gives_reason(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "cudnn":
+            raise ImportError("no cudnn here")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cudnn_fp8.importlib, "import_module", fake)
+    q = torch.zeros(1, 1, 4, 8).to(torch.float8_e4m3fn)
+    ms, note = cudnn_fp8.sdpa_fp8_ms(q, q, q, False, 0.3, time_ms=lambda fn: 1.0)
+    assert ms is None and "cudnn-frontend not importable" in note
+
+
+def _row(**over):
+    r = {"kernel": "cuda", "hdim": 256, "seqlen": 8192, "causal": False, "tiles": [128, 128],
+         "quant_ms": 0.15, "attn_ms": 0.5, "tflops_attn": 1180.0, "tflops_attn_quant": 900.0,
+         "cudnn_fp8_tflops": 1000.0, "vs_cudnn_fp8": 1.18, "cudnn_bf16_tflops": 700.0,
+         "cudnn_fp8_relerr": 0.02, "cudnn_note": "cuDNN FP8 via cudnn-frontend 1.32.0, O in bfloat16"}
+    r.update(over)
+    return r
+
+
+def test_fp8_table_shows_ratio_and_peer_notes():
+    text = fp8_rows.table([_row(), _row(cudnn_fp8_tflops="n/a", vs_cudnn_fp8="n/a", cudnn_fp8_relerr=None,
+                                        cudnn_note="torch SDPA: RuntimeError: No available kernel")])
+    lines = text.splitlines()
+    assert "attn / cuDNN FP8" in lines[0]
+    assert "| 1000 | 1.18 | 700 |" in lines[2]
+    assert "| n/a | n/a | 700 |" in lines[3]
+    assert any("No available kernel" in ln for ln in lines)
+    assert any("relative error 2.00e-02-2.00e-02" in ln for ln in lines)
+
+
+def test_kernels_from_earlier_build_swaps_and_restores(tmp_path):
+    from fa3_inductor.bench import other_build
+    from fa3_inductor.codegen import cuda_jit
+    cfg = cuda_jit.config_for(128, "float16")
+    (tmp_path / "cuda").mkdir()
+    lib = tmp_path / "cuda" / f"{cfg.name()}_{'ab' * 12}.so"
+    lib.write_bytes(b"")
+    (tmp_path / "cuda" / f"{cfg.name()}P_{'cd' * 12}.so").write_bytes(b"")  # another instantiation
+    original = cuda_jit.compile_config
+    with other_build.kernels_from(tmp_path):
+        assert cuda_jit.compile_config(cfg) == lib
+        other = cuda_jit.config_for(256, "float16")
+        try:
+            cuda_jit.compile_config(other)
+            raise AssertionError("an instantiation missing from the earlier build must raise")
+        except FileNotFoundError as exc:
+            assert "0 builds of " + other.name() in str(exc)
+    assert cuda_jit.compile_config is original
+
+
+def test_interleaved_medians_and_earlier_rows(monkeypatch, tmp_path):
+    from fa3_inductor.bench import other_build
+    seen = []
+    monkeypatch.setattr(other_build, "kernels_from", lambda root: _Ctx(seen, root))
+    times = iter([1.0, 5.0, 2.0, 3.0, 9.0, 4.0, 2.0, 7.0, 3.0])  # rounds of (cuda, sdpa, cuda earlier)
+    med = other_build.interleaved({"cuda": lambda: None, "sdpa": lambda: None}, str(tmp_path), 3,
+                                  lambda fn: next(times))
+    assert med == {"cuda": 2.0, "sdpa": 7.0, "cuda (earlier)": 3.0}
+    assert seen == [str(tmp_path)] * 3
+
+
+class _Ctx:
+    def __init__(self, seen, root):
+        seen.append(root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
