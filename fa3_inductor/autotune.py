@@ -1,9 +1,12 @@
-"""Autotuning of the Triton attention tiles (torch.compile mode="max-autotune").
+"""Autotuning at run time (torch.compile(..., mode="max-autotune")).
 
-The backend turns it on with `autotune.set_enabled(True)` (or `with autotune.enabled_ctx():`).
-When on, the first call of each (spec, shape bucket, dtype, device capability) benchmarks the
-candidate configs of codegen/triton_configs.py with triton.testing.do_bench on the real inputs
-and keeps the fastest; winners are cached in memory and on disk as JSON
+A graph compiled with that mode carries `AttentionSpec.autotune` on each rewritten site (the
+kernels run, and pick their configuration, when the graph runs); `set_enabled(True)`,
+`enabled_ctx()` or FA3_INDUCTOR_AUTOTUNE=1 turn it on for every call instead.  When on, the
+first call of each (spec, shape bucket, dtype, device capability) times, with
+triton.testing.do_bench on the real inputs: the Triton tile candidates of
+codegen/triton_configs.py (forward and backward), and under kernel "auto" the CUDA template
+against the Triton one (best_impl).  Winners are cached in memory and on disk as JSON
 (`<cache_dir>/autotune.json`), so later processes skip the search.
 """
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _bucket(n: int) -> int:
 
 def _key(kind: str, q, k, v, spec: AttentionSpec) -> str:
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
-    return "|".join([kind, spec.to_json(), f"sq{_bucket(q.shape[2])}", f"sk{_bucket(k.shape[2])}",
+    return "|".join([kind, spec.semantic_json(), f"sq{_bucket(q.shape[2])}", f"sk{_bucket(k.shape[2])}",
                      f"d{q.shape[3]}", f"dv{v.shape[3]}", f"g{q.shape[1] // k.shape[1]}",
                      str(q.dtype), f"sm{cap[0]}{cap[1]}"])
 
@@ -74,8 +77,12 @@ def _load_table() -> dict:
 
 
 def _store(key: str, cfg) -> None:
+    _store_raw(key, dataclasses.asdict(cfg))
+
+
+def _store_raw(key: str, entry: dict) -> None:
     table = _load_table()
-    table[key] = dataclasses.asdict(cfg)
+    table[key] = entry
     path = _path()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -132,6 +139,36 @@ def best_bwd(q, k, v, spec: AttentionSpec) -> BwdConfig:
     dout = torch.randn_like(out)
     return _search(key, BwdConfig, cands, lambda c: triton_impl.backward(
         dout, q, k, v, out, lse, None, None, slopes, seed, 1.0, ps, False, config=c))
+
+
+def best_impl(q, k, v, spec: AttentionSpec, impls: dict) -> str:
+    """kernel "auto" under autotuning: which of `impls` (name -> implementation module, each of
+    which supports the call) runs this forward fastest, timed once per spec and shape bucket on
+    the real inputs and kept in the on-disk table.  Only calls both the CUDA and the Triton
+    template support get here: no bias, padding, ALiBi or dropout operands to supply."""
+    key = _key("impl", q, k, v, spec)
+    with _lock:
+        hit = _load_table().get(key)
+    if hit is not None and hit.get("impl") in impls:
+        return hit["impl"]
+    from triton.testing import do_bench
+    scale = q.shape[-1] ** -0.5
+    times = {}
+    for name, impl in impls.items():
+        def run(impl=impl):
+            return impl.forward(q, k, v, None, None, None, None, scale, spec)
+        try:
+            run()  # first call: builds the kernel (and tunes the Triton tiles) outside the timing
+            times[name] = do_bench(run, warmup=5, rep=20, return_mode="median")
+        except Exception as exc:  # a kernel that fails here is simply not chosen
+            log.debug("fa3 autotune: %s failed for %s: %s", name, key, exc)
+    if not times:
+        return next(iter(impls))
+    best = min(times, key=times.get)
+    log.info("fa3 autotune: %s -> %s (%s)", key, best, ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    with _lock:
+        _store_raw(key, {"impl": best, "ms": {n: round(t, 4) for n, t in times.items()}})
+    return best
 
 
 def _probe_spec(spec: AttentionSpec) -> AttentionSpec:

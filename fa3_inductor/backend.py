@@ -128,7 +128,8 @@ def _dense_rows(site) -> bool:
     return False
 
 
-def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True) -> GraphReport:
+def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True,
+                        autotune: bool = False) -> GraphReport:
     sites, unmatched = find_sites(gm, _example_of(gm, example_inputs))
     hw_reason = None if config.force_rewrite else kernels_can_run(gm)
     use_fp8 = config.fp8 and (config.fp8_training or not _is_training(example_inputs))
@@ -138,6 +139,10 @@ def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True
     for site in sites:
         if use_fp8:
             site.spec_fields["fp8"] = True
+        # The kernel runs (and picks its tiles) when the graph runs: this compile's settings go
+        # with the site (config.kernel as patched by options, mode="max-autotune").
+        site.spec_fields["kernel"] = config.kernel
+        site.spec_fields["autotune"] = bool(autotune)
         try:
             spec = build_spec(site)
         except ValueError as exc:
@@ -216,8 +221,6 @@ def fa3_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                          "None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'")
     with config.patch(ours):
         config_check.validate()
-        from . import autotune_flag
-        with autotune_flag.enabled(mode in ("max-autotune", "max-autotune-no-cudagraphs")):
-            analyse_and_rewrite(gm, example_inputs)
+        analyse_and_rewrite(gm, example_inputs, autotune=mode in ("max-autotune", "max-autotune-no-cudagraphs"))
     from torch._inductor.compile_fx import compile_fx
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(mode, theirs, kwargs.get("dynamic")))

@@ -6,7 +6,8 @@
 
 Per compile, the same names can be given with an "fa3." prefix in torch.compile's
 options: torch.compile(m, backend="fa3", options={"fa3.kernel": "triton"}); the other
-options go to Inductor unchanged.  `config_check.validate()` checks every value and names the bad one
+options go to Inductor unchanged.  Settings are read when a graph is compiled; `kernel` also
+goes with each rewritten site (AttentionSpec.kernel), so the site runs with it.  `config_check.validate()` checks every value and names the bad one
 (in config_check.py: a config module keeps only its settings).
 """
 import sys

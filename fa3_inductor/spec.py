@@ -52,6 +52,7 @@ MASK_KINDS = (None, "additive", "bool")
 ALIBI_KINDS = (None, "linear", "abs")
 GQA_MAPPINGS = ("div", "mod")
 MASKED_VALUES = ("neg_inf", "min_additive", "min_fill", "zero")
+KERNELS = ("", "auto", "triton", "cuda", "reference")  # "": follow config.kernel at run time
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -92,6 +93,13 @@ class AttentionSpec:
     fp8: bool = False
     # What the scale was, for reports: a number, or the symbolic expression it came from.
     scale_repr: str = ""
+    # How to run it, fixed when the graph was compiled (not semantics: semantic_json() leaves them
+    # out).  kernel: config.kernel of that compile, e.g. options={"fa3.kernel": "triton"}; "" (a
+    # spec made outside a compile) follows config.kernel when the op runs.  autotune: compiled with
+    # mode="max-autotune": the first call of each shape bucket times the Triton tile candidates
+    # and, under kernel "auto", the CUDA template against the Triton one (autotune.py).
+    kernel: str = ""
+    autotune: bool = False
 
     def __post_init__(self):
         if self.align not in ALIGNS:
@@ -112,6 +120,8 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec.gqa_mapping={self.gqa_mapping!r}; allowed: {GQA_MAPPINGS}")
         if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"AttentionSpec.dropout_p={self.dropout_p!r}; allowed: a float in [0, 1)")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"AttentionSpec.kernel={self.kernel!r}; allowed: {KERNELS}")
         for name in ("softmax_dtype", "out_dtype"):
             val = getattr(self, name)
             if not isinstance(val, str) or val not in _DTYPES:
@@ -141,6 +151,11 @@ class AttentionSpec:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
+    def semantic_json(self) -> str:
+        """to_json() without the run settings (kernel, autotune): the key of what the attention
+        computes, for generated-kernel caches, tuned tiles and the FP8 rotation's seed."""
+        return self.replace(kernel="", autotune=False).to_json()
+
     @classmethod
     def from_json(cls, text: str) -> "AttentionSpec":
         return _from_json_cached(text)
@@ -165,6 +180,10 @@ class AttentionSpec:
             parts.append(f"dropout={self.dropout_p:g}")
         if self.fp8:
             parts.append("fp8")
+        if self.kernel not in ("", "auto"):
+            parts.append(f"kernel={self.kernel}")
+        if self.autotune:
+            parts.append("autotune")
         if self.scale_repr:
             parts.append(f"scale={self.scale_repr}")
         parts.append(f"masked={self.masked_value}")

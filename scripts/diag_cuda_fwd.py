@@ -61,15 +61,26 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--ncu-target", type=int, default=None)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--ncu-impl", choices=("cuda", "cudnn"), default="cuda",
-                    help="with --ncu-target: our kernel, or cuDNN's SDPA on the same inputs (the peer's profile)")
+    ap.add_argument("--ncu-impl", choices=("cuda", "cudnn", "fp8"), default="cuda",
+                    help="with --ncu-target: our kernel, cuDNN's SDPA on the same inputs (the peer's profile), "
+                         "or our FP8 kernel (bf16 inputs quantised before the profiled launch)")
     ap.add_argument("--set", choices=("d128", "d256"), default="d256")
     args = ap.parse_args(argv)
     variants = D128 if args.set == "d128" else D256
     if args.ncu_target:
         q, k, v, spec, _ = _inputs(args.ncu_target, args.seqlen, args.causal)
         scale = q.shape[-1] ** -0.5
-        if args.ncu_impl == "cudnn":
+        if args.ncu_impl == "fp8":
+            from fa3_inductor.fp8 import attention, cuda_attention, quantize
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+            spec = AttentionSpec(window_right=0 if args.causal else None, out_dtype="bfloat16")
+            signs = attention.signs_for(spec, q.shape[-1], q.device)
+            bm, bn = cuda_attention.tiles_for(q.shape[-1], args.causal, None)
+            qq = quantize.quantize_qkv(q, k, v, bm, bn, signs, permute=True)
+
+            def run():
+                cuda_attention.forward(q, k, v, scale, spec, signs, quantized=qq)
+        elif args.ncu_impl == "cudnn":
             def run():
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, scale=scale)

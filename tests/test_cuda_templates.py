@@ -115,6 +115,26 @@ def test_packed_gqa_config():
     assert "#ifndef FA3_PACK_GQA" in text and "#ifndef FA3_HDIM_V" in text
 
 
+@pytest.mark.parametrize("D,Sq,Sk,spec,Hk,ablation,block_n", [
+    (128, 4096, 4096, AttentionSpec(), 4, {}, 160),                      # long, unmasked: wide key tile
+    (128, 1024, 1024, AttentionSpec(), 4, {}, 128),                      # shorter key range
+    (128, 2048, 2048, AttentionSpec(), 4, {}, 160),
+    (128, 4096, 4096, AttentionSpec(window_right=0), 4, {}, 128),         # causal keeps 128 keys
+    (128, 1, 8192, AttentionSpec(), 1, {}, 128),                         # packed GQA decoding
+    (128, 4096, 4096, AttentionSpec(), 4, {"block_n": 176}, 176),        # benchmark override wins
+    (128, 4096, 4096, AttentionSpec(), 4, {"stages": 3}, 128),
+    (256, 8192, 8192, AttentionSpec(), 4, {}, 80),                       # other head dims unchanged
+    (64, 8192, 8192, AttentionSpec(), 4, {}, 128),
+])
+def test_launch_tile_for_long_unmasked_keys(D, Sq, Sk, spec, Hk, ablation, block_n):
+    from fa3_inductor.ops import cuda_impl
+    q = torch.randn(1, 4, Sq, D, dtype=torch.float16)
+    k = torch.randn(1, Hk, Sk, D, dtype=torch.float16)
+    cfg, _ = cuda_impl._launch_config(q, k, k, spec, **ablation)
+    assert cfg.block_n == block_n
+    assert cfg in cuda_jit.standard_configs(extras=True) or ablation, "the tiles the product launches are prebuilt"
+
+
 def _gqa_q(B, Hq, Sq, D, layout="bhsd"):
     if layout == "bshd":
         return torch.randn(B, Sq, Hq, D).transpose(1, 2)

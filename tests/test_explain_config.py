@@ -287,3 +287,33 @@ def test_small_training_attention_left_to_inductor(grad, threshold, left):
         assert "min_train_attention_flops" in why and "left to Inductor" in why, why
     else:
         assert why is None, why
+
+
+@pytest.mark.parametrize("mode,expect", [("max-autotune", True), ("max-autotune-no-cudagraphs", True),
+                                         ("default", False), (None, False)])
+def test_max_autotune_mode_reaches_the_kernels(mode, expect, monkeypatch):
+    """The kernels pick their configuration when the compiled graph runs, so the mode must outlive
+    the compile: each rewritten site's spec carries it (AttentionSpec.autotune)."""
+    import torch._inductor.compile_fx as cfx
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, ex, config_patches=None, **kw:
+                        torch._dynamo.lookup_backend("aot_eager")(gm, ex))
+    torch._dynamo.reset()
+    clear_reports()
+    with fa3_inductor.config.patch(force_rewrite=True):  # (torch.compile takes mode or options, not both)
+        torch.compile(causal_attention, backend="fa3", mode=mode)(*qkv())
+    specs = [site.spec for site, done, _ in fa3_inductor.backend.REPORTS[-1].matched if done]
+    assert len(specs) == 1 and specs[0].autotune is expect
+    assert ("autotune" in specs[0].describe()) is expect
+
+
+@pytest.mark.parametrize("options,kernel", [({}, "auto"), ({"fa3.kernel": "triton"}, "triton"),
+                                            ({"fa3.kernel": "reference"}, "reference")])
+def test_kernel_option_goes_with_the_site(options, kernel):
+    """options={"fa3.kernel": ...} applies to this compile's sites when they run (the op reads
+    the spec's kernel before the global config.kernel)."""
+    torch._dynamo.reset()
+    clear_reports()
+    torch.compile(causal_attention, backend="fa3", options={"fa3.force_rewrite": True, **options})(*qkv())
+    specs = [site.spec for site, done, _ in fa3_inductor.backend.REPORTS[-1].matched if done]
+    assert [sp.kernel for sp in specs] == [kernel]
+    assert fa3_inductor.config.kernel == "auto"

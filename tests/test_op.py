@@ -494,7 +494,8 @@ def test_auto_kernel_order_follows_measured_table():
     from fa3_inductor.ops.kernel_table import triton_first
 
     def order(d, s, spec, kernel="auto"):
-        return dispatch._kernel_order(kernel, torch.empty(1, 1, s, d), torch.empty(1, 1, s, d), spec)
+        kv = torch.empty(1, 1, s, d)
+        return dispatch._kernel_order(kernel, torch.empty(1, 1, s, d), kv, kv, spec)
     causal, full = AttentionSpec(window_right=0), AttentionSpec()
     assert order(64, 2048, causal) == ["triton", "cuda"] and order(64, 8192, causal) == ["cuda", "triton"]
     assert order(64, 2048, full) == ["triton", "cuda"] and order(64, 4096, full) == ["cuda", "triton"]
@@ -503,3 +504,67 @@ def test_auto_kernel_order_follows_measured_table():
     assert order(48, 1024, causal) == ["triton", "cuda"]          # head dims bucket upwards
     assert order(64, 2048, causal, kernel="cuda") == ["cuda"]
     assert triton_first(32, 4096, True) and not triton_first(96, 1024, True)
+    # decoding with one kv head expand()ed to the query heads: packed by the CUDA template
+    q1 = torch.empty(2, 8, 1, 64)
+    kv1 = torch.empty(2, 1, 2048, 64).expand(2, 8, 2048, 64)
+    assert dispatch._kernel_order("auto", q1, kv1, kv1, full) == ["cuda", "triton"]
+
+
+def test_spec_kernel_between_call_argument_and_global_config(monkeypatch):
+    """dispatch.choose: an explicit kernel argument, else the kernel the site was compiled with
+    (AttentionSpec.kernel), else config.kernel at run time."""
+    from fa3_inductor import config
+    from fa3_inductor.ops import dispatch
+    seen = []
+    monkeypatch.setattr(dispatch, "_choose", lambda q, k, v, bias, spec, kernel: seen.append(kernel) or kernel)
+    dispatch._memo.clear()
+    q = torch.randn(1, 2, 8, 16)
+    base = AttentionSpec()
+    dispatch.choose(q, q, q, None, base)
+    dispatch.choose(q, q, q, None, base.replace(kernel="triton"))
+    dispatch.choose(q, q, q, None, base.replace(kernel="triton"), kernel="cuda")
+    with config.patch(kernel="reference"):
+        dispatch.choose(q, q, q, None, base.replace(kernel="auto"))
+        dispatch.choose(q, q, q, None, base)
+    assert seen == ["auto", "triton", "cuda", "auto", "reference"]
+    dispatch._memo.clear()
+
+
+def test_spec_run_settings_are_not_semantics():
+    """kernel / autotune change how a site runs, not what it computes: caches and the FP8
+    rotation's seed key on semantic_json(); bad values are named."""
+    from fa3_inductor.fp8 import attention as fp8_attention
+    a = AttentionSpec(window_right=0, fp8=True)
+    b = a.replace(kernel="triton", autotune=True)
+    assert a.semantic_json() == b.semantic_json() and a.to_json() != b.to_json()
+    assert AttentionSpec.from_json(b.to_json()) == b
+    assert torch.equal(fp8_attention.signs_for(a, 64, torch.device("cpu")),
+                       fp8_attention.signs_for(b, 64, torch.device("cpu")))
+    with pytest.raises(ValueError, match="AttentionSpec.kernel='fast'"):
+        AttentionSpec(kernel="fast")
+
+
+def test_autotune_best_impl_times_and_caches(tmp_path, monkeypatch):
+    """Under kernel "auto" with autotuning, the implementation is chosen by timing each one's
+    forward on the call's inputs (once per spec and shape bucket; the on-disk table remembers)."""
+    import sys
+    import types
+    from fa3_inductor import autotune
+    monkeypatch.setattr(autotune, "_path", lambda: tmp_path / "autotune.json")
+    monkeypatch.setattr(autotune, "_table", None)
+    calls = []
+
+    def impl(name, ms):
+        def forward(*args):
+            calls.append(name)
+        return types.SimpleNamespace(forward=forward, ms=ms, name=name)
+    impls = {"cuda": impl("cuda", 2.0), "triton": impl("triton", 1.5)}
+    fake_testing = types.SimpleNamespace(do_bench=lambda fn, **kw: (fn(), impls[calls[-1]].ms)[1])
+    monkeypatch.setitem(sys.modules, "triton.testing", fake_testing)
+    q = torch.randn(1, 2, 100, 64)
+    spec = AttentionSpec(autotune=True)
+    assert autotune.best_impl(q, q, q, spec, impls) == "triton"
+    n = len(calls)
+    assert autotune.best_impl(q, q, q, spec.replace(autotune=False), impls) == "triton" and len(calls) == n
+    monkeypatch.setattr(autotune, "_table", None)  # a later process: read back from disk
+    assert autotune.best_impl(q, q, q, spec, impls) == "triton" and len(calls) == n

@@ -85,12 +85,15 @@ def cuda_forward_rows(hdims=(64, 128, 256), causals=(False, True), seqlens=SEQLE
     return rows
 
 
+# Each technique switched off at one tile (128 x 128, as the paper compares them); the product's
+# wider key tile for long non-causal ranges (cuda_jit.wide_block_n) and FA3's 128 x 176 beside.
 ABLATIONS = {
-    "full": {},
-    "no intra-WG overlap": dict(intra_wg=False),
-    "no pingpong": dict(pingpong=False),
-    "no warp specialization": dict(warp_spec=False),
-    "full + persistent": dict(persistent=True),
+    "full": dict(block_n=128),
+    "no intra-WG overlap": dict(intra_wg=False, block_n=128),
+    "no pingpong": dict(pingpong=False, block_n=128),
+    "no warp specialization": dict(warp_spec=False, block_n=128),
+    "full + persistent": dict(persistent=True, block_n=128),
+    "full, 128x160 tile (default)": dict(block_n=160),
     "full, 128x176 tile": dict(block_n=176),
 }
 
@@ -197,7 +200,7 @@ def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, d
 # Tile candidates per head dim (rows x keys, stages): the default first.
 TILE_CANDIDATES = {
     64: {"192x128": {}, "128x128": dict(block_m=128)},
-    128: {"128x128": {}, "128x128 s3": dict(stages=3), "128x160": dict(block_n=160),
+    128: {"128x128": dict(block_n=128), "128x128 s3": dict(stages=3), "128x160": dict(block_n=160),
           "128x176": dict(block_n=176)},
 }
 

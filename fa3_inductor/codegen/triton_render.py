@@ -148,7 +148,7 @@ def render_source(kind: str, spec: AttentionSpec, *, dbias: bool = False) -> str
                      ("{{MASK_MOD}}", _mask_mod(spec)), ("{{DROPOUT_KEEP}}", _dropout_keep(spec))):
         common = common.replace(key, val)
     text = read_template(_TEMPLATES[kind])
-    text = text.replace("{{SPEC_JSON}}", spec.to_json())
+    text = text.replace("{{SPEC_JSON}}", spec.semantic_json())
     text = text.replace("{{CONSTANTS}}", _constants(spec, dbias))
     text = text.replace("{{COMMON}}", common)
     if "{{" in text:
@@ -158,7 +158,7 @@ def render_source(kind: str, spec: AttentionSpec, *, dbias: bool = False) -> str
 
 def _key(kind: str, spec: AttentionSpec, dbias: bool) -> str:
     h = hashlib.sha256()
-    for part in (read_template(_TEMPLATES[kind]), read_template(_COMMON), spec.to_json(),
+    for part in (read_template(_TEMPLATES[kind]), read_template(_COMMON), spec.semantic_json(),
                  f"dbias={bool(dbias and spec.mask_kind == 'additive')}", _triton_version()):
         h.update(part.encode())
         h.update(b"\0")

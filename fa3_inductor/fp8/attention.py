@@ -73,9 +73,9 @@ def kernel_for(q, k, v, bias, spec: AttentionSpec) -> str:
     from ..ops import dispatch
 
     def decide():
-        cuda = config.kernel != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None
+        cuda = (spec.kernel or config.kernel) != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None
         return "cuda" if cuda else "triton"
-    return dispatch.remembered("fp8-kernel", q, k, v, bias, spec, config.kernel, decide)
+    return dispatch.remembered("fp8-kernel", q, k, v, bias, spec, spec.kernel or config.kernel, decide)
 
 
 def _kernel(kernel, tiles, q, k, v, bias, scale, spec) -> str:
@@ -87,7 +87,7 @@ def _kernel(kernel, tiles, q, k, v, bias, scale, spec) -> str:
 
 def signs_for(spec: AttentionSpec, d: int, device) -> torch.Tensor:
     # Deterministic per site: the spec (with its scale_repr) stands for the site.
-    return hadamard.random_signs(d, hadamard.site_seed(spec.to_json()), device=device)
+    return hadamard.random_signs(d, hadamard.site_seed(spec.semantic_json()), device=device)
 
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale: float, spec: AttentionSpec,

@@ -48,7 +48,7 @@ def attention(q, k, v, scale: float, spec: AttentionSpec, *, block_m: int = 128,
     """
     D = q.shape[3]
     if incoherent and signs is None:
-        signs = hadamard.random_signs(D, hadamard.site_seed(spec.to_json()), device=q.device)
+        signs = hadamard.random_signs(D, hadamard.site_seed(spec.semantic_json()), device=q.device)
     sg = signs if incoherent else None
     q8, qs = _quant(q, block_m, granularity, sg)
     k8, ks = _quant(k, block_n, granularity, sg)

@@ -45,7 +45,14 @@ def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablati
     supports() builds is what forward() launches."""
     cfg = config_for_call(q, spec, v.shape[-1], **ablation)
     pack = packed_gqa_rows(q, k.shape[1], spec, cfg.block_m) if pack_gqa else 0
-    return (dataclasses.replace(cfg, pack_gqa=True) if pack else cfg), pack
+    if pack:
+        return dataclasses.replace(cfg, pack_gqa=True), pack
+    if not ({"block_n", "block_m", "stages"} & ablation.keys()):  # benchmark overrides win
+        masked = spec.window_left is not None or spec.window_right is not None
+        bn = cuda_jit.wide_block_n(q.shape[-1], k.shape[2], masked=masked, head_dim_v=v.shape[-1])
+        if bn:
+            cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
+    return cfg, 0
 
 
 def _tma_ok(t: torch.Tensor) -> str | None:

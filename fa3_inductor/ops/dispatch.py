@@ -41,18 +41,25 @@ def hopper_available(device: torch.device | None = None) -> bool:
     return (major, minor) == (9, 0)
 
 
-def _kernel_order(kernel: str, q, k, spec) -> list[str]:
+def _kernel_order(kernel: str, q, k, v, spec) -> list[str]:
     if kernel == "auto":
         from ..codegen.cuda_jit import block_m_for
-        from .cuda_impl import packed_gqa_rows
+        from .cuda_impl import _shared_kv_head, packed_gqa_rows
         from .kernel_table import triton_first
         # Short GQA queries: the CUDA template packs a group's query heads into one tile, where
         # the Triton template runs a mostly empty tile per head (cuda_rows --decode measures it).
-        packs = packed_gqa_rows(q, k.shape[1], spec, block_m_for(q.shape[-1])) > 0
+        # Counted on the kv heads the launch sees (an expand()ed K/V is one shared head).
+        hk = _shared_kv_head(k, v)[0].shape[1]
+        packs = packed_gqa_rows(q, hk, spec, block_m_for(q.shape[-1])) > 0
         if not packs and triton_first(q.shape[-1], k.shape[2], spec.window_right is not None):
             return ["triton", "cuda"]
         return ["cuda", "triton"]
     return [kernel]
+
+
+def _autotune_on() -> bool:
+    from .. import autotune
+    return autotune.enabled()
 
 
 def choose_forward(q, k, v, bias, spec):
@@ -60,7 +67,7 @@ def choose_forward(q, k, v, bias, spec):
     call signature, as choose() does)."""
     if not spec.fp8:
         return choose(q, k, v, bias, spec)
-    return remembered("fp8-forward", q, k, v, bias, spec, config.kernel,
+    return remembered("fp8-forward", q, k, v, bias, spec, spec.kernel or config.kernel,
                       lambda: _choose_fp8_forward(q, k, v, bias, spec))
 
 
@@ -101,7 +108,7 @@ def choose(q, k, v, bias, spec, *, kernel: str | None = None):
     """Pick the implementation for this call (run time, concrete tensors).  Decisions are
     remembered per call signature (_call_key): the supports() chain runs once per signature,
     not on every call of a training step (measured: host time bounds small attention calls)."""
-    kernel = kernel or config.kernel
+    kernel = kernel or spec.kernel or config.kernel  # a call's argument, its compile's setting, the global
     return remembered("impl", q, k, v, bias, spec, kernel, lambda: _choose(q, k, v, bias, spec, kernel))
 
 
@@ -120,8 +127,11 @@ def remembered(what: str, q, k, v, bias, spec, kernel: str, decide):
 def _choose(q, k, v, bias, spec, kernel: str):
     if q.device.type != "cuda" or kernel == "reference" or not hopper_available(q.device):
         return implementation("reference")
-    reasons = []
-    for name in _kernel_order(kernel, q, k, spec):
+    # kernel "auto" compiled with mode="max-autotune": time the kernels that support the call
+    # instead of trusting the measured table's order (autotune.best_impl, cached on disk).
+    tune = kernel == "auto" and (spec.autotune or _autotune_on())
+    reasons, found = [], {}
+    for name in _kernel_order(kernel, q, k, v, spec):
         try:
             impl = implementation(name)
         except Exception as exc:  # an implementation that cannot load (no nvcc, no triton) is skipped
@@ -129,8 +139,16 @@ def _choose(q, k, v, bias, spec, kernel: str):
             continue
         why_not = impl.supports(q, k, v, bias, spec)
         if why_not is None:
-            return impl
+            if not tune:
+                return impl
+            found[name] = impl
+            continue
         reasons.append(f"{name}: {why_not}")
+    if len(found) > 1:
+        from .. import autotune
+        return found[autotune.best_impl(q, k, v, spec, found)]
+    if found:
+        return next(iter(found.values()))
     key = (kernel, tuple(reasons))
     if key not in _warned:
         _warned.add(key)

@@ -71,7 +71,7 @@ def _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec: AttentionSpec):
 def _fwd_config(q, k, v, spec):
     from .. import autotune
     d, dv = q.shape[-1], v.shape[-1]
-    if autotune.enabled() and q.is_cuda:
+    if (spec.autotune or autotune.enabled()) and q.is_cuda:
         return autotune.best_fwd(q, k, v, spec)
     return triton_configs.for_spec(triton_configs.default_fwd(d, dv, spec.causal), spec)
 
@@ -79,7 +79,7 @@ def _fwd_config(q, k, v, spec):
 def _bwd_config(q, k, v, spec):
     from .. import autotune
     d, dv = q.shape[-1], v.shape[-1]
-    if autotune.enabled() and q.is_cuda:
+    if (spec.autotune or autotune.enabled()) and q.is_cuda:
         return autotune.best_bwd(q, k, v, spec)
     return triton_configs.for_spec(triton_configs.default_bwd(d, dv, spec.causal), spec)
 

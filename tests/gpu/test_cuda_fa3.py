@@ -181,6 +181,17 @@ def test_tile_176():
     _check(q, k, v, _spec("none"), block_n=176)
 
 
+@pytest.mark.parametrize("B,Hq,Hk,sq,sk,dtype,layout", [(1, 8, 2, 1000, 2500, torch.bfloat16, "bhsd"),
+                                                       (2, 4, 4, 113, 2049, torch.float16, "bshd"),
+                                                       (1, 4, 4, 4097, 4097, torch.bfloat16, "bhsd")])
+def test_wide_key_tile_by_default(B, Hq, Hk, sq, sk, dtype, layout):
+    # d128 without masks over >= 2k keys launches 128 x 160 (cuda_jit.wide_block_n).
+    q, k, v = _make(B, Hq, Hk, sq, sk, 128, dtype, layout=layout)
+    spec = _spec("none", out_dtype=str(dtype).split(".")[-1])
+    assert cuda_impl._launch_config(q, k, v, spec)[0].block_n == 160
+    _check(q, k, v, spec)
+
+
 @pytest.mark.parametrize("cap", [5.0, 30.0])
 @pytest.mark.parametrize("causal,sq,sk,D,dtype", [("none", 300, 517, 128, torch.bfloat16),
                                                   ("bottom_right", 1000, 1000, 64, torch.float16),

@@ -240,3 +240,17 @@ def test_tma_backward(name, shape, fused):
     tiles = triton_configs.default_bwd(D, D, spec.causal)
     with triton_configs.override(bwd=dataclasses.replace(tiles, tma=True, fused=fused)):
         _run(spec, shape)
+
+
+def test_autotune_picks_and_caches_tiles(tmp_path, monkeypatch):
+    """mode="max-autotune" turns autotune.py on: the first call of a spec and shape bucket times
+    the candidate tiles, keeps the fastest (forward and backward), writes it to the on-disk table,
+    and the result still meets the numerics bar."""
+    from fa3_inductor import autotune
+    monkeypatch.setattr(autotune, "_path", lambda: tmp_path / "autotune.json")
+    monkeypatch.setattr(autotune, "_table", None)
+    with autotune.enabled_ctx(True):
+        _run(SPECS["causal_br"], (1, 4, 2, 200, 333, 64))
+    import json
+    table = json.loads((tmp_path / "autotune.json").read_text())
+    assert {key.split("|")[0] for key in table} == {"fwd", "bwd"}, table.keys()
