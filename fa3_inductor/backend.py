@@ -143,6 +143,7 @@ def analyse_and_rewrite(gm: fx.GraphModule, example_inputs, rewrite: bool = True
         # with the site (config.kernel as patched by options, mode="max-autotune").
         site.spec_fields["kernel"] = config.kernel
         site.spec_fields["autotune"] = bool(autotune)
+        site.spec_fields["deterministic_backward"] = bool(config.deterministic_backward)
         try:
             spec = build_spec(site)
         except ValueError as exc:

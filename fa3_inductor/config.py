@@ -6,8 +6,9 @@
 
 Per compile, the same names can be given with an "fa3." prefix in torch.compile's
 options: torch.compile(m, backend="fa3", options={"fa3.kernel": "triton"}); the other
-options go to Inductor unchanged.  Settings are read when a graph is compiled; `kernel` also
-goes with each rewritten site (AttentionSpec.kernel), so the site runs with it.  `config_check.validate()` checks every value and names the bad one
+options go to Inductor unchanged.  Settings are read when a graph is compiled; `kernel` and
+`deterministic_backward`, which matter when the op runs, also go with each rewritten site
+(AttentionSpec.kernel / .deterministic_backward), so the site runs with them.  `config_check.validate()` checks every value and names the bad one
 (in config_check.py: a config module keeps only its settings).
 """
 import sys

@@ -98,8 +98,11 @@ class AttentionSpec:
     # spec made outside a compile) follows config.kernel when the op runs.  autotune: compiled with
     # mode="max-autotune": the first call of each shape bucket times the Triton tile candidates
     # and, under kernel "auto", the CUDA template against the Triton one (autotune.py).
+    # deterministic_backward: config.deterministic_backward of that compile; None follows the
+    # config when the backward runs.
     kernel: str = ""
     autotune: bool = False
+    deterministic_backward: Optional[bool] = None
 
     def __post_init__(self):
         if self.align not in ALIGNS:
@@ -122,6 +125,9 @@ class AttentionSpec:
             raise ValueError(f"AttentionSpec.dropout_p={self.dropout_p!r}; allowed: a float in [0, 1)")
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionSpec.kernel={self.kernel!r}; allowed: {KERNELS}")
+        if self.deterministic_backward not in (None, True, False):
+            raise ValueError(f"AttentionSpec.deterministic_backward={self.deterministic_backward!r}; "
+                             "allowed: None, True, False")
         for name in ("softmax_dtype", "out_dtype"):
             val = getattr(self, name)
             if not isinstance(val, str) or val not in _DTYPES:
@@ -152,9 +158,10 @@ class AttentionSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
     def semantic_json(self) -> str:
-        """to_json() without the run settings (kernel, autotune): the key of what the attention
-        computes, for generated-kernel caches, tuned tiles and the FP8 rotation's seed."""
-        return self.replace(kernel="", autotune=False).to_json()
+        """to_json() without the run settings (kernel, autotune, deterministic_backward): the key
+        of what the attention computes, for generated-kernel caches, tuned tiles and the FP8
+        rotation's seed."""
+        return self.replace(kernel="", autotune=False, deterministic_backward=None).to_json()
 
     @classmethod
     def from_json(cls, text: str) -> "AttentionSpec":
@@ -184,6 +191,8 @@ class AttentionSpec:
             parts.append(f"kernel={self.kernel}")
         if self.autotune:
             parts.append("autotune")
+        if self.deterministic_backward is False:
+            parts.append("dq=atomic")
         if self.scale_repr:
             parts.append(f"scale={self.scale_repr}")
         parts.append(f"masked={self.masked_value}")

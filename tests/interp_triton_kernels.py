@@ -186,6 +186,36 @@ def test_atomic_dq_backward(spec):
         _check(spec, q, k, v)
 
 
+def test_atomic_dq_from_the_sites_compile_setting(monkeypatch):
+    """A site compiled with deterministic_backward=False (AttentionSpec.deterministic_backward)
+    takes the atomic dQ path whatever the global config says when the backward runs; True
+    keeps the dQ kernel under a global False."""
+    from fa3_inductor import config
+    q, k, v = _inputs(1, 2, 2, 37, 45, 32)
+    launched = []
+    real = triton_render.load
+
+    class Recorder:  # the rendered backward module, noting which kernels are launched
+        def __init__(self, mod):
+            self._mod = mod
+
+        def __getattr__(self, name):
+            if name.startswith("attn_bwd_"):
+                launched.append(name)
+            return getattr(self._mod, name)
+
+    def spy(kind, spec, **kw):
+        mod = real(kind, spec, **kw)
+        return Recorder(mod) if kind == "bwd" else mod
+    monkeypatch.setattr(triton_render, "load", spy)
+    _check(AttentionSpec(window_right=0, deterministic_backward=False), q, k, v)
+    assert "attn_bwd_dq" not in launched, launched
+    launched.clear()
+    with config.patch(deterministic_backward=False):
+        _check(AttentionSpec(window_right=0, deterministic_backward=True), q, k, v)
+    assert "attn_bwd_dq" in launched, launched
+
+
 # ---- one-launch backward (BwdConfig.fused) -------------------------------------------------
 # dK/dV programs and dQ programs in one grid.  Key tile 32 and query tile 32 against 16-row /
 # 16-key steps, so the grid's two halves have different sizes and every program runs several

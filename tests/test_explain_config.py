@@ -317,3 +317,14 @@ def test_kernel_option_goes_with_the_site(options, kernel):
     specs = [site.spec for site, done, _ in fa3_inductor.backend.REPORTS[-1].matched if done]
     assert [sp.kernel for sp in specs] == [kernel]
     assert fa3_inductor.config.kernel == "auto"
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_deterministic_backward_option_goes_with_the_site(value):
+    torch._dynamo.reset()
+    clear_reports()
+    torch.compile(causal_attention, backend="fa3",
+                  options={"fa3.force_rewrite": True, "fa3.deterministic_backward": value})(*qkv())
+    specs = [site.spec for site, done, _ in fa3_inductor.backend.REPORTS[-1].matched if done]
+    assert [sp.deterministic_backward for sp in specs] == [value]
+    assert ("dq=atomic" in specs[0].describe()) is (not value)

@@ -180,9 +180,12 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
     dims = dict(HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad)
 
-    # config.deterministic_backward = False: dQ from atomics inside the dK/dV kernel (no dQ
-    # kernel).  dBias needs the dQ kernel's per-tile dS, so it keeps the deterministic path.
-    atomic_dq = not fa3_config.deterministic_backward and not want_dbias
+    # deterministic_backward = False (the site's compile setting, else config's): dQ from atomics
+    # inside the dK/dV kernel (no dQ kernel).  dBias needs the dQ kernel's per-tile dS, so it
+    # keeps the deterministic path.
+    deterministic = (spec.deterministic_backward if spec.deterministic_backward is not None
+                     else fa3_config.deterministic_backward)
+    atomic_dq = not deterministic and not want_dbias
     dq_acc = torch.zeros(B, H, Sq, d_pad, dtype=torch.float32, device=dev) if atomic_dq else None
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
     pre_m = 64 if dv_pad <= 128 else 32
