@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fa3_inductor.fp8 import hadamard, quantize
+from fa3_inductor.fp8 import hadamard, quantize, quantize_launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +124,7 @@ def test_key_permutation_for_the_cuda_template():
     v8, _ = quantize.quantize_ref(v, 64, None)
     assert torch.equal(back, v8.float().transpose(2, 3))
     with pytest.raises(ValueError, match="permute needs transpose=True"):
-        quantize.quantize_triton(v, 64, None, permute=True)
+        quantize_launch.quantize_triton(v, 64, None, permute=True)
 
 
 @pytest.mark.parametrize("d", [16, 32, 64, 128, 256, 512])
@@ -142,7 +142,7 @@ def test_rotation_chunks_are_the_kronecker_split(d):
         y = torch.cat([sum(outer[c2, c] * u[c2] for c2 in range(d // w)) for c in range(d // w)], 1)
         assert torch.allclose(y / math.sqrt(d), dense, rtol=0, atol=1e-12), (d, w)
     if d == 256:
-        m = hadamard.rotation_chunks(s, 128, torch.float64, quantize.rotation_fold(d))
+        m = hadamard.rotation_chunks(s, 128, torch.float64, quantize_launch.rotation_fold(d))
         u0, u1 = x[:, :128] @ m[:128], x[:, 128:] @ m[128:]
         assert torch.allclose(torch.cat([u0 + u1, u0 - u1], 1), dense, rtol=0, atol=1e-12)
 
@@ -152,7 +152,7 @@ def test_rotation_chunks_are_the_kronecker_split(d):
 def test_rotation_chunks_exact_in_16_bits(d, dtype):
     """The kernel's GEMM operand holds +-fold exactly (fold = 1/sqrt(d) where that is a power of
     two), so the tensor cores' products with 16-bit inputs are exact."""
-    fold = quantize.rotation_fold(d)
+    fold = quantize_launch.rotation_fold(d)
     assert fold == {64: 0.125, 128: 1.0, 256: 0.0625}[d]
     m = hadamard.rotation_chunks(hadamard.random_signs(d, 9), min(d, 128), dtype, fold)
     assert m.dtype == dtype and m.shape == (d, min(d, 128))
@@ -182,24 +182,24 @@ def test_fma_division_is_correctly_rounded():
 def test_persistent_kernel_tiles_and_stages():
     """A 96/160/192-row tile is two power-of-two parts; 224 pads its second part to 128 rows; the
     pipeline is 3 deep where 3 tiles and the rotation fit in shared memory, else 2 (d256)."""
-    parts = {b: (quantize.slot_constexprs(b, True, False, False)["BA"], quantize.slot_constexprs(b, True, False, False)["BB"])
+    parts = {b: (quantize_launch.slot_constexprs(b, True, False, False)["BA"], quantize_launch.slot_constexprs(b, True, False, False)["BB"])
              for b in (32, 64, 96, 128, 160, 192, 224, 256)}
     assert parts == {32: (32, 0), 64: (64, 0), 96: (64, 32), 128: (128, 0), 160: (128, 32), 192: (128, 64),
                      224: (128, 128), 256: (256, 0)}
-    assert quantize.persistent_config(128, [(128, True), (192, True), (192, False)])["STAGES"] == 3
-    assert quantize.persistent_config(256, [(128, True), (128, True), (128, False)])["STAGES"] == 2
-    cfg = quantize.persistent_config(128, [(128, True)])
+    assert quantize_launch.persistent_config(128, [(128, True), (192, True), (192, False)])["STAGES"] == 3
+    assert quantize_launch.persistent_config(256, [(128, True), (128, True), (128, False)])["STAGES"] == 2
+    cfg = quantize_launch.persistent_config(128, [(128, True)])
     assert cfg["K"] == 128 and cfg["POST"] == float(torch.tensor(math.sqrt(128), dtype=torch.float32))
 
 
 def test_quant_kernel_choice(monkeypatch):
-    monkeypatch.delenv(quantize.QUANT_KERNEL_ENV, raising=False)
-    assert quantize.quant_kernel() == "persistent"
-    monkeypatch.setenv(quantize.QUANT_KERNEL_ENV, "legacy")
-    assert quantize.quant_kernel() == "legacy" and quantize.quant_kernel("persistent") == "persistent"
-    monkeypatch.setenv(quantize.QUANT_KERNEL_ENV, "fast")
+    monkeypatch.delenv(quantize_launch.QUANT_KERNEL_ENV, raising=False)
+    assert quantize_launch.quant_kernel() == "persistent"
+    monkeypatch.setenv(quantize_launch.QUANT_KERNEL_ENV, "legacy")
+    assert quantize_launch.quant_kernel() == "legacy" and quantize_launch.quant_kernel("persistent") == "persistent"
+    monkeypatch.setenv(quantize_launch.QUANT_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="FA3_FP8_QUANT"):
-        quantize.quant_kernel()
+        quantize_launch.quant_kernel()
 
 
 def test_triton_quant_kernel_matches_reference_interpreted():

@@ -67,7 +67,7 @@ def rows(hdims, seqlens, causal=False, path="cuda", warps=(8,), separate=False, 
          hidden=2048, out=sys.stdout):
     from triton.testing import do_bench
 
-    from ..fp8 import attention, quantize
+    from ..fp8 import attention, quantize, quantize_launch
     from ..spec import AttentionSpec
     spec = AttentionSpec(window_right=0 if causal else None, out_dtype="bfloat16")
     result = []
@@ -81,9 +81,9 @@ def rows(hdims, seqlens, causal=False, path="cuda", warps=(8,), separate=False, 
                 q, k, v, bm, bn, signs, permute=permute, kernel="persistent", num_warps=w))(w)
         if separate:
             def per_tensor(q, k, v):
-                quantize.quantize_triton(q, bm, signs, kernel="persistent")
-                quantize.quantize_triton(k, bn, signs, kernel="persistent")
-                quantize.quantize_triton(v, bn, None, transpose=True, permute=permute, kernel="persistent")
+                quantize_launch.quantize_triton(q, bm, signs, kernel="persistent")
+                quantize_launch.quantize_triton(k, bn, signs, kernel="persistent")
+                quantize_launch.quantize_triton(v, bn, None, transpose=True, permute=permute, kernel="persistent")
             variants["new w8 x3"] = per_tensor
         for i, s in enumerate(seqlens):
             b, h = max(1, tokens // s), max(1, hidden // d)

@@ -91,7 +91,7 @@ def check_quant(d: int, block: int, hadamard: bool, transpose: bool, dtype: str 
                 num_warps: int | None = None, permute: bool = False) -> dict:
     mod = templates.load("fp8_quant")
     if num_warps is None:
-        num_warps = 8 if block * d >= 128 * 128 else 4  # as quantize._quantize_legacy
+        num_warps = 8 if block * d >= 128 * 128 else 4  # as quantize_launch._quantize_legacy
     sig = {"X": f"*{dtype}", "Y": "*fp8e4nv", "SCALES": "*fp32", "SIGNS": "*fp32", "seqlen": "i32", "s_store": "i32",
            "n_heads": "i32"}
     strides = ["stride_xb", "stride_xh", "stride_xs", "stride_xd", "stride_yb", "stride_yh", "stride_ys",
@@ -125,22 +125,22 @@ _SLOT_ARGS = ["X", "Y", "SC", "RM", "seqlen", "s_store", "n_heads", "n_tiles", "
 def check_quant_qkv(d: int, slots, dtype: str = "bf16", stages: int | None = None, num_warps: int | None = None,
                     sass: bool = False) -> dict:
     """The persistent kernel (fp8_quant_qkv_kernel) for one launch: `slots` = [(block, rotate, transpose,
-    permute)] (Q, K, V), specialised as quantize._launch_persistent launches it on contiguous inputs
+    permute)] (Q, K, V), specialised as quantize_launch._launch_persistent launches it on contiguous inputs
     whose lengths are multiples of 16.  sass=True adds the SASS and the tile loop's instruction count."""
-    from . import quantize
+    from . import quantize_launch
     mod = templates.load("fp8_quant")
     fn = mod.fp8_quant_qkv_kernel
-    cfg = quantize.persistent_config(d, [(b, r) for b, r, _, _ in slots])
+    cfg = quantize_launch.persistent_config(d, [(b, r) for b, r, _, _ in slots])
     stages = stages or cfg["STAGES"]
-    num_warps = num_warps or quantize.QUANT_WARPS
+    num_warps = num_warps or quantize_launch.QUANT_WARPS
     types, const, div16 = {}, dict(cfg, STAGES=stages, N_SLOTS=len(slots), INTERPRET=False), []
     for i in range(3):
         if i >= len(slots):  # an unused slot: constexpr zeros (the launcher passes slot 0's tensors)
             const.update({f"{n}{i}": 0 for n in _SLOT_ARGS})
-            const.update({f"{k}{i}": v for k, v in quantize.slot_constexprs(16, False, False, False).items()})
+            const.update({f"{k}{i}": v for k, v in quantize_launch.slot_constexprs(16, False, False, False).items()})
             continue
         block, rot, tr, perm = slots[i]
-        const.update({f"{k}{i}": v for k, v in quantize.slot_constexprs(block, rot, tr, perm).items()})
+        const.update({f"{k}{i}": v for k, v in quantize_launch.slot_constexprs(block, rot, tr, perm).items()})
         unit = {"sxd", "sys" if tr else "syd"}
         for n in _SLOT_ARGS:
             name = f"{n}{i}"

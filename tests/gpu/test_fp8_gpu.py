@@ -17,7 +17,7 @@ if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 
     pytest.skip("needs an sm_90 GPU", allow_module_level=True)
 
 from fa3_inductor import reference  # noqa: E402
-from fa3_inductor.fp8 import attention, cuda_attention, emulate, quantize  # noqa: E402
+from fa3_inductor.fp8 import attention, cuda_attention, emulate, quantize, quantize_launch  # noqa: E402
 from fa3_inductor.spec import AttentionSpec  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def test_quant_kernel_matches_reference(d):
     x = outliers((2, 4, 1000, d), 1).bfloat16()
     s = attention.hadamard.random_signs(d, 3, device="cuda")
     for signs, tr in [(None, False), (s, False), (None, True)]:
-        y, sc = quantize.quantize_triton(x, 64, signs, transpose=tr)
+        y, sc = quantize_launch.quantize_triton(x, 64, signs, transpose=tr)
         yr, scr = quantize.quantize_ref(x, 64, signs)
         if tr:
             y = y[..., :1000].transpose(2, 3)
@@ -96,7 +96,7 @@ def test_fp8_forward_numerics(d, causal, align, sq, sk, dtype, kernel):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_permuted_vt_quant_matches_reference(d):
     x = outliers((2, 3, 1000, d), 4).half()
-    y, sc = quantize.quantize_triton(x, 128, None, transpose=True, permute=True)
+    y, sc = quantize_launch.quantize_triton(x, 128, None, transpose=True, permute=True)
     ref = quantize.quantize_qkv(x, x, x, 128, 128, None, impl="ref", permute=True)
     assert y.shape == ref.vt8.shape == (2, 3, d, 1024)
     torch.testing.assert_close(sc, ref.v_scale, rtol=1e-6, atol=0)
