@@ -32,6 +32,7 @@ no gradient through the filled scores) or "zero" (SDPA's rule: such a row is 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Optional
 
@@ -160,8 +161,8 @@ class AttentionSpec:
     def semantic_json(self) -> str:
         """to_json() without the run settings (kernel, autotune, deterministic_backward): the key
         of what the attention computes, for generated-kernel caches, tuned tiles and the FP8
-        rotation's seed."""
-        return self.replace(kernel="", autotune=False, deterministic_backward=None).to_json()
+        rotation's seed (cached per spec: the FP8 forward derives its seed on every call)."""
+        return _semantic_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> "AttentionSpec":
@@ -198,6 +199,11 @@ class AttentionSpec:
         parts.append(f"masked={self.masked_value}")
         parts.append(f"out={self.out_dtype}")
         return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _semantic_json(spec: AttentionSpec) -> str:
+    return spec.replace(kernel="", autotune=False, deterministic_backward=None).to_json()
 
 
 _SPEC_CACHE: dict = {}

@@ -211,22 +211,18 @@ def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds
     (causal, seqlen) the variants are timed in turn, `rounds` times, and each keeps its median, so
     clock and thermal drift during the run falls on all of them alike (one variant after another
     read up to 7% apart between runs of the same kernel)."""
-    import statistics
+    from .other_build import interleaved
     rows = []
     variants = list(TILE_CANDIDATES[d].items()) + [("sdpa", None)]
     for causal, spec, s, b, h, q, k, v in _cells(d, causals, seqlens, total_tokens, hidden, dtype):
-        fns, times = {}, {}
+        fns = {}
         for name, kw in variants:
             try:
                 fns[name] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
             except Exception as exc:  # a variant that cannot run gets a row with its reason
                 rows.append(dict(impl="cuda", tile=name, causal=causal, seqlen=s, ms=float("nan"),
                                  tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times.setdefault(name, []).append(_time_ms(fn, 3, iters))
-        for name, ts in times.items():
-            ms = statistics.median(ts)
+        for name, ms in interleaved(fns, None, rounds, lambda fn: _time_ms(fn, 3, iters)).items():
             rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name, causal=causal, seqlen=s,
                              ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
     return rows

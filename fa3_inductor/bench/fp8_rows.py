@@ -91,12 +91,13 @@ def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, *
                                             quantized=qq, tiles=tiles, kernel="triton")
     qq = quant()
     t_quant = _time_ms(quant)
-    t_attn = _time_ms(lambda: attn(qq))
     earlier = None
     if against and kernel == "cuda":  # this build and the earlier one, interleaved (bench/other_build.py)
         from .other_build import interleaved
         med = interleaved({"cuda": lambda: attn(qq)}, against, 3, _time_ms)
         t_attn, earlier = med["cuda"], med["cuda (earlier)"]
+    else:
+        t_attn = _time_ms(lambda: attn(qq))
     flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
     cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
     bf16 = _cudnn_bf16(q, k, v, causal, scale)

@@ -165,10 +165,10 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
 _WIDE_KEY_TILES = {128: (160, 2048)}
 
 
-def wide_block_n(head_dim: int, sk: int, *, masked: bool, fp8: bool = False, packed: bool = False,
-                 head_dim_v: int | None = None) -> int | None:
-    """block_n for a 16-bit call without window masks over sk keys, or None for the default tile."""
-    if masked or fp8 or packed or (head_dim_v not in (None, head_dim)) or head_dim not in _WIDE_KEY_TILES:
+def wide_block_n(head_dim: int, sk: int, *, masked: bool, head_dim_v: int | None = None) -> int | None:
+    """block_n for an unpacked 16-bit call without window masks over sk keys, or None for the
+    default tile (cuda_impl._launch_config asks only for those)."""
+    if masked or (head_dim_v not in (None, head_dim)) or head_dim not in _WIDE_KEY_TILES:
         return None
     bn, from_keys = _WIDE_KEY_TILES[head_dim]
     return bn if sk >= from_keys else None

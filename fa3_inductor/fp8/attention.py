@@ -3,7 +3,8 @@
 forward() = quantize_qkv (one fused Triton pass over Q, K and V in one launch: Hadamard on Q
 and K, block scales, V written transposed) + an e4m3 attention kernel: the CUDA template
 (fp8/cuda_attention.py) where it runs, else the Triton one (fp8_fwd.tmpl); kernel_for()
-says which, following config.kernel ("triton" / "cuda" pin one, "auto" prefers CUDA).
+says which, following the call's kernel setting (dispatch.kernel_setting: the site's
+AttentionSpec.kernel, else config.kernel; "triton" / "cuda" pin one, "auto" prefers CUDA).
 Only the forward exists: the backward of an FP8 forward is the bf16/fp16 backward, chosen by
 the dispatch (ops/dispatch.py).  `emulated_forward` runs the same arithmetic in torch (CPU,
 tests), with the tiles and key order of the kernel kernel_for() picks.
@@ -15,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from .. import config
 from ..spec import AttentionSpec
 from . import cuda_attention, emulate, hadamard, quantize, templates
 
@@ -72,10 +72,12 @@ def kernel_for(q, k, v, bias, spec: AttentionSpec) -> str:
     Remembered per call signature like every dispatch decision (it runs on every forward)."""
     from ..ops import dispatch
 
+    kernel = dispatch.kernel_setting(spec)
+
     def decide():
-        cuda = (spec.kernel or config.kernel) != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None
+        cuda = kernel != "triton" and cuda_attention.supports(q, k, v, bias, spec) is None
         return "cuda" if cuda else "triton"
-    return dispatch.remembered("fp8-kernel", q, k, v, bias, spec, spec.kernel or config.kernel, decide)
+    return dispatch.remembered("fp8-kernel", q, k, v, bias, spec, kernel, decide)
 
 
 def _kernel(kernel, tiles, q, k, v, bias, scale, spec) -> str:

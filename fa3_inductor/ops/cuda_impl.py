@@ -48,8 +48,7 @@ def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablati
     if pack:
         return dataclasses.replace(cfg, pack_gqa=True), pack
     if not ({"block_n", "block_m", "stages"} & ablation.keys()):  # benchmark overrides win
-        masked = spec.window_left is not None or spec.window_right is not None
-        bn = cuda_jit.wide_block_n(q.shape[-1], k.shape[2], masked=masked, head_dim_v=v.shape[-1])
+        bn = cuda_jit.wide_block_n(q.shape[-1], k.shape[2], masked=spec.has_window, head_dim_v=v.shape[-1])
         if bn:
             cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
     return cfg, 0

@@ -57,6 +57,12 @@ def _kernel_order(kernel: str, q, k, v, spec) -> list[str]:
     return [kernel]
 
 
+def kernel_setting(spec) -> str:
+    """The kernel a call runs with: its site's compile setting (AttentionSpec.kernel), else
+    config.kernel at run time (a spec made outside a compile)."""
+    return spec.kernel or config.kernel
+
+
 def _autotune_on() -> bool:
     from .. import autotune
     return autotune.enabled()
@@ -67,7 +73,7 @@ def choose_forward(q, k, v, bias, spec):
     call signature, as choose() does)."""
     if not spec.fp8:
         return choose(q, k, v, bias, spec)
-    return remembered("fp8-forward", q, k, v, bias, spec, spec.kernel or config.kernel,
+    return remembered("fp8-forward", q, k, v, bias, spec, kernel_setting(spec),
                       lambda: _choose_fp8_forward(q, k, v, bias, spec))
 
 
@@ -108,7 +114,7 @@ def choose(q, k, v, bias, spec, *, kernel: str | None = None):
     """Pick the implementation for this call (run time, concrete tensors).  Decisions are
     remembered per call signature (_call_key): the supports() chain runs once per signature,
     not on every call of a training step (measured: host time bounds small attention calls)."""
-    kernel = kernel or spec.kernel or config.kernel  # a call's argument, its compile's setting, the global
+    kernel = kernel or kernel_setting(spec)
     return remembered("impl", q, k, v, bias, spec, kernel, lambda: _choose(q, k, v, bias, spec, kernel))
 
 

@@ -98,6 +98,7 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
     bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
     mod = triton_render.load("fwd", spec)
     d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
+    fold = fold_scale(spec, scale, d_pad)
 
     def launch(cfg):
         descs = _descriptors(q, k, v, cfg, d_pad, dv_pad) if cfg.tma else None
@@ -112,7 +113,6 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=descs is not None, LPT=cfg.lpt,
             EVEN_M=triton_configs.even(Sq, cfg.block_m), EVEN_N=triton_configs.even(Sk, cfg.block_n),
             FOLD_SCALE=fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    fold = fold_scale(spec, scale, d_pad)
     _launch(cfg, launch)
     return out, lse
 
