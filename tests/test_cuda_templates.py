@@ -135,6 +135,29 @@ def test_launch_tile_for_long_unmasked_keys(D, Sq, Sk, spec, Hk, ablation, block
     assert cfg in cuda_jit.standard_configs(extras=True) or ablation, "the tiles the product launches are prebuilt"
 
 
+@pytest.mark.parametrize("D,Sq,Sk,spec,Hk,ablation,persistent", [
+    (128, 4096, 4096, AttentionSpec(), 4, {}, True),                       # unmasked d128: persistent grid
+    (128, 1024, 1024, AttentionSpec(), 4, {}, True),                       # with either key tile
+    (128, 8192, 8192, AttentionSpec(), 4, {}, False),                      # long tiles: one CTA per tile
+    (128, 64, 8191, AttentionSpec(), 4, {}, True),                         # decided by the keys
+    (128, 4096, 4096, AttentionSpec(out_dtype="float32"), 4, {}, False),   # fp32 O: no staging to overlap
+    (128, 4096, 4096, AttentionSpec(window_right=0), 4, {}, False),        # causal: one CTA per tile
+    (128, 4096, 4096, AttentionSpec(window_left=64), 4, {}, False),        # windows too
+    (128, 1, 8192, AttentionSpec(), 1, {}, False),                         # packed GQA decoding
+    (128, 4096, 4096, AttentionSpec(), 4, {"persistent": False}, False),   # benchmark override wins
+    (256, 8192, 8192, AttentionSpec(), 4, {}, False),
+    (64, 8192, 8192, AttentionSpec(), 4, {}, False),
+])
+def test_launch_grid_persistent_for_short_unmasked_d128(D, Sq, Sk, spec, Hk, ablation, persistent):
+    from fa3_inductor.ops import cuda_impl
+    q = torch.randn(1, 4, Sq, D, dtype=torch.bfloat16)
+    k = torch.randn(1, Hk, Sk, D, dtype=torch.bfloat16)
+    cfg, _ = cuda_impl._launch_config(q, k, k, spec, **ablation)
+    assert cfg.persistent == persistent
+    if not (ablation or cfg.out_fp32):  # (fp32-out instantiations build on first use)
+        assert cfg in cuda_jit.standard_configs(extras=True), "the configs the product launches are prebuilt"
+
+
 def _gqa_q(B, Hq, Sq, D, layout="bhsd"):
     if layout == "bshd":
         return torch.randn(B, Sq, Hq, D).transpose(1, 2)
@@ -309,3 +332,54 @@ def test_lpt_group_divides_and_fits_l2():
         assert g == 1 or g * 2 * sk * d * 2 * hk / hq <= _L2_KV_BUDGET
     assert lpt_group(8, 16, 16, 2048, 128, 2) == 16           # 1 MiB of K/V per head: 24 fit, 16 divides 128
     assert lpt_group(2, 32, 8, 4096, 128, 2) == 32            # GQA 4:1: 0.5 MiB per query head, 48 fit
+
+
+def test_exp_poly_config():
+    """exp_poly: every n-th exponential of a row on the FMA pipe, a compile-time switch with its
+    own define and name; out-of-range values are refused naming the argument."""
+    cfg = cuda_jit.config_for(128, "float16", exp_poly=4)
+    plain = cuda_jit.config_for(128, "float16", exp_poly=0)
+    assert cfg.defines()["FA3_EXP_POLY"] == 4 and "FA3_EXP_POLY" not in plain.defines()
+    assert "_x4" in cfg.name() and cfg.name() != plain.name()
+    assert "#ifndef FA3_EXP_POLY" in (kernels_dir() / "cuda" / "fa3_fwd.cu").read_text()
+    for bad in (-1, 17, 2.5):
+        with pytest.raises(ValueError, match="exp_poly"):
+            cuda_jit.config_for(128, "float16", exp_poly=bad)
+
+
+def _exp2_poly3_emulated(x, coeffs):
+    """fa3_utils.cuh's exp2_poly3 in numpy float32: clamp, split off floor(x), polynomial of the
+    fraction, floor(x) added to the exponent field (the device takes floor(x) from a round-down
+    add of 1.5 * 2^23, which is exact for |x| < 2^22)."""
+    import numpy as np
+    x = np.maximum(np.asarray(x, dtype=np.float32), np.float32(-126))
+    n = np.floor(x)
+    f = (x - n).astype(np.float32)
+    p = np.float32(coeffs[0])
+    for c in coeffs[1:]:
+        p = (p.astype(np.float64) * f + np.float32(c)).astype(np.float32)  # fmaf: one rounding
+    p = (p.astype(np.float64) * f + 1.0).astype(np.float32)
+    bits = p.view(np.int32) + (n.astype(np.int32) << 23)
+    return bits.view(np.float32)
+
+
+def test_exp2_poly3_accuracy():
+    """The polynomial exp2 of the CUDA softmax (coefficients read from the kernel source) is within
+    1e-4 relative of 2^x over the softmax's range, gives a normal tiny value (not NaN) for -inf,
+    and is exact at integers."""
+    import re
+    import numpy as np
+    src = (kernels_dir() / "cuda" / "fa3_utils.cuh").read_text()
+    body = src[src.index("float exp2_poly3("):]
+    coeffs = [float(c) for c in re.findall(r"(-?\d+\.\d+)f", body.split("return")[0])
+              if c not in ("12582912.", "126.")]
+    coeffs = [c for c in coeffs if 0 < c < 1]  # c3, c2, c1 in Horner order
+    assert len(coeffs) == 3, coeffs
+    x = np.concatenate([np.linspace(-126, 0, 200001, dtype=np.float32), -np.logspace(-8, 0, 1001, dtype=np.float32)])
+    y = _exp2_poly3_emulated(x, coeffs)
+    rel = np.abs(y.astype(np.float64) / np.exp2(x.astype(np.float64)) - 1)
+    assert rel.max() < 1e-4, rel.max()
+    ints = np.arange(-126, 1, dtype=np.float32)
+    assert np.array_equal(_exp2_poly3_emulated(ints, coeffs), np.exp2(ints))
+    tiny = _exp2_poly3_emulated(np.array([-np.inf, -1e30], dtype=np.float32), coeffs)
+    assert np.all(tiny == np.float32(2.0 ** -126))

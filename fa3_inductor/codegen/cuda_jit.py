@@ -65,6 +65,7 @@ class KernelConfig:
     softcap: bool = False      # s = cap * tanh(s * scale / cap), cap a run-time value
     head_dim_v: int = 0        # V / O head dim when it differs from head_dim (SPLIT_HEAD_DIMS), else 0
     pack_gqa: bool = False     # query heads of a GQA group packed into the rows (cuda_impl.packed_gqa_rows)
+    exp_poly: int = 0          # n > 0: every n-th exponential of a row on the FMA pipe (exp2_poly3)
 
     @property
     def dv(self) -> int:
@@ -74,6 +75,8 @@ class KernelConfig:
         split = {"FA3_HDIM_V": self.head_dim_v} if self.head_dim_v else {}
         if self.pack_gqa:
             split["FA3_PACK_GQA"] = 1
+        if self.exp_poly:
+            split["FA3_EXP_POLY"] = self.exp_poly
         return {
             "FA3_HDIM": self.head_dim, **split,
             "FA3_DTYPE_BF16": int(self.dtype == "bfloat16"),
@@ -99,7 +102,8 @@ class KernelConfig:
                 f"{'e4m3_' if self.fp8 else ''}"
                 f"{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
-                f"_{mask or 'N'}{'_sc' if self.softcap else ''}{'_gqa' if self.pack_gqa else ''}_{abl or 'none'}")
+                f"_{mask or 'N'}{'_sc' if self.softcap else ''}{'_gqa' if self.pack_gqa else ''}"
+                f"{f'_x{self.exp_poly}' if self.exp_poly else ''}_{abl or 'none'}")
 
 
 # Tile sizes per head dim (block_m, block_n): registers per consumer thread stay under 240 and
@@ -124,7 +128,8 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
                warp_spec: bool = True, persistent: bool = False, block_n: int | None = None,
                block_m: int | None = None,
                stages: int = 2, fp8: bool = False, softcap: bool = False,
-               head_dim_v: int | None = None, pack_gqa: bool = False) -> KernelConfig:
+               head_dim_v: int | None = None, pack_gqa: bool = False,
+               exp_poly: int | None = None) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
     (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
     fp8; block_m 128 or 192: two or three consumer warpgroups).  With fp8, dtype is the output dtype (the operands are e4m3).  head_dim_v: V's head dim
@@ -148,14 +153,20 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
         if block_n % step or not step <= block_n <= 256:
             raise ValueError(f"CUDA template: block_n {block_n} must be a multiple of {step} in [{step}, 256]")
         bn = block_n
+    if exp_poly is None:
+        exp_poly = 0
+    elif not isinstance(exp_poly, int) or not 0 <= exp_poly <= 16:
+        raise ValueError(f"CUDA template: exp_poly {exp_poly!r}: 0 (every exponential on MUFU) or n in [1, 16] "
+                         f"(every n-th on the FMA pipe)")
     if block_m is not None:
-        if block_m not in (128, 192) or (block_m == 192 and (head_dim > 64 or fp8)):
-            raise ValueError(f"CUDA template: block_m {block_m}: 128, or 192 at head dim 64 (16-bit)")
+        if block_m not in (128, 192) or (block_m == 192 and head_dim > (128 if fp8 else 64)):
+            raise ValueError(f"CUDA template: block_m {block_m}: 128, or 192 at head dim 64 (16-bit) "
+                             f"or up to 128 (fp8)")
         bm = block_m
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn, stages=stages,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
                         warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap,
-                        head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa)
+                        head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa, exp_poly=exp_poly)
 
 
 # Wider key tiles for long unmasked key ranges: head dim -> (block_n, from this many keys).  d128
@@ -174,6 +185,24 @@ def wide_block_n(head_dim: int, sk: int, *, masked: bool, head_dim_v: int | None
     return bn if sk >= from_keys else None
 
 
+# Unmasked 16-bit calls below this many keys run on the persistent grid, per head dim: one CTA
+# per SM looping over tiles, O staged apart from Q (kSeparateO), so the next tile's loads run
+# under this tile's last PV GEMM and epilogue, which pays where tiles are short.  d128 against
+# session 6's one CTA per tile, interleaved on the H100 (session 7, three runs): +2..+8% at 2k,
+# +1..+7% at 4k (+9% at 1k against one CTA per tile); at 8k and 16k the two read within -4..+1%,
+# and one CTA per tile stays.  Causal tiles stay one per CTA: the static round robin over
+# longest-first tiles measured 12-24% slower.  d64 (mixed) and d256 (no room to stage O apart)
+# gained nothing measurable.
+_PERSISTENT_BELOW_KEYS = {128: 8192}
+
+
+def persistent_grid(head_dim: int, sk: int, *, masked: bool, head_dim_v: int | None = None) -> bool:
+    """Whether an unpacked 16-bit call over sk keys without window masks launches the persistent
+    grid by default (cuda_impl._launch_config asks only for those)."""
+    below = _PERSISTENT_BELOW_KEYS.get(head_dim)
+    return not masked and head_dim_v in (None, head_dim) and below is not None and sk < below
+
+
 def block_m_for(head_dim: int, head_dim_v: int | None = None) -> int:
     """Query rows per tile of the 16-bit instantiation for these head dims."""
     split = head_dim_v is not None and head_dim_v != head_dim
@@ -190,6 +219,10 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
             for dt in ("float16", "bfloat16") for causal in (False, True)]
     out += [config_for(hd, dt, block_n=_WIDE_KEY_TILES[hd][0]) for hd in hdims if hd in _WIDE_KEY_TILES
             for dt in ("float16", "bfloat16")]
+    # what kernel "auto" launches for unmasked calls there: the persistent grid, both key tiles
+    out += [config_for(hd, dt, persistent=True, block_n=bn) for hd in hdims if hd in _PERSISTENT_BELOW_KEYS
+            for dt in ("float16", "bfloat16")
+            for bn in (None, *([_WIDE_KEY_TILES[hd][0]] if hd in _WIDE_KEY_TILES else []))]
     if extras:
         for causal in (False, True):
             for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
@@ -208,7 +241,8 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out += [config_for(64, "float16", has_wr=causal, **kw) for causal in (False, True)
                 for kw in (dict(block_m=128),)]  # (192 x 96 / 112 measured slower and spill: perf-notes)
         out += [config_for(128, "float16", has_wr=causal, **kw) for causal in (False, True)
-                for kw in (dict(stages=3), dict(block_n=160), dict(block_n=176))]
+                for kw in (dict(stages=3), dict(block_n=160), dict(block_n=176),
+                           dict(block_n=160, persistent=True))]
         # packed GQA: decoding at d64/d128 (benchmark rows) and the GPU tests' cases
         out += [config_for(hd, dt, has_wr=causal, pack_gqa=True) for hd in (64, 128)
                 for dt in ("float16", "bfloat16") for causal in (False, True)]

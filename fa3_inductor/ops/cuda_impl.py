@@ -51,6 +51,10 @@ def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablati
         bn = cuda_jit.wide_block_n(q.shape[-1], k.shape[2], masked=spec.has_window, head_dim_v=v.shape[-1])
         if bn:
             cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
+    # (fp32 output leaves from registers: no O staging to overlap, no measured gain there)
+    if ("persistent" not in ablation and not cfg.out_fp32
+            and cuda_jit.persistent_grid(q.shape[-1], k.shape[2], masked=spec.has_window, head_dim_v=v.shape[-1])):
+        cfg = dataclasses.replace(cfg, persistent=True)
     return cfg, 0
 
 

@@ -54,6 +54,9 @@
 #ifndef FA3_SOFTCAP
 #define FA3_SOFTCAP 0
 #endif
+#ifndef FA3_EXP_POLY
+#define FA3_EXP_POLY 0    // n > 0: every n-th exponential of a row on the FMA pipe (exp2_poly3)
+#endif
 
 namespace {
 
@@ -63,7 +66,7 @@ using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element16>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
                         bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP), FA3_HDIM_V,
-                        bool(FA3_PACK_GQA)>;
+                        bool(FA3_PACK_GQA), FA3_EXP_POLY>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;

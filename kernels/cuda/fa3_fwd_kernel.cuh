@@ -57,7 +57,7 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
           bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
           bool kPersistent_ = false, bool kSoftcap_ = false, int kHeadDimV_ = kHeadDim_,
-          bool kPackGQA_ = false>
+          bool kPackGQA_ = false, int kExpPoly_ = 0>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   // Head dim of V and O; differs from Q/K's only for the 192 / 128 split (DeepSeek-style MLA).
@@ -70,6 +70,8 @@ struct Config {
   // Packed GQA rows (Params::pack_sq): a switch of its own so that the unpacked kernels keep their
   // registers (the row -> query modulo in the masks made d256 causal spill).
   static constexpr bool kPackGQA = kPackGQA_;
+  // Every kExpPoly-th exponential of a row on the FMA pipe (exp2_poly3); 0: all on MUFU.
+  static constexpr int kExpPoly = kExpPoly_;
   using Element = Element_;
   using OutT = OutT_;
   static constexpr bool kFp8 = sizeof(Element) == 1;  // e4m3 operands with block scales
@@ -117,24 +119,36 @@ struct Config {
   using PipelineK = cutlass::PipelineTmaAsync<kStages>;
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
 
+  // O leaves through shared memory and one TMA store per tile when it has the operands' 16-bit
+  // type.  fp32 output and FP8 operands (O twice sQ's bytes or more) store from registers.
+  static constexpr bool kTmaStoreO = !kFp8 && std::is_same_v<OutT, Element>;
+  using SmemLayoutO = decltype(tile_to_shape(smem_atom<OutT, kHeadDimV, true>(),
+                                             Shape<Int<kBlockM>, Int<kHeadDimV>>{}));
+  static constexpr int kBytesOperands = int(cosize_v<SmemLayoutQ> + cosize_v<SmemLayoutK> + cosize_v<SmemLayoutVt>)
+                                        * int(sizeof(Element));
+  // Persistent grid: O is staged in a buffer of its own where shared memory allows it (up to d128
+  // with two stages).  Then Q is free right after the tile's last QK GEMM, the producer loads the
+  // next tile's Q (and K/V into the stages that free up) under this tile's last PV GEMM and its
+  // epilogue, and the store of O runs under the next tile (+2-6% at d128 against staging O in
+  // sQ, session 7).  Elsewhere O is staged in sQ, free once the tile's last QK GEMM has run: with
+  // one tile per CTA there is no next tile to overlap, and the extra buffer cost the d64 192-row
+  // tile registers (spills 60 -> 80 bytes).
+  static constexpr bool kSeparateO = kTmaStoreO && kPersistent
+      && kBytesOperands + int(cosize_v<SmemLayoutO> * sizeof(OutT)) + 1024 <= 227 * 1024;
+
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
+    cute::array_aligned<OutT, kSeparateO ? cosize_v<SmemLayoutO> : 8, kSeparateO ? 1024 : 16> o;  // kSeparateO only
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;        // Q landed (TMA tx count)
     alignas(16) cutlass::arch::ClusterBarrier barrier_q_empty;             // consumers done with Q
     alignas(16) typename PipelineK::SharedStorage pipe_k;
     alignas(16) typename PipelineV::SharedStorage pipe_v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-
-  // O leaves through shared memory and one TMA store per tile when it has the operands' 16-bit
-  // type: it is staged in sQ, free once the tile's last QK GEMM has run (same byte count or
-  // fewer).  fp32 output and FP8 operands (O twice sQ's bytes or more) store from registers.
-  static constexpr bool kTmaStoreO = !kFp8 && std::is_same_v<OutT, Element>;
-  using SmemLayoutO = decltype(tile_to_shape(smem_atom<OutT, kHeadDimV, true>(),
-                                             Shape<Int<kBlockM>, Int<kHeadDimV>>{}));
-  static_assert(!kTmaStoreO || cosize_v<SmemLayoutO> * sizeof(OutT) <= cosize_v<SmemLayoutQ> * sizeof(Element),
+  static_assert(!kTmaStoreO || kSeparateO
+                || cosize_v<SmemLayoutO> * sizeof(OutT) <= cosize_v<SmemLayoutQ> * sizeof(Element),
                 "O is staged in sQ");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of sm_90 exceeded");
 
@@ -465,7 +479,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<DV>>{});
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
-    OnlineSoftmax<kRows> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
+    OnlineSoftmax<kRows, Cfg::kExpPoly> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
     clear(tOrO);
 
     // Multiplier of block n's raw scores into the exp2 domain; FP8 adds the Q tile's and the K
@@ -613,9 +627,9 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           ++rv;
         }
       }
-      // Every GEMM reading sQ has completed: the producer may load the next tile's Q (with the
-      // TMA-store epilogue, once O has left sQ).
-      if constexpr (!Cfg::kTmaStoreO) ss.barrier_q_empty.arrive();
+      // Every GEMM reading sQ has completed: the producer may load the next tile's Q (where O is
+      // staged in sQ, once O has left it).
+      if constexpr (!Cfg::kTmaStoreO || Cfg::kSeparateO) ss.barrier_q_empty.arrive();
       // Take back the token the other warpgroup passed after its last GEMMs, leaving both named
       // barriers balanced at the end of every tile.
       if constexpr (Cfg::kPingpong) {
@@ -651,11 +665,16 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     bool stored = false;
     if constexpr (Cfg::kTmaStoreO) {
       if (!empty_tile) {
-        if constexpr (Cfg::kHeadDimV != Cfg::kHeadDim) {
+        if constexpr (Cfg::kSeparateO) {
+          // The previous tile's store must have read sO out before it is overwritten.
+          if (mma_tid == 0) tma_store_wait<0>();
+          cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarEpilogue);
+        } else if constexpr (Cfg::kHeadDimV != Cfg::kHeadDim) {
           // O's smem layout differs from Q's: wait until neither warpgroup's GEMMs read sQ.
           cutlass::arch::NamedBarrier::sync(Cfg::kMmaThreads, kBarEpilogue);
         }  // (same layout: each warpgroup overwrites only the Q rows its own GEMMs read)
-        Tensor sO = make_tensor(make_smem_ptr(reinterpret_cast<OutT*>(ss.q.data())), typename Cfg::SmemLayoutO{});
+        OutT* o_base = Cfg::kSeparateO ? ss.o.data() : reinterpret_cast<OutT*>(ss.q.data());
+        Tensor sO = make_tensor(make_smem_ptr(o_base), typename Cfg::SmemLayoutO{});
         Tensor tOsO = thr_pv.partition_C(sO);
         Tensor tOsO_rc = make_tensor(tOsO.data(), acc_rowcol(tOsO.layout()));
         CUTE_UNROLL
@@ -674,9 +693,11 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           auto to = tma_partition(p.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
           copy(p.tma_o, get<1>(to), get<0>(to));  // tma_partition gives (gmem, smem): smem -> gmem
           tma_store_arrive();
-          tma_store_wait<0>();  // sO read out: sQ may take the next tile's Q
+          // Staged in sQ: sO read out before the next tile's Q may land there.  A buffer of its
+          // own is waited for before the next tile writes it, and before the CTA exits.
+          if constexpr (!Cfg::kSeparateO) tma_store_wait<0>();
         }
-        ss.barrier_q_empty.arrive();
+        if constexpr (!Cfg::kSeparateO) ss.barrier_q_empty.arrive();
         stored = true;
       }
     }
@@ -698,6 +719,8 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
       }
     }
   }
+  // The last TMA store of O reads shared memory, which must outlive it.
+  if constexpr (Cfg::kSeparateO) { if (mma_tid == 0) tma_store_wait<0>(); }
 }
 
 }  // namespace fa3

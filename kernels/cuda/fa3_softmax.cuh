@@ -12,7 +12,9 @@ namespace fa3 {
 
 using namespace cute;
 
-template <int kRows>
+// kExpPoly > 0: every kExpPoly-th column of a thread's row takes exp2_poly3 (FMA pipe) instead of
+// MUFU.EX2, so that both pipes work during the softmax.
+template <int kRows, int kExpPoly = 0>
 struct OnlineSoftmax {
   float row_max[kRows];  // exp2 domain (raw max * sc)
   float row_sum[kRows];  // per-thread partial sums; reduced across the quad only at the end
@@ -60,7 +62,8 @@ struct OnlineSoftmax {
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        float const p = exp2_ftz(fmaf(s(r, c), sc, bias));
+        float const x = fmaf(s(r, c), sc, bias);
+        float const p = (kExpPoly > 0 && c % kExpPoly == kExpPoly - 1) ? exp2_poly3(x) : exp2_ftz(x);
         s(r, c) = p;
         sum += p;
       }

@@ -110,6 +110,27 @@ CUTE_DEVICE float exp2_ftz(float x) {
   return y;
 }
 
+// exp2 on the FMA and integer pipes, for a share of the softmax's exponentials (OnlineSoftmax's
+// kExpPoly).  Hopper's MUFU does 16 exponentials a clock per SM, 8 cycles per warp instruction:
+// in the softmax of one warpgroup (one warp per SMSP, the other warpgroup in its GEMMs) the
+// MUFU pipe is the longest chain while the FMA pipe idles (ncu source counters, session 7: the
+// MUFU.EX2 instructions took 12% of all stall samples, as fixed-latency waits on the busy pipe).
+// Computing some of them here moves that work to the idle pipes (the FlashAttention-4 idea).
+// 2^x = 2^floor(x) * 2^f, f in [0, 1): floor through the round-down add of 1.5 * 2^23 (whose low
+// mantissa bits then hold floor(x)), 2^f by a degree-3 polynomial fitted for relative error with
+// p(0) = 1 (max relative error 8.6e-5, below fp16's half-ulp of 2.4e-4 for P), and floor(x) added
+// to the result's exponent field.  x is clamped to -126 first (masked scores are -inf; 2^-126 is
+// as good as 0 against the row's largest term, 1), which keeps the exponent field normal.
+CUTE_DEVICE float exp2_poly3(float x) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
+  x = fmaxf(x, -126.f);
+  float const j = __fadd_rd(x, kRound);
+  float const f = x - (j - kRound);
+  float const p = fmaf(fmaf(fmaf(0.07706265151500702f, f, 0.22764979302883148f), f, 0.6951157450675964f), f, 1.f);
+  // bits(j) = bits(1.5 * 2^23) + floor(x), and bits(1.5 * 2^23) << 23 wraps to 0.
+  return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
+}
+
 // Threads holding one accumulator row are the 4 lanes of a quad (lane / 4 equal).
 CUTE_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);

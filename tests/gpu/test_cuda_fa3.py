@@ -134,10 +134,14 @@ def test_windows(wl, wr):
 
 @pytest.mark.parametrize("ablation", [dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
                                       dict(intra_wg=False, pingpong=False, warp_spec=False),
-                                      dict(persistent=True), dict(persistent=True, warp_spec=False)])
+                                      dict(persistent=True), dict(persistent=True, warp_spec=False),
+                                      dict(persistent=False)])
 @pytest.mark.parametrize("causal", ["none", "top_left"])
 def test_ablations(ablation, causal):
-    # 2 x 8 heads x 8 m-blocks = 128 tiles: more than one tile per CTA when persistent.
+    # 2 x 8 heads x 8 m-blocks = 128 tiles: more than one tile per CTA when persistent.  The
+    # technique switches run on one CTA per tile (the ablation table's grid; unmasked d128 calls
+    # default to the persistent grid, which the persistent cases and the default test).
+    ablation = {"persistent": False, **ablation}
     q, k, v = _make(2, 8, 8, 1000, 1000, 128, torch.float16)
     _check(q, k, v, _spec(causal), **ablation)
 
@@ -175,10 +179,38 @@ def test_auto_follows_measured_table():
     assert dispatch.choose(*decode, None, _spec("none"), kernel="auto") is cuda_impl
 
 
+def test_autotune_times_cuda_against_triton(tmp_path, monkeypatch):
+    """kernel "auto" under mode="max-autotune" (spec.autotune): the first call of a spec and shape
+    bucket times the CUDA template and the Triton one on the real inputs, runs the faster, keeps
+    both timings in the on-disk table, and a second call reads the table instead of timing."""
+    import json
+    from fa3_inductor import autotune
+    from fa3_inductor.ops import dispatch, triton_impl
+    monkeypatch.setattr(autotune, "_path", lambda: tmp_path / "autotune.json")
+    monkeypatch.setattr(autotune, "_table", None)
+    q, k, v = _make(1, 4, 4, 1024, 1024, 128, torch.float16)
+    spec = _spec("top_left").replace(kernel="auto", autotune=True)
+    impl = dispatch.choose(q, k, v, None, spec)
+    assert impl in (cuda_impl, triton_impl)
+    table = json.loads((tmp_path / "autotune.json").read_text())
+    impl_rows = {key: val for key, val in table.items() if key.startswith("impl|")}
+    assert len(impl_rows) == 1, table.keys()
+    (row,) = impl_rows.values()
+    assert set(row["ms"]) == {"cuda", "triton"} and all(t > 0 for t in row["ms"].values()), row
+    assert dispatch.name_of(impl) == row["impl"] == min(row["ms"], key=row["ms"].get)
+    monkeypatch.setattr(autotune, "_store_raw", lambda *a: pytest.fail("timed a second time"))
+    assert autotune.best_impl(q, k, v, spec, {"cuda": cuda_impl, "triton": triton_impl}) == row["impl"]
+    out, _ = impl.forward(q, k, v, None, None, None, None, 1 / math.sqrt(128), spec)
+    ref, _ = reference.forward(q.double(), k.double(), v.double(), None, None, None, None, 1 / math.sqrt(128),
+                               spec.replace(out_dtype="float64"))
+    err_eager = (_eager_lowp(q, k, v, 1 / math.sqrt(128), spec).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * err_eager + 1e-3
+
+
 def test_tile_176():
     # The FA3 paper's hdim-128 non-causal tile (64x176 WGMMA atoms, 11 k-steps in PV).
     q, k, v = _make(2, 4, 4, 1000, 1001, 128, torch.float16)
-    _check(q, k, v, _spec("none"), block_n=176)
+    _check(q, k, v, _spec("none"), block_n=176, persistent=False)
 
 
 @pytest.mark.parametrize("B,Hq,Hk,sq,sk,dtype,layout", [(1, 8, 2, 1000, 2500, torch.bfloat16, "bhsd"),
