@@ -105,8 +105,8 @@ def main(argv=None):
     print(f"nvcc: {cuda_jit.find_nvcc()} ({cuda_jit.nvcc_version()})\ncutlass: {cuda_jit.cutlass_include()}")
     if args.fp8_sweep:
         from fa3_inductor.bench.fp8_rows import CUDA_SWEEP, CUDA_VARIANTS
-        cfgs = [cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, block_n=bn)
-                for d, bns in CUDA_SWEEP.items() if d in args.hdims for bn in bns for causal in (False, True)]
+        cfgs = [cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, **c)
+                for d, cands in CUDA_SWEEP.items() if d in args.hdims for c in cands for causal in (False, True)]
         cfgs += [cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, **v)
                  for d in args.hdims for v in CUDA_VARIANTS for causal in (False, True)]
     else:

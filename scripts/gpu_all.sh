@@ -3,7 +3,7 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag against ablation ncu models bench" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag against schedules ablation ncu ncusrc compiletime models bench" bash scripts/gpu_all.sh
 # PACK_CACHE=1 returns the kernel cache (cat the parts into .carry/fa3_cache.tgz).
 # NO_FP8ROWS=1 skips the FP8 throughput rows; CUDA_ROWS="--decode --split" picks other CUDA rows,
 # CUDA_ROWS=none none (default: the forward grid next to SDPA, with the ablation table).
@@ -68,8 +68,9 @@ if has fp8; then
   fi
   if [ -n "${FP8_SWEEP:-}" ]; then
     timeout ${T_FP8SWEEP:-90} python3 -m fa3_inductor.bench.fp8_rows --sweep --both --kernels cuda \
+        --hdims ${FP8_SWEEP_HDIMS:-128} --seqlens ${FP8_SWEEP_SEQLENS:-8192} \
         --json "$W/fp8_sweep.json" > "$W/fp8_sweep.md" 2>&1
-    cat "$W/fp8_sweep.md" | tail -16 | tee -a "$LOG"
+    cat "$W/fp8_sweep.md" | tail -30 | tee -a "$LOG"
   fi
 fi
 if has gpumodels; then
@@ -110,11 +111,28 @@ if has against; then
       --json "$W/fp8_against.json" > "$W/fp8_against.md" 2>&1
   say "fp8 against rc=$?"; tail -30 "$W/fp8_against.md" | tee -a "$LOG"
 fi
+if has schedules; then
+  # Schedule / softmax variants of this build (persistent grid, exp_poly) at the default tiles, each
+  # also on the earlier build where it has one, and cuDNN, interleaved; then the FP8 variants.
+  say "== CUDA schedule variants vs the earlier build vs cuDNN (d${SCHED_D:-128}), FP8 variants"
+  mkdir -p /tmp/fa3_cache_earlier && tar xzf .carry/fa3_cache_earlier.tgz -C /tmp/fa3_cache_earlier
+  # SCHED_SPECS: items hdim[:causal yes|no[:variant,variant...]] (default: d128, all variants)
+  for item in ${SCHED_SPECS:-128}; do
+    IFS=: read -r d c only <<< "$item"
+    timeout ${T_SCHED:-200} python3 -m fa3_inductor.bench.cuda_rows --schedules $d ${c:+--causal $c} \
+        ${only:+--only ${only//,/ }} ${SCHED_SEQLENS:+--seqlens $SCHED_SEQLENS} \
+        --against /tmp/fa3_cache_earlier > "$W/schedules_$d${c:+_$c}.md" 2>&1
+    say "schedules $item rc=$?"; tail -60 "$W/schedules_$d${c:+_$c}.md" | tee -a "$LOG"
+  done
+  timeout ${T_FP8VAR:-150} python3 -m fa3_inductor.bench.fp8_rows --variants --both --kernels cuda \
+      --hdims ${FP8VAR_HDIMS:-128 256} --json "$W/fp8_variants.json" > "$W/fp8_variants.md" 2>&1
+  say "fp8 variants rc=$?"; tail -24 "$W/fp8_variants.md" | tee -a "$LOG"
+fi
 if has ablation; then
   say "== CUDA ablation (d128, 8k) and the d128 tile candidates, interleaved"
   timeout ${T_ABLATION:-150} python3 -c "from fa3_inductor.bench import cuda_rows as c; print(c.format_rows(c.ablation_rows(), key_cols=('variant', 'hdim', 'seqlen')))" > "$W/ablation.md" 2>&1
   say "ablation rc=$?"; tail -10 "$W/ablation.md" | tee -a "$LOG"
-  timeout ${T_TILES:-150} python3 -m fa3_inductor.bench.cuda_rows --tiles ${TILES_D:-128} > "$W/tiles.md" 2>&1
+  timeout ${T_TILES:-150} python3 -m fa3_inductor.bench.cuda_rows --tiles ${TILES_D:-128} ${TILES_ARGS:-} > "$W/tiles.md" 2>&1
   say "tiles rc=$?"; tail -32 "$W/tiles.md" | tee -a "$LOG"
 fi
 if has ncu; then
@@ -131,6 +149,26 @@ if has ncu; then
     say "ncu rc=$?"; grep -E "^  [a-zA-Z_]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|No Eligible|SM: Pipe Tensor Cycles Active|Pipe Xu|Pipe Alu Cycles|Pipe Fma Cycles Active|Stall (Long|Barrier|Wait|Math|Short|Not Sel|Dispatch|Branch|Sleep|MIO|GMMA)|Warp Cycles Per Issued|Registers Per" \
         "$W/ncu_d${d}_${impl}${c:+_causal}.log" | grep -v "^    INF\|^    OPT" | head -40 | tee -a "$LOG"
   done
+fi
+if has ncusrc; then
+  # Per-instruction stall sampling (ncu's source page, SASS) of our d128 forward and cuDNN's on the
+  # same inputs (8k, non-causal): where the fixed-latency waits sit.  CSVs come back in the tarball.
+  for impl in ${NCUSRC_IMPLS:-cuda cudnn}; do
+    say "== ncu source counters d128 $impl"
+    timeout ${T_NCUSRC:-120} ncu --clock-control none --profile-from-start off --section SourceCounters \
+        --section WarpStateStats -o "$W/src_$impl" python3 scripts/diag_cuda_fwd.py --ncu-target 128 --ncu-impl "$impl" \
+        > "$W/ncusrc_$impl.log" 2>&1
+    say "ncu rc=$?"; tail -3 "$W/ncusrc_$impl.log" | tee -a "$LOG"
+    ncu -i "$W/src_$impl.ncu-rep" --page source --print-source sass --csv > "$W/src_$impl.csv" 2> "$W/src_${impl}_err.log"
+    say "source page rc=$? lines=$(wc -l < "$W/src_$impl.csv")"; head -c 600 "$W/src_$impl.csv" | tee -a "$LOG"; echo | tee -a "$LOG"
+    ncu -i "$W/src_$impl.ncu-rep" --page details --print-details all > "$W/src_${impl}_details.txt" 2>&1
+    rm -f "$W/src_$impl.ncu-rep"
+  done
+fi
+if has compiletime; then
+  say "== first-use build time, one instantiation at a time, empty cache"
+  timeout ${T_COMPILETIME:-200} python3 scripts/compile_time.py ${COMPILETIME_ARGS:-} > "$W/compile_time.log" 2>&1
+  say "compiletime rc=$?"; tail -6 "$W/compile_time.log" | tee -a "$LOG"
 fi
 if has models; then
   say "== model grid"

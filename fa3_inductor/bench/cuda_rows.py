@@ -85,16 +85,17 @@ def cuda_forward_rows(hdims=(64, 128, 256), causals=(False, True), seqlens=SEQLE
     return rows
 
 
-# Each technique switched off at one tile (128 x 128, as the paper compares them); the product's
-# wider key tile for long non-causal ranges (cuda_jit.wide_block_n) and FA3's 128 x 176 beside.
+# Each technique switched off at one tile (128 x 128, one CTA per tile, as the paper compares
+# them); the persistent grid, the product's default at 8k (128 x 160 tiles, one CTA per tile:
+# cuda_jit.wide_block_n, persistent_grid) and FA3's 128 x 176 beside.
 ABLATIONS = {
-    "full": dict(block_n=128),
-    "no intra-WG overlap": dict(intra_wg=False, block_n=128),
-    "no pingpong": dict(pingpong=False, block_n=128),
-    "no warp specialization": dict(warp_spec=False, block_n=128),
+    "full": dict(block_n=128, persistent=False),
+    "no intra-WG overlap": dict(intra_wg=False, block_n=128, persistent=False),
+    "no pingpong": dict(pingpong=False, block_n=128, persistent=False),
+    "no warp specialization": dict(warp_spec=False, block_n=128, persistent=False),
     "full + persistent": dict(persistent=True, block_n=128),
     "full, 128x160 tile (default)": dict(block_n=160),
-    "full, 128x176 tile": dict(block_n=176),
+    "full, 128x176 tile": dict(block_n=176, persistent=False),
 }
 
 
@@ -197,34 +198,52 @@ def split_head_rows(seqlens=(2048, 8192), total_tokens=16384, heads=16, d=192, d
     return rows
 
 
-# Tile candidates per head dim (rows x keys, stages): the default first.
+# Tile candidates per head dim (rows x keys, stages), one CTA per tile: the default first.
 TILE_CANDIDATES = {
     64: {"192x128": {}, "128x128": dict(block_m=128)},
-    128: {"128x128": dict(block_n=128), "128x128 s3": dict(stages=3), "128x160": dict(block_n=160),
-          "128x176": dict(block_n=176)},
+    128: {"128x128": dict(block_n=128, persistent=False), "128x128 s3": dict(stages=3, persistent=False),
+          "128x160": dict(block_n=160, persistent=False), "128x176": dict(block_n=176, persistent=False)},
 }
 
 
+# Schedule and softmax variants at the default tiles (kernel "auto"'s choice per shape): one CTA
+# per tile ("per-tile", where the default is the persistent grid), the persistent grid (with O
+# staged apart from Q where it fits, the next tile's loads run under this tile's epilogue), and
+# every n-th exponential on the FMA pipe (exp_poly).
+SCHEDULE_CANDIDATES = {"default": {}, "per-tile": dict(persistent=False), "x4": dict(exp_poly=4),
+                       "x3": dict(exp_poly=3), "persistent": dict(persistent=True),
+                       "persistent x4": dict(persistent=True, exp_poly=4)}
+
+
 def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds: int = 3,
-              total_tokens=16384, hidden=2048, dtype=torch.float16, iters=10) -> list[dict]:
+              total_tokens=16384, hidden=2048, dtype=torch.float16, iters=10,
+              against: str | None = None, candidates: dict | None = None) -> list[dict]:
     """The CUDA template's tile candidates for head dim d next to SDPA (cuDNN), interleaved: per
     (causal, seqlen) the variants are timed in turn, `rounds` times, and each keeps its median, so
     clock and thermal drift during the run falls on all of them alike (one variant after another
-    read up to 7% apart between runs of the same kernel)."""
+    read up to 7% apart between runs of the same kernel).  With `against` (an earlier kernel
+    cache), each candidate is also timed on that build, as "<tile> (earlier)"."""
     from .other_build import interleaved
     rows = []
-    variants = list(TILE_CANDIDATES[d].items()) + [("sdpa", None)]
+    variants = list((candidates or TILE_CANDIDATES[d]).items()) + [("sdpa", None)]
     for causal, spec, s, b, h, q, k, v in _cells(d, causals, seqlens, total_tokens, hidden, dtype):
         fns = {}
         for name, kw in variants:
             try:
-                fns[name] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
+                key = "sdpa" if kw is None else f"cuda {name}"  # interleaved() re-times "cuda*" on `against`
+                fns[key] = forward_fn("sdpa" if kw is None else "cuda", q, k, v, spec, d ** -0.5, **(kw or {}))
             except Exception as exc:  # a variant that cannot run gets a row with its reason
                 rows.append(dict(impl="cuda", tile=name, causal=causal, seqlen=s, ms=float("nan"),
                                  tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
-        for name, ms in interleaved(fns, None, rounds, lambda fn: _time_ms(fn, 3, iters)).items():
-            rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name, causal=causal, seqlen=s,
-                             ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
+        try:
+            med = interleaved(fns, against, rounds, lambda fn: _time_ms(fn, 3, iters))
+        except Exception as exc:  # e.g. a candidate without an earlier build
+            rows.append(dict(impl="cuda", tile="all", causal=causal, seqlen=s, ms=float("nan"),
+                             tflops=float("nan"), error=str(exc).splitlines()[0][:120]))
+            continue
+        for name, ms in med.items():
+            rows.append(dict(impl="sdpa" if name == "sdpa" else "cuda", tile=name.removeprefix("cuda "),
+                             causal=causal, seqlen=s, ms=ms, tflops=_flops(b, h, s, d, causal) / (ms * 1e-3) / 1e12))
     return rows
 
 
@@ -279,16 +298,35 @@ def main(argv=None):
     ap.add_argument("--split", action="store_true", help="only the 192 / 128 head-dim rows vs SDPA, bf16")
     ap.add_argument("--tiles", type=int, choices=sorted(TILE_CANDIDATES), help="only this head dim's tile candidates vs SDPA")
     ap.add_argument("--against", metavar="CACHE",
-                    help="only: this build vs the earlier build in kernel cache CACHE vs SDPA, interleaved")
+                    help="only: this build vs the earlier build in kernel cache CACHE vs SDPA, interleaved "
+                         "(with --tiles: every tile candidate on both builds)")
+    ap.add_argument("--schedules", type=int, metavar="D",
+                    help="only the schedule / softmax variants (SCHEDULE_CANDIDATES) at head dim D vs SDPA")
+    ap.add_argument("--only", nargs="+", choices=sorted(SCHEDULE_CANDIDATES),
+                    help="with --schedules: only these variants")
+    ap.add_argument("--seqlens", type=int, nargs="+", help="with --tiles: these sequence lengths")
+    ap.add_argument("--causal", choices=["yes", "no"], help="with --tiles: only these rows")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if args.against:
+    if args.schedules:
+        print(f"d{args.schedules} schedule variants, b*s = 16k, hidden 2048, {args.dtype}"
+              + (f", this build and the earlier one in {args.against}" if args.against else ""))
+        cands = {n: kw for n, kw in SCHEDULE_CANDIDATES.items() if not args.only or n in args.only}
+        rows = tile_rows(args.schedules, dtype=dtype, against=args.against, candidates=cands,
+                         seqlens=tuple(args.seqlens or (2048, 4096, 8192, 16384)),
+                         causals=(False, True) if args.causal is None else (args.causal == "yes",))
+        print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
+        return
+    if args.against and not args.tiles:
         print(f"this build vs {args.against} vs SDPA (interleaved medians), b*s = 16k, hidden 2048, {args.dtype}")
         print(format_rows(against_rows(args.against, dtype=dtype), key_cols=("impl", "hdim", "causal", "seqlen")))
         return
     if args.tiles:
-        print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}")
-        print(format_rows(tile_rows(args.tiles, dtype=dtype), key_cols=("impl", "tile", "causal", "seqlen")))
+        print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}"
+              + (f", this build and the earlier one in {args.against}" if args.against else ""))
+        rows = tile_rows(args.tiles, dtype=dtype, against=args.against, seqlens=tuple(args.seqlens or (1024, 4096, 16384)),
+                         causals=(False, True) if args.causal is None else (args.causal == "yes",))
+        print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
     if args.decode or args.split or args.tiles:
         if args.decode:
             print("GQA short queries over a KV cache (batch 64, 8 kv heads, bf16, non-causal)")

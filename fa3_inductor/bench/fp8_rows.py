@@ -78,7 +78,7 @@ def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, *
     scale = 1 / math.sqrt(d)
     signs = attention.signs_for(spec, d, q.device)
     if kernel == "cuda":
-        bm, bn = cuda_attention.tiles_for(d, causal, block_n)
+        bm, bn = cuda_attention.tiles_for(d, causal, block_n, **variant)
         shown = [bm, bn] + [f"{k}={v}" for k, v in variant.items()]
         quant = lambda: quantize.quantize_qkv(q, k, v, bm, bn, signs, permute=True)  # noqa: E731
         attn = lambda qq: cuda_attention.forward(q, k, v, scale, spec, signs, quantized=qq,  # noqa: E731
@@ -134,10 +134,16 @@ def table(rows) -> str:
 
 SWEEP = {64: [(128, 64, 8, 3), (128, 64, 4, 3)], 128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)],
          256: [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)]}
-# Key tiles of the CUDA template's FP8 instantiations (multiples of 32); d128 x 256 spills.
-CUDA_SWEEP = {64: [128, 192], 128: [128, 160, 192], 256: [96, 128]}
-# Schedule variants timed at the default tile with --variants (seqlen 8k and 16k).
-CUDA_VARIANTS = [dict(persistent=True), dict(stages=3), dict(persistent=True, stages=3)]
+# Tile candidates of the CUDA template's FP8 instantiations (key tiles in multiples of 32; d128
+# x 256 spills).  d128 with 192 query rows: three consumer warpgroups of 160 registers, which
+# hold two S tiles and O only up to 64 keys (intra-warpgroup overlap) or one S tile up to 128.
+CUDA_SWEEP = {64: [dict(block_n=128), dict(block_n=192)],
+              128: [dict(block_n=128), dict(block_n=160), dict(block_n=192), dict(block_m=192, block_n=64),
+                    dict(block_m=192, block_n=128, intra_wg=False), dict(block_m=192, block_n=96, intra_wg=False)],
+              256: [dict(block_n=96), dict(block_n=128)]}
+# Schedule and softmax variants timed at the default tile with --variants (seqlen 8k and 16k):
+# every n-th exponential on the FMA pipe (exp_poly), the persistent grid.
+CUDA_VARIANTS = [dict(exp_poly=4), dict(exp_poly=3), dict(persistent=True)]
 
 
 def main(argv=None):
@@ -147,9 +153,9 @@ def main(argv=None):
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--both", action="store_true", help="causal and non-causal rows")
     ap.add_argument("--kernels", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
-    ap.add_argument("--sweep", action="store_true", help="time the candidate tile configs (seqlen 8k)")
+    ap.add_argument("--sweep", action="store_true", help="time the candidate tile configs (at --seqlens)")
     ap.add_argument("--variants", action="store_true",
-                    help="CUDA kernel: default vs persistent / 3-stage at seqlen 8k and 16k")
+                    help="CUDA kernel: default vs CUDA_VARIANTS (exp_poly, persistent) at seqlen 8k and 16k")
     ap.add_argument("--json")
     ap.add_argument("--against", metavar="CACHE",
                     help="CUDA rows: also time the earlier build in kernel cache CACHE, interleaved")
@@ -173,7 +179,8 @@ def main(argv=None):
                              for v in [{}] + CUDA_VARIANTS]
                 elif args.sweep:
                     if kernel == "cuda":
-                        rows += [row(d, 8192, causal, kernel="cuda", block_n=bn) for bn in CUDA_SWEEP.get(d, [])]
+                        rows += [row(d, s, causal, kernel="cuda", **c) for c in CUDA_SWEEP.get(d, [])
+                                 for s in args.seqlens]
                     else:
                         rows += [row(d, 8192, causal, tiles=t) for t in SWEEP.get(d, [])]
                 else:

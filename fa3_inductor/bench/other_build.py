@@ -48,8 +48,17 @@ def interleaved(fns: dict, against: str | None, rounds: int, time_one) -> dict:
     if against:
         runs += [(f"{name} (earlier)", fn, against) for name, fn in fns.items() if name.startswith("cuda")]
     times: dict = {}
+    missing = set()  # earlier-build runs of variants that build lacks (e.g. a new switch)
     for _ in range(rounds):
         for name, fn, root in runs:
+            if name in missing:
+                continue
             with (kernels_from(root) if root else contextlib.nullcontext()):
-                times.setdefault(name, []).append(time_one(fn))
+                try:
+                    times.setdefault(name, []).append(time_one(fn))
+                except FileNotFoundError:
+                    if not root:
+                        raise
+                    missing.add(name)
+                    times.pop(name, None)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -21,14 +21,15 @@ from . import quantize
 
 def config_for_call(q: torch.Tensor, spec: AttentionSpec, block_n: Optional[int] = None,
                     **variant) -> cuda_jit.KernelConfig:
-    """variant: stages / persistent overrides (benchmark candidates)."""
+    """variant: config_for's overrides (block_m, stages, persistent, ...) of benchmark candidates."""
     return cuda_jit.config_for(q.shape[-1], spec.out_dtype, has_wr=spec.window_right is not None, fp8=True,
                                block_n=block_n, **variant)
 
 
-def tiles_for(d: int, causal: bool, block_n: Optional[int] = None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the instantiation: the quantisation blocks its operands need."""
-    cfg = cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, block_n=block_n)
+def tiles_for(d: int, causal: bool, block_n: Optional[int] = None, **variant) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the instantiation: the quantisation blocks its operands need.
+    variant: config_for's overrides (block_m, stages, intra_wg, ...) of a benchmark candidate."""
+    cfg = cuda_jit.config_for(d, "bfloat16", has_wr=causal, fp8=True, block_n=block_n, **variant)
     return cfg.block_m, cfg.block_n
 
 
