@@ -4,6 +4,7 @@ cuDNN in one run (fp16, batch*seqlen = 16k, hidden 2048).
     python scripts/diag_cuda_fwd.py [--set d128] [--seqlen 8192] [--jobs 6]   # compile in parallel, time
     python scripts/diag_cuda_fwd.py --ncu-target 256 [--causal]    # one launch of the default, for ncu
     python scripts/diag_cuda_fwd.py --ncu-target 128 --ncu-impl cudnn   # the same for cuDNN's SDPA
+    python scripts/diag_cuda_fwd.py --ncu-target 128 --causal --persistent yes   # the grid forced
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def main(argv=None):
                     help="with --ncu-target: our kernel, cuDNN's SDPA on the same inputs (the peer's profile), "
                          "or our FP8 kernel (bf16 inputs quantised before the profiled launch)")
     ap.add_argument("--set", choices=("d128", "d256"), default="d256")
+    ap.add_argument("--persistent", choices=("yes", "no"),
+                    help="with --ncu-target (cuda): force the persistent grid on or off")
     args = ap.parse_args(argv)
     variants = D128 if args.set == "d128" else D256
     if args.ncu_target:
@@ -85,8 +88,10 @@ def main(argv=None):
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, scale=scale)
         else:
+            grid = {} if args.persistent is None else {"persistent": args.persistent == "yes"}
+
             def run():
-                cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+                cuda_impl.forward(q, k, v, None, None, None, None, scale, spec, **grid)
         for _ in range(2):
             run()
         torch.cuda.synchronize()

@@ -136,18 +136,22 @@ if has ablation; then
   say "tiles rc=$?"; tail -32 "$W/tiles.md" | tee -a "$LOG"
 fi
 if has ncu; then
-  # NCU_TARGETS: hdim:impl[:causal] items, impl cuda (our forward), cudnn (the peer on the same
-  # inputs, 8k) or triton (the Triton forward + backward at 4k, scripts/ncu_triton.py).
+  # NCU_TARGETS: hdim:impl[:causal[:grid]] items, impl cuda (our forward), cudnn (the peer on the
+  # same inputs, 8k) or triton (the Triton forward + backward at 4k, scripts/ncu_triton.py); grid
+  # (cuda) p or t forces the persistent grid or one CTA per tile.  NCU_SECTIONS adds sections.
   for t in ${NCU_TARGETS:-128:cuda 128:cudnn}; do
-    IFS=: read -r d impl c <<< "$t"
-    say "== ncu d$d $impl ${c:-}"
+    IFS=: read -r d impl c g <<< "$t"
+    say "== ncu d$d $impl ${c:-} ${g:-}"
+    grid=(); [ "${g:-}" = p ] && grid=(--persistent yes); [ "${g:-}" = t ] && grid=(--persistent no)
     if [ "$impl" = triton ]; then prog=(scripts/ncu_triton.py --d "$d" ${c:+--causal})
-    else prog=(scripts/diag_cuda_fwd.py --ncu-target "$d" --ncu-impl "$impl" ${c:+--causal}); fi
+    else prog=(scripts/diag_cuda_fwd.py --ncu-target "$d" --ncu-impl "$impl" ${c:+--causal} "${grid[@]}"); fi
+    extra=(); for sec in ${NCU_SECTIONS:-}; do extra+=(--section "$sec"); done
+    name="ncu_d${d}_${impl}${c:+_causal}${g:+_$g}"
     timeout ${T_NCU:-90} ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats --section SchedulerStats \
-        --print-details all python3 "${prog[@]}" > "$W/ncu_d${d}_${impl}${c:+_causal}.log" 2>&1
-    say "ncu rc=$?"; grep -E "^  [a-zA-Z_]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|No Eligible|SM: Pipe Tensor Cycles Active|Pipe Xu|Pipe Alu Cycles|Pipe Fma Cycles Active|Stall (Long|Barrier|Wait|Math|Short|Not Sel|Dispatch|Branch|Sleep|MIO|GMMA)|Warp Cycles Per Issued|Registers Per" \
-        "$W/ncu_d${d}_${impl}${c:+_causal}.log" | grep -v "^    INF\|^    OPT" | head -40 | tee -a "$LOG"
+        "${extra[@]}" --print-details all python3 "${prog[@]}" > "$W/$name.log" 2>&1
+    say "ncu rc=$?"; grep -E "^  [a-zA-Z_]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|No Eligible|SM: Pipe Tensor Cycles Active|Pipe Xu|Pipe Alu Cycles|Pipe Fma Cycles Active|Stall (Long|Barrier|Wait|Math|Short|Not Sel|Dispatch|Branch|Sleep|MIO|GMMA)|Warp Cycles Per Issued|Registers Per|${NCU_GREP:-Grid Size}" \
+        "$W/$name.log" | grep -v "^    INF\|^    OPT" | head -${NCU_LINES:-40} | tee -a "$LOG"
   done
 fi
 if has ncusrc; then
