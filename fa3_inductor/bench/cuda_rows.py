@@ -304,17 +304,17 @@ def main(argv=None):
                     help="only the schedule / softmax variants (SCHEDULE_CANDIDATES) at head dim D vs SDPA")
     ap.add_argument("--only", nargs="+", choices=sorted(SCHEDULE_CANDIDATES),
                     help="with --schedules: only these variants")
-    ap.add_argument("--seqlens", type=int, nargs="+", help="with --tiles: these sequence lengths")
-    ap.add_argument("--causal", choices=["yes", "no"], help="with --tiles: only these rows")
+    ap.add_argument("--seqlens", type=int, nargs="+", help="with --tiles / --schedules: these sequence lengths")
+    ap.add_argument("--causal", choices=["yes", "no"], help="with --tiles / --schedules: only these rows")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    causals = (False, True) if args.causal is None else (args.causal == "yes",)
     if args.schedules:
         print(f"d{args.schedules} schedule variants, b*s = 16k, hidden 2048, {args.dtype}"
               + (f", this build and the earlier one in {args.against}" if args.against else ""))
         cands = {n: kw for n, kw in SCHEDULE_CANDIDATES.items() if not args.only or n in args.only}
         rows = tile_rows(args.schedules, dtype=dtype, against=args.against, candidates=cands,
-                         seqlens=tuple(args.seqlens or (2048, 4096, 8192, 16384)),
-                         causals=(False, True) if args.causal is None else (args.causal == "yes",))
+                         seqlens=tuple(args.seqlens or (2048, 4096, 8192, 16384)), causals=causals)
         print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
         return
     if args.against and not args.tiles:
@@ -325,7 +325,7 @@ def main(argv=None):
         print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}"
               + (f", this build and the earlier one in {args.against}" if args.against else ""))
         rows = tile_rows(args.tiles, dtype=dtype, against=args.against, seqlens=tuple(args.seqlens or (1024, 4096, 16384)),
-                         causals=(False, True) if args.causal is None else (args.causal == "yes",))
+                         causals=causals)
         print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
     if args.decode or args.split or args.tiles:
         if args.decode:

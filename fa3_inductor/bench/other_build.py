@@ -55,10 +55,11 @@ def interleaved(fns: dict, against: str | None, rounds: int, time_one) -> dict:
                 continue
             with (kernels_from(root) if root else contextlib.nullcontext()):
                 try:
-                    times.setdefault(name, []).append(time_one(fn))
+                    t = time_one(fn)
                 except FileNotFoundError:
                     if not root:
                         raise
                     missing.add(name)
-                    times.pop(name, None)
+                    continue
+            times.setdefault(name, []).append(t)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -129,7 +129,7 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
                block_m: int | None = None,
                stages: int = 2, fp8: bool = False, softcap: bool = False,
                head_dim_v: int | None = None, pack_gqa: bool = False,
-               exp_poly: int | None = None) -> KernelConfig:
+               exp_poly: int = 0) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
     (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
     fp8; block_m 128 or 192: two or three consumer warpgroups).  With fp8, dtype is the output dtype (the operands are e4m3).  head_dim_v: V's head dim
@@ -153,9 +153,7 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
         if block_n % step or not step <= block_n <= 256:
             raise ValueError(f"CUDA template: block_n {block_n} must be a multiple of {step} in [{step}, 256]")
         bn = block_n
-    if exp_poly is None:
-        exp_poly = 0
-    elif not isinstance(exp_poly, int) or not 0 <= exp_poly <= 16:
+    if not isinstance(exp_poly, int) or not 0 <= exp_poly <= 16:
         raise ValueError(f"CUDA template: exp_poly {exp_poly!r}: 0 (every exponential on MUFU) or n in [1, 16] "
                          f"(every n-th on the FMA pipe)")
     if block_m is not None:
@@ -241,8 +239,7 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out += [config_for(64, "float16", has_wr=causal, **kw) for causal in (False, True)
                 for kw in (dict(block_m=128),)]  # (192 x 96 / 112 measured slower and spill: perf-notes)
         out += [config_for(128, "float16", has_wr=causal, **kw) for causal in (False, True)
-                for kw in (dict(stages=3), dict(block_n=160), dict(block_n=176),
-                           dict(block_n=160, persistent=True))]
+                for kw in (dict(stages=3), dict(block_n=160), dict(block_n=176))]
         # packed GQA: decoding at d64/d128 (benchmark rows) and the GPU tests' cases
         out += [config_for(hd, dt, has_wr=causal, pack_gqa=True) for hd in (64, 128)
                 for dt in ("float16", "bfloat16") for causal in (False, True)]
