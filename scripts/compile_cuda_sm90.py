@@ -37,8 +37,12 @@ from fa3_inductor.codegen import cuda_jit  # noqa: E402
 # loop-invariant values in local memory: stored before the main loop, read back in the epilogue
 # (no STL/LDL between the first and the last GMMA; checked below), and measured +12-15% over the
 # spill-free 128 x 128 at 4k-16k non-causal (session 5, device run 3).
+# FP8 d128 128 x 224 (non-causal) keeps 12 bytes in local memory outside the GMMA loop since the
+# one-CTA-per-tile loop went back to its pre-session-8 form (built spill-free in between, when it
+# measured +5% over 128 x 192 at 4k-16k; session 8, device run 2).
 # (hdim, fp8, block_n) -> (bytes, whether the spill may sit inside the GMMA loop)
-SPILL_ALLOWANCE = {(256, True, 128): (16, True), (256, False, 80): (24, True), (64, False, 128): (60, False)}
+SPILL_ALLOWANCE = {(256, True, 128): (16, True), (256, False, 80): (24, True), (64, False, 128): (60, False),
+                   (128, True, 224): (12, False)}
 
 
 def _tile_key(cfg):

@@ -115,18 +115,35 @@ if has schedules; then
   # Schedule / softmax variants of this build (persistent grid, exp_poly) at the default tiles, each
   # also on the earlier build where it has one, and cuDNN, interleaved; then the FP8 variants.
   say "== CUDA schedule variants vs the earlier build vs cuDNN (d${SCHED_D:-128}), FP8 variants"
-  mkdir -p /tmp/fa3_cache_earlier && tar xzf .carry/fa3_cache_earlier.tgz -C /tmp/fa3_cache_earlier
-  # SCHED_SPECS: items hdim[:causal yes|no[:variant,variant...]] (default: d128, all variants)
+  # SCHED_AGAINST=none: this build only (no earlier-build rows); =self: this build's own cache as the
+  # "earlier" one (identical kernels: what the interleaving reads as noise)
+  AGAINST=""
+  if [ "${SCHED_AGAINST:-}" = "self" ]; then AGAINST="--against $FA3_INDUCTOR_CACHE"
+  elif [ "${SCHED_AGAINST:-}" != "none" ]; then
+    mkdir -p /tmp/fa3_cache_earlier && tar xzf .carry/fa3_cache_earlier.tgz -C /tmp/fa3_cache_earlier
+    AGAINST="--against /tmp/fa3_cache_earlier"
+  fi
+  # SCHED_SPECS: items hdim[:causal yes|no[:variant,variant...]] (default: d128, all variants;
+  # none: only the FP8 variants)
   for item in ${SCHED_SPECS:-128}; do
+    [ "$item" = none ] && break
     IFS=: read -r d c only <<< "$item"
     timeout ${T_SCHED:-200} python3 -m fa3_inductor.bench.cuda_rows --schedules $d ${c:+--causal $c} \
         ${only:+--only ${only//,/ }} ${SCHED_SEQLENS:+--seqlens $SCHED_SEQLENS} \
-        --against /tmp/fa3_cache_earlier > "$W/schedules_$d${c:+_$c}.md" 2>&1
+        $AGAINST > "$W/schedules_$d${c:+_$c}.md" 2>&1
     say "schedules $item rc=$?"; tail -60 "$W/schedules_$d${c:+_$c}.md" | tee -a "$LOG"
   done
-  timeout ${T_FP8VAR:-150} python3 -m fa3_inductor.bench.fp8_rows --variants --both --kernels cuda \
-      --hdims ${FP8VAR_HDIMS:-128 256} --json "$W/fp8_variants.json" > "$W/fp8_variants.md" 2>&1
-  say "fp8 variants rc=$?"; tail -24 "$W/fp8_variants.md" | tee -a "$LOG"
+  # FP8VAR_SPECS: items hdim[:causal yes|no|both[:variant,variant...]] (fp8_rows.VARIANTS; default
+  # d128 and d256, both, all variants); FP8VAR_SEQLENS.  FP8VAR_SPECS=none skips them.
+  for item in ${FP8VAR_SPECS:-128 256}; do
+    [ "$item" = none ] && break
+    IFS=: read -r d c only <<< "$item"
+    case "${c:-both}" in yes) cs=(--causal);; no) cs=();; *) cs=(--both);; esac
+    name="fp8_variants_$d${c:+_$c}"
+    timeout ${T_FP8VAR:-150} python3 -m fa3_inductor.bench.fp8_rows --variants ${only//,/ } "${cs[@]}" --kernels cuda \
+        --hdims $d ${FP8VAR_SEQLENS:+--seqlens $FP8VAR_SEQLENS} --json "$W/$name.json" > "$W/$name.md" 2>&1
+    say "fp8 variants $item rc=$?"; tail -24 "$W/$name.md" | tee -a "$LOG"
+  done
 fi
 if has ablation; then
   say "== CUDA ablation (d128, 8k) and the d128 tile candidates, interleaved"

@@ -64,10 +64,12 @@ def test_interleaved_medians_and_earlier_rows(monkeypatch, tmp_path):
     from fa3_inductor.bench import other_build
     seen = []
     monkeypatch.setattr(other_build, "kernels_from", lambda root: _Ctx(seen, root))
-    times = iter([1.0, 5.0, 2.0, 3.0, 9.0, 4.0, 2.0, 7.0, 3.0])  # rounds of (cuda, sdpa, cuda earlier)
+    # Each round starts one place further along (cuda, sdpa, cuda earlier): the calls run
+    # cuda sdpa earlier | sdpa earlier cuda | earlier cuda sdpa.
+    times = iter([1.0, 5.0, 2.0, 3.0, 9.0, 4.0, 2.0, 7.0, 3.0])
     med = other_build.interleaved({"cuda": lambda: None, "sdpa": lambda: None}, str(tmp_path), 3,
                                   lambda fn: next(times))
-    assert med == {"cuda": 2.0, "sdpa": 7.0, "cuda (earlier)": 3.0}
+    assert med == {"cuda": 4.0, "sdpa": 3.0, "cuda (earlier)": 2.0}
     assert seen == [str(tmp_path)] * 3
 
 

@@ -87,7 +87,7 @@ def cuda_forward_rows(hdims=(64, 128, 256), causals=(False, True), seqlens=SEQLE
 
 # Each technique switched off at one tile (128 x 128, one CTA per tile, as the paper compares
 # them); the persistent grid, the product's default at 8k (128 x 160 tiles, one CTA per tile:
-# cuda_jit.wide_block_n, persistent_grid) and FA3's 128 x 176 beside.
+# cuda_jit.launch_policy) and FA3's 128 x 176 beside.
 ABLATIONS = {
     "full": dict(block_n=128, persistent=False),
     "no intra-WG overlap": dict(intra_wg=False, block_n=128, persistent=False),

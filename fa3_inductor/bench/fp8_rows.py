@@ -69,6 +69,37 @@ def _cudnn_bf16(q, k, v, causal, scale):
         return None
 
 
+def variant_rows(d, s, causal, variants: dict) -> list[dict]:
+    """The CUDA FP8 kernel at its default tile and each of `variants` (name -> config_for
+    switches: exp_poly, persistent, block_n), timed interleaved (three rounds, medians) on the
+    same inputs, quantised once per tile, each as a row next to cuDNN's FP8 SDPA."""
+    from ..fp8 import attention, cuda_attention, quantize
+    from ..spec import AttentionSpec
+    from .other_build import interleaved
+    b, h = max(1, 16384 // s), 2048 // d
+    spec = AttentionSpec(window_right=0 if causal else None, out_dtype="bfloat16")
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = 1 / math.sqrt(d)
+    signs = attention.signs_for(spec, d, q.device)
+    fns = {"default": {}, **variants}
+    tiles = {name: cuda_attention.tiles_for(d, causal, **kw) for name, kw in fns.items()}
+    quantized = {t: quantize.quantize_qkv(q, k, v, *t, signs, permute=True) for t in set(tiles.values())}
+    t_quant = _time_ms(lambda: quantize.quantize_qkv(q, k, v, *tiles["default"], signs, permute=True))
+    med = interleaved({name: (lambda kw=kw, qq=quantized[tiles[name]]:
+                              cuda_attention.forward(q, k, v, scale, spec, signs, quantized=qq, **kw))
+                       for name, kw in fns.items()}, None, 3, _time_ms)
+    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+    cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
+    bf16 = _cudnn_bf16(q, k, v, causal, scale)
+    return [{"kernel": f"cuda {name}", "hdim": d, "seqlen": s, "batch": b, "heads": h, "causal": causal,
+             "tiles": list(tiles[name]), "cudnn_bf16_tflops": flops / bf16 / 1e9 if bf16 else "n/a",
+             "quant_ms": t_quant, "attn_ms": med[name], "tflops_attn": flops / med[name] / 1e9,
+             "tflops_attn_quant": flops / (med[name] + t_quant) / 1e9, "tflops_attn_earlier": None,
+             "cudnn_fp8_tflops": flops / cudnn / 1e9 if cudnn else "n/a",
+             "vs_cudnn_fp8": cudnn / med[name] if cudnn else "n/a",
+             "cudnn_fp8_relerr": cudnn_rel, "cudnn_note": cudnn_note} for name in fns]
+
+
 def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, **variant):
     from ..fp8 import attention, cuda_attention, quantize
     from ..spec import AttentionSpec
@@ -141,9 +172,11 @@ CUDA_SWEEP = {64: [dict(block_n=128), dict(block_n=192)],
               128: [dict(block_n=128), dict(block_n=160), dict(block_n=192), dict(block_m=192, block_n=64),
                     dict(block_m=192, block_n=128, intra_wg=False), dict(block_m=192, block_n=96, intra_wg=False)],
               256: [dict(block_n=96), dict(block_n=128)]}
-# Schedule and softmax variants timed at the default tile with --variants (seqlen 8k and 16k):
-# every n-th exponential on the FMA pipe (exp_poly), the persistent grid.
-CUDA_VARIANTS = [dict(exp_poly=4), dict(exp_poly=3), dict(persistent=True)]
+# Schedule and softmax variants timed at the default tile with --variants: every n-th exponential
+# on the FMA pipe (exp_poly), the persistent grid (causal: tiles in pairs, tile_of), key tiles.
+VARIANTS = {"x4": dict(exp_poly=4), "x3": dict(exp_poly=3), "persistent": dict(persistent=True),
+            "per-tile": dict(persistent=False), "n224": dict(block_n=224), "n192": dict(block_n=192)}
+CUDA_VARIANTS = list(VARIANTS.values())
 
 
 def main(argv=None):
@@ -154,8 +187,9 @@ def main(argv=None):
     ap.add_argument("--both", action="store_true", help="causal and non-causal rows")
     ap.add_argument("--kernels", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
     ap.add_argument("--sweep", action="store_true", help="time the candidate tile configs (at --seqlens)")
-    ap.add_argument("--variants", action="store_true",
-                    help="CUDA kernel: default vs CUDA_VARIANTS (exp_poly, persistent) at seqlen 8k and 16k")
+    ap.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), metavar="NAME",
+                    help="CUDA kernel: default vs these VARIANTS (all when none named: "
+                         f"{', '.join(VARIANTS)}), interleaved, at --seqlens")
     ap.add_argument("--json")
     ap.add_argument("--against", metavar="CACHE",
                     help="CUDA rows: also time the earlier build in kernel cache CACHE, interleaved")
@@ -174,9 +208,9 @@ def main(argv=None):
     for causal in causals:
         for d in args.hdims:
             for kernel in args.kernels:
-                if args.variants and kernel == "cuda":
-                    rows += [row(d, s, causal, kernel="cuda", **v) for s in (8192, 16384)
-                             for v in [{}] + CUDA_VARIANTS]
+                if args.variants is not None and kernel == "cuda":
+                    chosen = {n: VARIANTS[n] for n in (args.variants or VARIANTS)}
+                    rows += [r for s in args.seqlens for r in variant_rows(d, s, causal, chosen)]
                 elif args.sweep:
                     if kernel == "cuda":
                         rows += [row(d, s, causal, kernel="cuda", **c) for c in CUDA_SWEEP.get(d, [])

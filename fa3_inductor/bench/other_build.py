@@ -42,15 +42,18 @@ def kernels_from(cache_root):
 def interleaved(fns: dict, against: str | None, rounds: int, time_one) -> dict:
     """Median ms per name of fns (name -> zero-argument callable), each timed in turn `rounds`
     times.  With `against`, every name starting with "cuda" is also timed on that earlier build,
-    as "<name> (earlier)", in the same rounds."""
+    as "<name> (earlier)", in the same rounds.  Each round starts one place further along the
+    list, so that no variant always runs first or right after the same one (a fixed order read
+    the same kernels up to 8-14% apart at long sequences: session 8, device run 1)."""
     import statistics
     runs = [(name, fn, None) for name, fn in fns.items()]
     if against:
         runs += [(f"{name} (earlier)", fn, against) for name, fn in fns.items() if name.startswith("cuda")]
     times: dict = {}
     missing = set()  # earlier-build runs of variants that build lacks (e.g. a new switch)
-    for _ in range(rounds):
-        for name, fn, root in runs:
+    for r in range(rounds):
+        shift = r % len(runs)
+        for name, fn, root in runs[shift:] + runs[:shift]:
             if name in missing:
                 continue
             with (kernels_from(root) if root else contextlib.nullcontext()):

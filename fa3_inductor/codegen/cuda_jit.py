@@ -117,9 +117,10 @@ _TILES = {64: (192, 128), 96: (128, 128), 128: (128, 128), 192: (128, 96), 256: 
 # Keyed (head dim, causal); measured on the H100 at 8k (bf16 out, TFLOP/s of the attention kernel):
 # d128 key tiles 128 / 160 / 192: 773 / 813 / 840 non-causal, 646 / 735 / 712 causal; d256 96 / 128:
 # 1077 / 1081 non-causal, 955 / 1086 causal (128 keeps 12 bytes of spills, 96 none).  d128 x 256
-# spills 168 bytes and serialises its WGMMAs.
+# spills 168 bytes and serialises its WGMMAs; d128 x 224 (spill-free) against x 192, interleaved
+# (session 8, device run 2): 0% at 2k, +5% at 4k, +6% at 8k, +5% at 16k non-causal.
 FP8_HEAD_DIMS = (64, 128, 256)
-_TILES_FP8 = {(64, False): (128, 128), (64, True): (128, 128), (128, False): (128, 192), (128, True): (128, 160),
+_TILES_FP8 = {(64, False): (128, 128), (64, True): (128, 128), (128, False): (128, 224), (128, True): (128, 160),
               (256, False): (128, 128), (256, True): (128, 128)}
 
 
@@ -167,38 +168,60 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
                         head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa, exp_poly=exp_poly)
 
 
-# Wider key tiles for long unmasked key ranges: head dim -> (block_n, from this many keys).  d128
-# non-causal, 128 x 160 against 128 x 128, timed interleaved on the H100 after the softmax's
-# instruction count fell (session 6, device runs 4-5, fp16 and bf16): -5% at 1k, +2% at 2k,
-# +3% at 4k, +4% at 8k, +7% at 16k; causal, the 128-key tile stays best at every length.
-_WIDE_KEY_TILES = {128: (160, 2048)}
+# Launch policy of unpacked 16-bit calls (cuda_impl._launch_config asks only for those): per
+# (mask kind, head dim), a wider key tile from some number of keys on, and the persistent grid
+# below some number of keys.  Mask kinds (mask_kind): "none" (no window), "causal" (a right window
+# and no left one: causal, bottom-right causal), "window" (sliding windows: the defaults, one CTA
+# per tile at the head dim's tile).  Every entry comes from interleaved timings on the H100.
+#
+# Wider key tiles: (block_n, from this many keys).  d128 non-causal, 128 x 160 against 128 x 128,
+# after the softmax's instruction count fell (session 6, device runs 4-5, fp16 and bf16): -5% at
+# 1k, +2% at 2k, +3% at 4k, +4% at 8k, +7% at 16k; causal, the 128-key tile stays best everywhere.
+_WIDE_KEY_TILES = {("none", 128): (160, 2048)}
+# The persistent grid below this many keys: one CTA per SM looping over tiles, O staged apart from
+# Q (kSeparateO), so the next tile's loads run under this tile's last PV GEMM and epilogue, which
+# pays where tiles are short.  d128 non-causal against session 6's one CTA per tile (session 7,
+# three runs): +2..+8% at 2k, +1..+7% at 4k (+9% at 1k against one CTA per tile); at 8k and 16k
+# the two read within -4..+1%, and one CTA per tile stays.  d64 (mixed) and d256 (no room to
+# stage O apart) gained nothing measurable then.
+# Causal tiles on the persistent grid are taken in pairs of one head's longest and shortest m blocks
+# (tile_of in fa3_fwd_kernel.cuh); d128 against one CTA per tile, interleaved (session 8, device
+# runs 1-2, against this build's and session 7's one CTA per tile): +10..+12% at 1k, +2..+10% at
+# 2k, +2..+7% at 4k, -1..+7% at 8k, -6..+1% at 16k.  d64 causal pairs lost to session 7's one CTA
+# per tile from 8k (-3..-9%) and Triton runs d64 causal below that; d256 causal pairs -3..-6%.
+# d64 unmasked (session 8, device run 1): +8% at 1k, +3% at 2k, +3% at 4k, -1..+1% from 8k.
+_PERSISTENT_BELOW_KEYS = {("none", 128): 8192, ("causal", 128): 12288, ("none", 64): 4096}
 
 
-def wide_block_n(head_dim: int, sk: int, *, masked: bool, head_dim_v: int | None = None) -> int | None:
-    """block_n for an unpacked 16-bit call without window masks over sk keys, or None for the
-    default tile (cuda_impl._launch_config asks only for those)."""
-    if masked or (head_dim_v not in (None, head_dim)) or head_dim not in _WIDE_KEY_TILES:
-        return None
-    bn, from_keys = _WIDE_KEY_TILES[head_dim]
-    return bn if sk >= from_keys else None
+# FP8 calls on the persistent grid below this many keys, per (mask kind, head dim).  d128 causal
+# (pairs of tiles) against one CTA per tile, interleaved (session 8, device runs 2 and 4): +4 / +10%
+# at 2k, +1 / +5% at 4k, -4 / +3% at 8k, -7 / -1% at 16k.  d128 unmasked and d256 read within
+# -1..+4% at every length: one CTA per tile stays.
+_FP8_PERSISTENT_BELOW_KEYS = {("causal", 128): 8192}
 
 
-# Unmasked 16-bit calls below this many keys run on the persistent grid, per head dim: one CTA
-# per SM looping over tiles, O staged apart from Q (kSeparateO), so the next tile's loads run
-# under this tile's last PV GEMM and epilogue, which pays where tiles are short.  d128 against
-# session 6's one CTA per tile, interleaved on the H100 (session 7, three runs): +2..+8% at 2k,
-# +1..+7% at 4k (+9% at 1k against one CTA per tile); at 8k and 16k the two read within -4..+1%,
-# and one CTA per tile stays.  Causal tiles stay one per CTA: the static round robin over
-# longest-first tiles measured 12-24% slower.  d64 (mixed) and d256 (no room to stage O apart)
-# gained nothing measurable.
-_PERSISTENT_BELOW_KEYS = {128: 8192}
+def fp8_persistent_grid(head_dim: int, sk: int, *, mask: str) -> bool:
+    """Whether an FP8 call over sk keys runs on the persistent grid by default."""
+    below = _FP8_PERSISTENT_BELOW_KEYS.get((mask, head_dim))
+    return below is not None and sk < below
 
 
-def persistent_grid(head_dim: int, sk: int, *, masked: bool, head_dim_v: int | None = None) -> bool:
-    """Whether an unpacked 16-bit call over sk keys without window masks launches the persistent
-    grid by default (cuda_impl._launch_config asks only for those)."""
-    below = _PERSISTENT_BELOW_KEYS.get(head_dim)
-    return not masked and head_dim_v in (None, head_dim) and below is not None and sk < below
+def mask_kind(has_wl: bool, has_wr: bool) -> str:
+    """The launch policy's mask kind of a call with / without left and right windows."""
+    return "window" if has_wl else "causal" if has_wr else "none"
+
+
+def launch_policy(head_dim: int, sk: int, *, mask: str, head_dim_v: int | None = None) -> tuple[int | None, bool]:
+    """(block_n, persistent) for an unpacked 16-bit call over sk keys: block_n None keeps the head
+    dim's default tile; persistent says whether the persistent grid runs it.  Split head dims
+    (head_dim_v != head_dim) keep the defaults."""
+    if mask not in ("none", "causal", "window"):
+        raise ValueError(f"launch_policy: mask {mask!r} not one of 'none', 'causal', 'window'")
+    if head_dim_v not in (None, head_dim):
+        return None, False
+    wide = _WIDE_KEY_TILES.get((mask, head_dim))
+    below = _PERSISTENT_BELOW_KEYS.get((mask, head_dim))
+    return (wide[0] if wide and sk >= wide[1] else None), (below is not None and sk < below)
 
 
 def block_m_for(head_dim: int, head_dim_v: int | None = None) -> int:
@@ -215,12 +238,17 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
            for causal in (False, True)]
     out += [config_for(hd, dt, has_wr=causal, fp8=True) for hd in hdims if hd in (128, 256)
             for dt in ("float16", "bfloat16") for causal in (False, True)]
-    out += [config_for(hd, dt, block_n=_WIDE_KEY_TILES[hd][0]) for hd in hdims if hd in _WIDE_KEY_TILES
-            for dt in ("float16", "bfloat16")]
-    # what kernel "auto" launches for unmasked calls there: the persistent grid, both key tiles
-    out += [config_for(hd, dt, persistent=True, block_n=bn) for hd in hdims if hd in _PERSISTENT_BELOW_KEYS
-            for dt in ("float16", "bfloat16")
-            for bn in (None, *([_WIDE_KEY_TILES[hd][0]] if hd in _WIDE_KEY_TILES else []))]
+    out += [config_for(hd, dt, has_wr=mask == "causal", fp8=True, persistent=True)
+            for mask, hd in _FP8_PERSISTENT_BELOW_KEYS if hd in hdims for dt in ("float16", "bfloat16")]
+    # what launch_policy picks besides the defaults: wide key tiles, and the persistent grid at both
+    # key tiles where the two ranges meet
+    for (mask, hd), (bn, _) in _WIDE_KEY_TILES.items():
+        out += [config_for(hd, dt, block_n=bn, has_wr=mask == "causal") for dt in ("float16", "bfloat16")
+                if hd in hdims]
+    for mask, hd in _PERSISTENT_BELOW_KEYS:
+        wide = _WIDE_KEY_TILES.get((mask, hd))
+        out += [config_for(hd, dt, persistent=True, block_n=bn, has_wr=mask == "causal")
+                for dt in ("float16", "bfloat16") for bn in (None, *([wide[0]] if wide else [])) if hd in hdims]
     if extras:
         for causal in (False, True):
             for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
@@ -232,7 +260,8 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         out.append(config_for(64, "float16", has_wr=True, out_fp32=True))
         out.append(config_for(128, "float16", block_n=176))  # the paper's hdim-128 non-causal tile
         out.append(config_for(128, "bfloat16", has_wr=True, softcap=True))
-        out.append(config_for(64, "bfloat16", has_wr=True, fp8=True))
+        out += [config_for(64, dt, has_wr=causal, fp8=True) for dt in ("float16", "bfloat16")
+                for causal in (False, True)]  # the FP8 GPU tests' d64 cases
         out += [config_for(192, dt, has_wr=causal, head_dim_v=128) for dt in ("float16", "bfloat16")
                 for causal in (False, True)]
         # tile candidates (cuda_rows --tiles 64 / 128)

@@ -19,9 +19,12 @@ from ..spec import AttentionSpec
 from . import quantize
 
 
-def config_for_call(q: torch.Tensor, spec: AttentionSpec, block_n: Optional[int] = None,
+def config_for_call(q: torch.Tensor, spec: AttentionSpec, sk: int, block_n: Optional[int] = None,
                     **variant) -> cuda_jit.KernelConfig:
-    """variant: config_for's overrides (block_m, stages, persistent, ...) of benchmark candidates."""
+    """The instantiation for a call over sk keys: the grid from cuda_jit.fp8_persistent_grid.
+    variant: config_for's overrides (block_m, stages, persistent, ...) of benchmark candidates."""
+    mask = cuda_jit.mask_kind(spec.window_left is not None, spec.window_right is not None)
+    variant.setdefault("persistent", cuda_jit.fp8_persistent_grid(q.shape[-1], sk, mask=mask))
     return cuda_jit.config_for(q.shape[-1], spec.out_dtype, has_wr=spec.window_right is not None, fp8=True,
                                block_n=block_n, **variant)
 
@@ -41,7 +44,7 @@ def supports(q, k, v, bias, spec: AttentionSpec) -> Optional[str]:
     problem = (cuda_impl.platform_problem(q)
                or (f"head dim {d} not in {cuda_jit.FP8_HEAD_DIMS}" if d not in cuda_jit.FP8_HEAD_DIMS else None)
                or cuda_impl.size_problem(q, k)
-               or cuda_impl.build_problem(lambda: config_for_call(q, spec)))
+               or cuda_impl.build_problem(lambda: config_for_call(q, spec, k.shape[2])))
     return f"fp8 cuda: {problem}" if problem else None
 
 
@@ -58,7 +61,7 @@ def forward(q, k, v, scale: float, spec: AttentionSpec, signs: Optional[torch.Te
         return out, lse
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"fp8 cuda forward: scale must be positive and finite (got {scale})")
-    kern = cuda_jit.get_kernel(config_for_call(q, spec, block_n, **variant))
+    kern = cuda_jit.get_kernel(config_for_call(q, spec, Sk, block_n, **variant))
     bm, bn = kern.block_m, kern.block_n
     qq = quantized or quantize.quantize_qkv(q, k, v, bm, bn, signs, permute=True)
     if (qq.block_m, qq.block_n) != (bm, bn) or qq.vt8.shape[-1] % quantize.PERMUTE_GROUP:

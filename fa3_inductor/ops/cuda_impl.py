@@ -47,13 +47,12 @@ def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablati
     pack = packed_gqa_rows(q, k.shape[1], spec, cfg.block_m) if pack_gqa else 0
     if pack:
         return dataclasses.replace(cfg, pack_gqa=True), pack
-    if not ({"block_n", "block_m", "stages"} & ablation.keys()):  # benchmark overrides win
-        bn = cuda_jit.wide_block_n(q.shape[-1], k.shape[2], masked=spec.has_window, head_dim_v=v.shape[-1])
-        if bn:
-            cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
+    mask = cuda_jit.mask_kind(spec.window_left is not None, spec.window_right is not None)
+    bn, persistent = cuda_jit.launch_policy(q.shape[-1], k.shape[2], mask=mask, head_dim_v=v.shape[-1])
+    if bn and not ({"block_n", "block_m", "stages"} & ablation.keys()):  # benchmark overrides win
+        cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
     # (fp32 output leaves from registers: no O staging to overlap, no measured gain there)
-    if ("persistent" not in ablation and not cfg.out_fp32
-            and cuda_jit.persistent_grid(q.shape[-1], k.shape[2], masked=spec.has_window, head_dim_v=v.shape[-1])):
+    if persistent and "persistent" not in ablation and not cfg.out_fp32:
         cfg = dataclasses.replace(cfg, persistent=True)
     return cfg, 0
 

@@ -95,7 +95,8 @@ int fa3_fwd_info(int* threads, int* smem_bytes, int* block_m, int* block_n, int*
 // computed from pack_sq.
 // align_off: 0 for top-left, sk - sq for bottom-right.  wl / wr: window sizes, used when the
 // instantiation has FA3_HAS_WL / FA3_HAS_WR.  gqa_div: 1 for kv head h / (Hq/Hk), 0 for h % Hk.
-// reverse_m: 0, or the number of (batch, head) pairs per longest-first group (decode_tile).
+// reverse_m: 0, or the number of (batch, head) pairs per longest-first group (decode_tile); on
+// the persistent grid the CTAs then take those tiles in pairs (tile_of).
 // softcap: the cap (> 0) when the instantiation has FA3_SOFTCAP, else ignored.
 // FP8 instantiations: q, k are e4m3 [B, H, S, D]; v is V^T [B, Hk, D, sk_v] e4m3 with keys
 // contiguous and permuted within each 32 (acc_to_fp8_operand_a), sk_v >= sk rounded up to 32 and
@@ -164,7 +165,9 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
     if (err != cudaSuccess) return int(err);
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (err != cudaSuccess) return int(err);
-    grid_x = int(num_tiles < sms ? num_tiles : sms);
+    // with longest-first groups the CTAs take tiles in pairs (tile_of)
+    int64_t const units = reverse_m > 0 ? int64_t((p.num_m_blocks + 1) / 2) * hq * b : num_tiles;
+    grid_x = int(units < sms ? units : sms);
   }
   dim3 grid(grid_x, 1, 1);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);

@@ -146,6 +146,18 @@ def test_ablations(ablation, causal):
     _check(q, k, v, _spec(causal), **ablation)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("b,hq,hk,sq,sk,causal", [(3, 4, 4, 1100, 1100, "top_left"),     # odd m-block count
+                                                  (2, 2, 2, 300, 100, "bottom_right"),   # empty tiles
+                                                  (2, 8, 2, 640, 1500, "bottom_right"),  # GQA, sq < sk
+                                                  (1, 1, 1, 4097, 4097, "top_left")])    # one head, one group
+def test_persistent_causal_pairs(d, b, hq, hk, sq, sk, causal):
+    """Causal tiles on the persistent grid, taken in pairs of one head's longest and shortest
+    m blocks (tile_of): every tile once, whatever the block count's parity or the group size."""
+    q, k, v = _make(b, hq, hk, sq, sk, d, torch.float16)
+    _check(q, k, v, _spec(causal), persistent=True)
+
+
 def test_dead_rows_bottom_right():
     # sq > sk with bottom-right causal: the first sq - sk rows see no key.
     q, k, v = _make(1, 2, 2, 300, 100, 128, torch.float16)
@@ -217,7 +229,7 @@ def test_tile_176():
                                                        (2, 4, 4, 113, 2049, torch.float16, "bshd"),
                                                        (1, 4, 4, 4097, 4097, torch.bfloat16, "bhsd")])
 def test_wide_key_tile_by_default(B, Hq, Hk, sq, sk, dtype, layout):
-    # d128 without masks over >= 2k keys launches 128 x 160 (cuda_jit.wide_block_n).
+    # d128 without masks over >= 2k keys launches 128 x 160 (cuda_jit.launch_policy).
     q, k, v = _make(B, Hq, Hk, sq, sk, 128, dtype, layout=layout)
     spec = _spec("none", out_dtype=str(dtype).split(".")[-1])
     assert cuda_impl._launch_config(q, k, v, spec)[0].block_n == 160
