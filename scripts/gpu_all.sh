@@ -155,13 +155,15 @@ fi
 if has ncu; then
   # NCU_TARGETS: hdim:impl[:causal[:grid]] items, impl cuda (our forward), cudnn (the peer on the
   # same inputs, 8k) or triton (the Triton forward + backward at 4k, scripts/ncu_triton.py); grid
-  # (cuda) p or t forces the persistent grid or one CTA per tile.  NCU_SECTIONS adds sections.
+  # (cuda) p or t forces the persistent grid or one CTA per tile.  NCU_SECTIONS adds sections;
+  # NCU_SEQLEN: the sequence length of the cuda / cudnn targets (default 8k).
   for t in ${NCU_TARGETS:-128:cuda 128:cudnn}; do
     IFS=: read -r d impl c g <<< "$t"
     say "== ncu d$d $impl ${c:-} ${g:-}"
     grid=(); [ "${g:-}" = p ] && grid=(--persistent yes); [ "${g:-}" = t ] && grid=(--persistent no)
     if [ "$impl" = triton ]; then prog=(scripts/ncu_triton.py --d "$d" ${c:+--causal})
-    else prog=(scripts/diag_cuda_fwd.py --ncu-target "$d" --ncu-impl "$impl" ${c:+--causal} "${grid[@]}"); fi
+    else prog=(scripts/diag_cuda_fwd.py --ncu-target "$d" --ncu-impl "$impl" ${c:+--causal} "${grid[@]}" \
+               ${NCU_SEQLEN:+--seqlen $NCU_SEQLEN}); fi
     extra=(); for sec in ${NCU_SECTIONS:-}; do extra+=(--section "$sec"); done
     name="ncu_d${d}_${impl}${c:+_causal}${g:+_$g}"
     timeout ${T_NCU:-90} ncu --clock-control none --profile-from-start off --section SpeedOfLight \
