@@ -134,3 +134,31 @@ def test_cudnn_fp8_graph_cache_runs_on_this_calls_tensors(monkeypatch):
     assert all(g.ran_on[h] is t for h, t in zip(handles, later))
     cudnn_fp8.sdpa_fp8_out(*later, False, 0.3)
     assert all(g.ran_on[h] is t for h, t in zip(handles, later))
+
+
+def test_fp8_variant_rows_quantise_once_per_tile_and_share_the_row_format(monkeypatch):
+    """fp8_rows.variant_rows (no GPU: kernel, quantisation, timing and peers replaced): the
+    default and each variant get a row in row()'s format, the operands are quantised once per
+    distinct tile, and each variant runs on the operands of its own tile."""
+    from fa3_inductor.bench import fp8_rows
+    from fa3_inductor.fp8 import cuda_attention, quantize
+    ran, quantised = [], []
+    q = torch.zeros(16, 16, 1024, 128)
+    monkeypatch.setattr(fp8_rows, "_inputs", lambda d, s, causal: (16, 16, None, q, q, q, 0.1, None))
+    monkeypatch.setattr(cuda_attention, "tiles_for", lambda d, causal, block_n=None, **kw: (128, block_n or 160))
+    monkeypatch.setattr(quantize, "quantize_qkv", lambda q, k, v, bm, bn, signs, permute: quantised.append((bm, bn)) or (bm, bn))
+    monkeypatch.setattr(cuda_attention, "forward", lambda *a, quantized, **kw: ran.append((quantized, kw)))
+    monkeypatch.setattr(fp8_rows, "_time_ms", lambda fn, *a: (fn(), 0.5)[1])
+    monkeypatch.setattr(fp8_rows, "_cudnn_fp8", lambda *a: (1.0, "note", 0.01))
+    monkeypatch.setattr(fp8_rows, "_cudnn_bf16", lambda *a: 2.0)
+    rows = fp8_rows.variant_rows(128, 1024, True, {"persistent": dict(persistent=True), "n224": dict(block_n=224)})
+    assert [r["kernel"] for r in rows] == ["cuda default", "cuda persistent", "cuda n224"]
+    assert [r["tiles"] for r in rows] == [[128, 160], [128, 160], [128, 224]]
+    assert sorted(set(quantised[:2])) == [(128, 160), (128, 224)] and len(quantised) == 3  # 2 tiles + timed pass
+    assert ((128, 224), {"block_n": 224}) in ran and ((128, 160), {"persistent": True}) in ran
+    flops = 4 * 16 * 16 * 1024 * 1024 * 128 * 0.5
+    r = rows[0]
+    assert r.keys() == fp8_rows._row("cuda", 128, 1024, 16, 16, True, [], 0.5, 0.5, None, q, q, q, 0.1).keys()
+    assert r["tflops_attn"] == flops / 0.5 / 1e9 and r["vs_cudnn_fp8"] == 2.0
+    assert r["cudnn_bf16_tflops"] == flops / 2.0 / 1e9 and r["tflops_attn_earlier"] is None
+    assert "cuda persistent" in fp8_rows.table(rows)

@@ -69,18 +69,40 @@ def _cudnn_bf16(q, k, v, causal, scale):
         return None
 
 
-def variant_rows(d, s, causal, variants: dict) -> list[dict]:
-    """The CUDA FP8 kernel at its default tile and each of `variants` (name -> config_for
-    switches: exp_poly, persistent, block_n), timed interleaved (three rounds, medians) on the
-    same inputs, quantised once per tile, each as a row next to cuDNN's FP8 SDPA."""
-    from ..fp8 import attention, cuda_attention, quantize
+def _inputs(d, s, causal):
+    """One row's shape (b * s = 16k tokens, hidden 2048) and bf16 inputs: (b, h, spec, q, k, v,
+    scale, signs)."""
+    from ..fp8 import attention
     from ..spec import AttentionSpec
-    from .other_build import interleaved
     b, h = max(1, 16384 // s), 2048 // d
     spec = AttentionSpec(window_right=0 if causal else None, out_dtype="bfloat16")
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = 1 / math.sqrt(d)
-    signs = attention.signs_for(spec, d, q.device)
+    return b, h, spec, q, k, v, scale, attention.signs_for(spec, d, q.device)
+
+
+def _row(kernel, d, s, b, h, causal, tiles, t_quant, t_attn, earlier, q, k, v, scale) -> dict:
+    """A table row: our timings (ms) as TFLOP/s next to cuDNN's FP8 and bf16 SDPA on q, k, v."""
+    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+    cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
+    bf16 = _cudnn_bf16(q, k, v, causal, scale)
+    return {"kernel": kernel, "hdim": d, "seqlen": s, "batch": b, "heads": h, "causal": causal, "tiles": tiles,
+            "cudnn_bf16_tflops": flops / bf16 / 1e9 if bf16 else "n/a",
+            "quant_ms": t_quant, "attn_ms": t_attn,
+            "tflops_attn": flops / t_attn / 1e9, "tflops_attn_quant": flops / (t_attn + t_quant) / 1e9,
+            "tflops_attn_earlier": flops / earlier / 1e9 if earlier else None,
+            "cudnn_fp8_tflops": flops / cudnn / 1e9 if cudnn else "n/a",
+            "vs_cudnn_fp8": cudnn / t_attn if cudnn else "n/a",
+            "cudnn_fp8_relerr": cudnn_rel, "cudnn_note": cudnn_note}
+
+
+def variant_rows(d, s, causal, variants: dict) -> list[dict]:
+    """The CUDA FP8 kernel at its default tile and each of `variants` (name -> config_for
+    switches: exp_poly, persistent, block_n), timed interleaved (three rounds, medians) on the
+    same inputs, quantised once per tile, each as a row next to cuDNN's FP8 SDPA."""
+    from ..fp8 import cuda_attention, quantize
+    from .other_build import interleaved
+    b, h, spec, q, k, v, scale, signs = _inputs(d, s, causal)
     fns = {"default": {}, **variants}
     tiles = {name: cuda_attention.tiles_for(d, causal, **kw) for name, kw in fns.items()}
     quantized = {t: quantize.quantize_qkv(q, k, v, *t, signs, permute=True) for t in set(tiles.values())}
@@ -88,26 +110,13 @@ def variant_rows(d, s, causal, variants: dict) -> list[dict]:
     med = interleaved({name: (lambda kw=kw, qq=quantized[tiles[name]]:
                               cuda_attention.forward(q, k, v, scale, spec, signs, quantized=qq, **kw))
                        for name, kw in fns.items()}, None, 3, _time_ms)
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
-    bf16 = _cudnn_bf16(q, k, v, causal, scale)
-    return [{"kernel": f"cuda {name}", "hdim": d, "seqlen": s, "batch": b, "heads": h, "causal": causal,
-             "tiles": list(tiles[name]), "cudnn_bf16_tflops": flops / bf16 / 1e9 if bf16 else "n/a",
-             "quant_ms": t_quant, "attn_ms": med[name], "tflops_attn": flops / med[name] / 1e9,
-             "tflops_attn_quant": flops / (med[name] + t_quant) / 1e9, "tflops_attn_earlier": None,
-             "cudnn_fp8_tflops": flops / cudnn / 1e9 if cudnn else "n/a",
-             "vs_cudnn_fp8": cudnn / med[name] if cudnn else "n/a",
-             "cudnn_fp8_relerr": cudnn_rel, "cudnn_note": cudnn_note} for name in fns]
+    return [_row(f"cuda {name}", d, s, b, h, causal, list(tiles[name]), t_quant, med[name], None, q, k, v, scale)
+            for name in fns]
 
 
 def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, **variant):
     from ..fp8 import attention, cuda_attention, quantize
-    from ..spec import AttentionSpec
-    b, h = max(1, 16384 // s), 2048 // d
-    spec = AttentionSpec(window_right=0 if causal else None, out_dtype="bfloat16")
-    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    scale = 1 / math.sqrt(d)
-    signs = attention.signs_for(spec, d, q.device)
+    b, h, spec, q, k, v, scale, signs = _inputs(d, s, causal)
     if kernel == "cuda":
         bm, bn = cuda_attention.tiles_for(d, causal, block_n, **variant)
         shown = [bm, bn] + [f"{k}={v}" for k, v in variant.items()]
@@ -129,17 +138,7 @@ def row(d, s, causal, tiles=None, kernel="triton", block_n=None, against=None, *
         t_attn, earlier = med["cuda"], med["cuda (earlier)"]
     else:
         t_attn = _time_ms(lambda: attn(qq))
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    cudnn, cudnn_note, cudnn_rel = _cudnn_fp8(q, k, v, causal, scale)
-    bf16 = _cudnn_bf16(q, k, v, causal, scale)
-    return {"kernel": kernel, "hdim": d, "seqlen": s, "batch": b, "heads": h, "causal": causal, "tiles": shown,
-            "cudnn_bf16_tflops": flops / bf16 / 1e9 if bf16 else "n/a",
-            "quant_ms": t_quant, "attn_ms": t_attn,
-            "tflops_attn": flops / t_attn / 1e9, "tflops_attn_quant": flops / (t_attn + t_quant) / 1e9,
-            "tflops_attn_earlier": flops / earlier / 1e9 if earlier else None,
-            "cudnn_fp8_tflops": flops / cudnn / 1e9 if cudnn else "n/a",
-            "vs_cudnn_fp8": cudnn / t_attn if cudnn else "n/a",
-            "cudnn_fp8_relerr": cudnn_rel, "cudnn_note": cudnn_note}
+    return _row(kernel, d, s, b, h, causal, shown, t_quant, t_attn, earlier, q, k, v, scale)
 
 
 def table(rows) -> str:
