@@ -380,6 +380,8 @@ def test_fp8_grid_follows_policy():
     assert not cuda_attention.config_for_call(q, plain, 2048).persistent
     assert not cuda_attention.config_for_call(q, causal, 2048, persistent=False).persistent
     assert not cuda_attention.config_for_call(q[..., :64].contiguous(), causal, 2048).persistent
+    with pytest.raises(ValueError, match="fp8_persistent_grid: mask 'sliding'"):
+        cuda_jit.fp8_persistent_grid(128, 2048, mask="sliding")
     built = set(cuda_jit.standard_configs())
     for sk in (1024, 4096, 16384):
         for spec in (causal, plain):

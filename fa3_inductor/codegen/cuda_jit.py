@@ -200,10 +200,7 @@ _PERSISTENT_BELOW_KEYS = {("none", 128): 8192, ("causal", 128): 12288, ("none", 
 _FP8_PERSISTENT_BELOW_KEYS = {("causal", 128): 8192}
 
 
-def fp8_persistent_grid(head_dim: int, sk: int, *, mask: str) -> bool:
-    """Whether an FP8 call over sk keys runs on the persistent grid by default."""
-    below = _FP8_PERSISTENT_BELOW_KEYS.get((mask, head_dim))
-    return below is not None and sk < below
+_MASK_KINDS = ("none", "causal", "window")
 
 
 def mask_kind(has_wl: bool, has_wr: bool) -> str:
@@ -211,17 +208,28 @@ def mask_kind(has_wl: bool, has_wr: bool) -> str:
     return "window" if has_wl else "causal" if has_wr else "none"
 
 
+def _persistent_below(table: dict, head_dim: int, sk: int, mask: str, caller: str) -> bool:
+    """Whether table ((mask kind, head dim) -> keys) puts a call over sk keys on the persistent grid."""
+    if mask not in _MASK_KINDS:
+        raise ValueError(f"{caller}: mask {mask!r} not one of {', '.join(map(repr, _MASK_KINDS))}")
+    below = table.get((mask, head_dim))
+    return below is not None and sk < below
+
+
+def fp8_persistent_grid(head_dim: int, sk: int, *, mask: str) -> bool:
+    """Whether an FP8 call over sk keys runs on the persistent grid by default."""
+    return _persistent_below(_FP8_PERSISTENT_BELOW_KEYS, head_dim, sk, mask, "fp8_persistent_grid")
+
+
 def launch_policy(head_dim: int, sk: int, *, mask: str, head_dim_v: int | None = None) -> tuple[int | None, bool]:
     """(block_n, persistent) for an unpacked 16-bit call over sk keys: block_n None keeps the head
     dim's default tile; persistent says whether the persistent grid runs it.  Split head dims
     (head_dim_v != head_dim) keep the defaults."""
-    if mask not in ("none", "causal", "window"):
-        raise ValueError(f"launch_policy: mask {mask!r} not one of 'none', 'causal', 'window'")
+    persistent = _persistent_below(_PERSISTENT_BELOW_KEYS, head_dim, sk, mask, "launch_policy")
     if head_dim_v not in (None, head_dim):
         return None, False
     wide = _WIDE_KEY_TILES.get((mask, head_dim))
-    below = _PERSISTENT_BELOW_KEYS.get((mask, head_dim))
-    return (wide[0] if wide and sk >= wide[1] else None), (below is not None and sk < below)
+    return (wide[0] if wide and sk >= wide[1] else None), persistent
 
 
 def block_m_for(head_dim: int, head_dim_v: int | None = None) -> int:
