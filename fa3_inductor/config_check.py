@@ -8,9 +8,11 @@ ALLOWED = {
     "sdpa_rewrite": ("measured", "always", "never"),
 }
 BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward",
-         "speculate_mask_inputs")
+         "speculate_mask_inputs", "gluon_forward")
 NUMBERS = ("min_train_attention_flops",)   # non-negative numbers
 PREFIX = "fa3."
+# Read when the op runs, not carried by a compile's sites: not a torch.compile option.
+RUNTIME_ONLY = ("gluon_forward",)
 
 
 def check_value(name: str, val) -> None:
@@ -40,6 +42,9 @@ def split_options(options: dict | None) -> tuple[dict, dict]:
         if key.startswith(PREFIX):
             name = key[len(PREFIX):]
             check_value(name, val)
+            if name in RUNTIME_ONLY:
+                raise ValueError(f"fa3 option {key!r} is read when the op runs, not per compile; set "
+                                 f"fa3_inductor.config.{name} (or use fa3_inductor.config.patch) instead")
             ours[name] = val
         else:
             theirs[key] = val

@@ -25,6 +25,8 @@ class MatchedSite:
     v_shape: tuple
     gqa_group: int
     kernel: str = ""          # forward implementation dispatch picks for the example shapes
+    # where kernel is "triton": "gluon" (the Gluon forward runs it) or "tl: <why not Gluon>"
+    triton_forward: str = ""
 
 
 @dataclasses.dataclass
@@ -48,7 +50,8 @@ class ExplainReport:
             for i, m in enumerate(self.matched):
                 where, code = _split_source(m.source)
                 shapes = f"{_fmt(m.q_shape)} {_fmt(m.k_shape)} {_fmt(m.v_shape)}"
-                extra = (f"  [kernel: {m.kernel}]" if m.kernel else "") if m.rewritten_on_this_machine \
+                kern = f"{m.kernel}, forward {m.triton_forward}" if m.triton_forward else m.kernel
+                extra = (f"  [kernel: {kern}]" if m.kernel else "") if m.rewritten_on_this_machine \
                     else f"  [not rewritten here: {m.note}]"
                 gqa = f" gqa={m.gqa_group}:1" if m.gqa_group > 1 else ""
                 lines.append(f"{i:>3}  {where:<32} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
@@ -83,10 +86,16 @@ def _fmt(shape) -> str:
 
 
 def planned_kernel(site) -> str:
-    """The forward implementation (cuda / triton / fp8 (cuda|triton) / reference) that run-time dispatch picks
-    for tensors shaped like the site's example q, k, v (and bias): dtype, head dim, sequence
-    lengths, strides and the measured kernel table decide it.  "decided per call" where the
-    example has symbolic sizes or the layout differs from the op's 4-D view."""
+    return _plan(site)[0]
+
+
+def _plan(site) -> tuple:
+    """(kernel, triton_forward).  kernel: the forward implementation (cuda / triton / fp8
+    (cuda|triton) / reference) that run-time dispatch picks for tensors shaped like the site's
+    example q, k, v (and bias): dtype, head dim, sequence lengths, strides and the measured
+    kernel table decide it; "decided per call" where the example has symbolic sizes or the
+    layout differs from the op's 4-D view.  triton_forward, where kernel is "triton": "gluon"
+    when the Gluon forward serves the call, else "tl: <reason>" (triton_impl.gluon_supports)."""
     from .ops import dispatch
     from .patterns import nodes as N
 
@@ -112,8 +121,17 @@ def planned_kernel(site) -> str:
         if name == "fp8":  # which FP8 kernel: the CUDA template or the Triton one
             name = f"fp8 ({impl.kernel_for(q, k, v, bias, site.spec)})"
     except Exception:  # symbolic sizes, unusual layouts: the choice is made when the op runs
-        return "decided per call"
-    return name
+        return "decided per call", ""
+    fwd = ""
+    if name == "triton":
+        try:
+            from .ops import triton_impl
+            scale = site.static_scale() if hasattr(site, "static_scale") else None
+            why = triton_impl.gluon_supports(q, k, v, bias, None, None, None, site.spec, scale=scale)
+            fwd = "gluon" if why is None else f"tl: {why}"
+        except Exception:  # noqa: BLE001 - a report, not a decision
+            fwd = ""
+    return name, fwd
 
 
 def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
@@ -132,7 +150,7 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
             would = why_not == ""
             matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
                                        tuple(qs), tuple(ks), tuple(vs), group,
-                                       planned_kernel(site) if would else ""))
+                                       *(_plan(site) if would else ("", ""))))
         for um in report.unmatched:
             unmatched.append(UnmatchedSoftmax(um.source or um.anchor.name, um.reason))
         return gm.forward

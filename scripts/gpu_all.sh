@@ -130,6 +130,7 @@ if has schedules; then
     IFS=: read -r d c only <<< "$item"
     timeout ${T_SCHED:-200} python3 -m fa3_inductor.bench.cuda_rows --schedules $d ${c:+--causal $c} \
         ${only:+--only ${only//,/ }} ${SCHED_SEQLENS:+--seqlens $SCHED_SEQLENS} \
+        --rounds ${SCHED_ROUNDS:-3} --iters ${SCHED_ITERS:-10} \
         $AGAINST > "$W/schedules_$d${c:+_$c}.md" 2>&1
     say "schedules $item rc=$?"; tail -60 "$W/schedules_$d${c:+_$c}.md" | tee -a "$LOG"
   done

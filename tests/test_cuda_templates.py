@@ -414,6 +414,82 @@ def test_exp_poly_config():
             cuda_jit.config_for(128, "float16", exp_poly=bad)
 
 
+def test_lazy_rescale_config():
+    """lazy_rescale: its own define and name; on by default where measured (V head dim 256,
+    16-bit), off elsewhere and refused for FP8 (whose O moves to every V block's scale)."""
+    d256 = cuda_jit.config_for(256, "float16")
+    assert d256.lazy_rescale and d256.defines()["FA3_LAZY_RESCALE"] == 1 and "_lz" in d256.name()
+    assert 256 in cuda_jit.LAZY_RESCALE_HEAD_DIMS_V
+    for off in (cuda_jit.config_for(128, "float16"), cuda_jit.config_for(64, "bfloat16", has_wr=True),
+                cuda_jit.config_for(256, "float16", lazy_rescale=False),
+                cuda_jit.config_for(256, "float16", fp8=True)):
+        assert not off.lazy_rescale and "FA3_LAZY_RESCALE" not in off.defines() and "_lz" not in off.name()
+    assert cuda_jit.config_for(128, "float16", lazy_rescale=True).lazy_rescale
+    with pytest.raises(ValueError, match="lazy_rescale"):
+        cuda_jit.config_for(128, "float16", fp8=True, lazy_rescale=True)
+    assert "#ifndef FA3_LAZY_RESCALE" in (kernels_dir() / "cuda" / "fa3_fwd.cu").read_text()
+
+
+def _online_softmax_emulated(s, block, lazy_log2, warp_rows=16):
+    """OnlineSoftmax over key blocks (last block first, as the kernel walks them) in float64, with
+    the lazy rule of fa3_softmax.cuh: a warp (warp_rows rows) keeps its stale maxima unless one
+    grew by more than lazy_log2 (0: always take the new maxima).  Returns (P V / l, LSE) for
+    V = identity, i.e. the normalised probabilities, and how many block steps rescaled O."""
+    import numpy as np
+    rows, n = s.shape
+    m = np.full(rows, -np.inf)
+    l = np.zeros(rows)
+    o = np.zeros((rows, n))
+    rescales = 0
+    for b0 in reversed(range(0, n, block)):
+        blk = s[:, b0:b0 + block]
+        m_new = np.maximum(m, blk.max(axis=1))
+        for w in range(0, rows, warp_rows):
+            sl = slice(w, w + warp_rows)
+            first = np.all(np.isneginf(m[sl])) and b0 + block >= n
+            update = first or not lazy_log2 or bool(np.any(m_new[sl] > m[sl] + lazy_log2))
+            if not update:
+                m_new[sl] = m[sl]
+            elif not first:
+                rescales += 1
+        m_sub = np.where(np.isneginf(m_new), 0.0, m_new)
+        alpha = np.where(np.isneginf(m), 1.0, np.exp2(m - m_sub))
+        p = np.exp2(blk - m_sub[:, None])
+        o *= alpha[:, None]
+        o[:, b0:b0 + block] += p
+        l = l * alpha + p.sum(axis=1)
+        m = m_new
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(l[:, None] > 0, o / l[:, None], 0.0)
+        lse = np.where(l > 0, m + np.log2(l), -np.inf)
+    return out, lse, rescales
+
+
+def test_lazy_rescale_matches_eager_softmax():
+    """The lazy rule changes nothing but rounding: P / l and the LSE equal the eager online
+    softmax's, with fully masked rows (all -inf) and rows whose first kept key arrives late; with
+    scores that grow block after block it rescales only when a max grew by more than 2^8."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    rows, n, block = 32, 1000, 160
+    ramp = np.linspace(12.0, 0.0, n)  # log2 domain; the walk starts at the last (smallest) keys
+    s = rng.standard_normal((rows, n)) * 2 + ramp[None, :] * rng.uniform(0, 4, (rows, 1))
+    s[3] = -np.inf                      # no kept key: out 0, LSE -inf
+    s[5, 200:] = -np.inf                # first kept key in the last block walked
+    s[7, :900] = -np.inf                # kept keys only in the first block walked
+    eager_out, eager_lse, eager_rescales = _online_softmax_emulated(s, block, 0)
+    lazy_out, lazy_lse, lazy_rescales = _online_softmax_emulated(s, block, 8)
+    with np.errstate(invalid="ignore"):
+        ref = np.exp2(s - s.max(axis=1, keepdims=True))
+        ref = np.where(np.isneginf(s.max(axis=1, keepdims=True)), 0.0, ref / ref.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(lazy_out, ref, atol=1e-12)
+    np.testing.assert_allclose(eager_out, ref, atol=1e-12)
+    assert np.isneginf(lazy_lse[3]) and np.all(lazy_out[3] == 0)
+    finite = np.isfinite(eager_lse)
+    np.testing.assert_allclose(lazy_lse[finite], eager_lse[finite], rtol=1e-12)
+    assert 0 < lazy_rescales < eager_rescales
+
+
 def _exp2_poly3_emulated(x, coeffs):
     """fa3_utils.cuh's exp2_poly3 in numpy float32: clamp, split off floor(x), polynomial of the
     fraction, floor(x) added to the exponent field (the device takes floor(x) from a round-down

@@ -209,10 +209,12 @@ TILE_CANDIDATES = {
 # Schedule and softmax variants at the default tiles (kernel "auto"'s choice per shape): one CTA
 # per tile ("per-tile", where the default is the persistent grid), the persistent grid (with O
 # staged apart from Q where it fits, the next tile's loads run under this tile's epilogue), and
-# every n-th exponential on the FMA pipe (exp_poly).
+# every n-th exponential on the FMA pipe (exp_poly), and the lazy O rescale (lazy_rescale).
 SCHEDULE_CANDIDATES = {"default": {}, "per-tile": dict(persistent=False), "x4": dict(exp_poly=4),
                        "x3": dict(exp_poly=3), "persistent": dict(persistent=True),
-                       "persistent x4": dict(persistent=True, exp_poly=4)}
+                       "persistent x4": dict(persistent=True, exp_poly=4), "lazy": dict(lazy_rescale=True),
+                       "eager rescale": dict(lazy_rescale=False),
+                       "per-tile lazy": dict(persistent=False, lazy_rescale=True)}
 
 
 def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds: int = 3,
@@ -306,7 +308,12 @@ def main(argv=None):
                     help="with --schedules: only these variants")
     ap.add_argument("--seqlens", type=int, nargs="+", help="with --tiles / --schedules: these sequence lengths")
     ap.add_argument("--causal", choices=["yes", "no"], help="with --tiles / --schedules: only these rows")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --tiles / --schedules: interleaved rounds per cell (medians); a 5%% noise floor at 3")
+    ap.add_argument("--iters", type=int, default=10, help="with --tiles / --schedules: timed calls per round")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.iters < 1:
+        ap.error(f"--rounds {args.rounds} / --iters {args.iters}: both must be >= 1")
     dtype = getattr(torch, args.dtype)
     causals = (False, True) if args.causal is None else (args.causal == "yes",)
     if args.schedules:
@@ -314,7 +321,8 @@ def main(argv=None):
               + (f", this build and the earlier one in {args.against}" if args.against else ""))
         cands = {n: kw for n, kw in SCHEDULE_CANDIDATES.items() if not args.only or n in args.only}
         rows = tile_rows(args.schedules, dtype=dtype, against=args.against, candidates=cands,
-                         seqlens=tuple(args.seqlens or (2048, 4096, 8192, 16384)), causals=causals)
+                         seqlens=tuple(args.seqlens or (2048, 4096, 8192, 16384)), causals=causals,
+                         rounds=args.rounds, iters=args.iters)
         print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
         return
     if args.against and not args.tiles:
@@ -325,7 +333,7 @@ def main(argv=None):
         print(f"d{args.tiles} tiles (rows x keys), b*s = 16k, hidden 2048, {args.dtype}"
               + (f", this build and the earlier one in {args.against}" if args.against else ""))
         rows = tile_rows(args.tiles, dtype=dtype, against=args.against, seqlens=tuple(args.seqlens or (1024, 4096, 16384)),
-                         causals=causals)
+                         causals=causals, rounds=args.rounds, iters=args.iters)
         print(format_rows(rows, key_cols=("impl", "tile", "causal", "seqlen")))
     if args.decode or args.split or args.tiles:
         if args.decode:

@@ -3,7 +3,10 @@
 Grid (FlashAttention-3 paper style): head dim 64/128/256, causal and not, seqlen 512..16k with
 batch * seqlen = 16k tokens and hidden 2048 (heads = 2048 / hdim); forward and backward.
 Timing: triton.testing.do_bench, median.  FLOPs: fwd 4*b*h*sq*sk*d (halved if causal),
-bwd 2.5x fwd.  Output: a table on stdout (progress on stderr), CSV and PNGs under --out.
+bwd 2.5x fwd.  "ours" is triton_impl.forward / backward as the op calls them (no tile config, no
+autotune), so its forward rows time the Gluon kernel where triton_impl.gluon_supports() accepts
+the case (d128 and d256 here) and the tl-level kernel elsewhere (d64).
+Output: a table on stdout (progress on stderr), CSV and PNGs under --out.
 """
 from __future__ import annotations
 

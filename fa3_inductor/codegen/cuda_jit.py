@@ -66,6 +66,7 @@ class KernelConfig:
     head_dim_v: int = 0        # V / O head dim when it differs from head_dim (SPLIT_HEAD_DIMS), else 0
     pack_gqa: bool = False     # query heads of a GQA group packed into the rows (cuda_impl.packed_gqa_rows)
     exp_poly: int = 0          # n > 0: every n-th exponential of a row on the FMA pipe (exp2_poly3)
+    lazy_rescale: bool = False  # O rescaled only when a row max of the warp grew by > 2^8 (16-bit)
 
     @property
     def dv(self) -> int:
@@ -77,6 +78,8 @@ class KernelConfig:
             split["FA3_PACK_GQA"] = 1
         if self.exp_poly:
             split["FA3_EXP_POLY"] = self.exp_poly
+        if self.lazy_rescale:
+            split["FA3_LAZY_RESCALE"] = 1
         return {
             "FA3_HDIM": self.head_dim, **split,
             "FA3_DTYPE_BF16": int(self.dtype == "bfloat16"),
@@ -103,7 +106,8 @@ class KernelConfig:
                 f"{'bf16' if self.dtype == 'bfloat16' else 'fp16'}"
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
                 f"_{mask or 'N'}{'_sc' if self.softcap else ''}{'_gqa' if self.pack_gqa else ''}"
-                f"{f'_x{self.exp_poly}' if self.exp_poly else ''}_{abl or 'none'}")
+                f"{f'_x{self.exp_poly}' if self.exp_poly else ''}{'_lz' if self.lazy_rescale else ''}"
+                f"_{abl or 'none'}")
 
 
 # Tile sizes per head dim (block_m, block_n): registers per consumer thread stay under 240 and
@@ -124,18 +128,27 @@ _TILES_FP8 = {(64, False): (128, 128), (64, True): (128, 128), (128, False): (12
               (256, False): (128, 128), (256, True): (128, 128)}
 
 
+# The lazy O rescale (KernelConfig.lazy_rescale) by default at these V head dims, 16-bit.  At d256
+# the rescale (128 multiplies per thread and key block) runs between the PV GEMM's wait and P's
+# conversion; skipping it measured +3..+6% in all eight cells (2k-16k, causal or not; session 9,
+# device run 1, two copies of each kernel interleaved, five rounds).  d128 (rescale under the S
+# GEMM) and d64 read within -2..+3%, inside the noise: eager rescale stays there.
+LAZY_RESCALE_HEAD_DIMS_V = (256,)
+
+
 def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: bool = False,
                has_wr: bool = False, pingpong: bool = True, intra_wg: bool = True,
                warp_spec: bool = True, persistent: bool = False, block_n: int | None = None,
                block_m: int | None = None,
                stages: int = 2, fp8: bool = False, softcap: bool = False,
                head_dim_v: int | None = None, pack_gqa: bool = False,
-               exp_poly: int = 0) -> KernelConfig:
+               exp_poly: int = 0, lazy_rescale: bool | None = None) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
     (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
     fp8; block_m 128 or 192: two or three consumer warpgroups).  With fp8, dtype is the output dtype (the operands are e4m3).  head_dim_v: V's head dim
     when it differs (one of SPLIT_HEAD_DIMS, 16-bit only).  pack_gqa: the instantiation for launches
-    with packed GQA rows (16-bit only)."""
+    with packed GQA rows (16-bit only).  lazy_rescale: O rescaled only when a row max grew by more
+    than 2^8 (16-bit only); None: the measured default (LAZY_RESCALE_HEAD_DIMS_V)."""
     split = head_dim_v is not None and head_dim_v != head_dim
     if split and ((head_dim, head_dim_v) not in SPLIT_HEAD_DIMS or fp8):
         raise ValueError(f"CUDA template: head dims q/k {head_dim}, v {head_dim_v}: equal, or one of "
@@ -145,8 +158,10 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
         raise ValueError(f"CUDA template{' (fp8)' if fp8 else ''}: head dim {head_dim} not in {allowed}")
     if dtype not in ("float16", "bfloat16"):
         raise ValueError(f"CUDA template: dtype {dtype} not float16/bfloat16")
-    if fp8 and (out_fp32 or softcap or pack_gqa):
-        raise ValueError("CUDA template (fp8): fp16/bf16 output, no softcap, no packed GQA only")
+    if lazy_rescale is None:
+        lazy_rescale = not fp8 and (head_dim_v if split else head_dim) in LAZY_RESCALE_HEAD_DIMS_V
+    if fp8 and (out_fp32 or softcap or pack_gqa or lazy_rescale):
+        raise ValueError("CUDA template (fp8): fp16/bf16 output, no softcap, no packed GQA, no lazy_rescale")
     bm, bn = (_TILES_FP8[(head_dim, has_wr)] if fp8 else
               _TILES[(head_dim, head_dim_v)] if split else _TILES[head_dim])
     if block_n is not None:
@@ -165,7 +180,8 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn, stages=stages,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
                         warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap,
-                        head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa, exp_poly=exp_poly)
+                        head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa, exp_poly=exp_poly,
+                        lazy_rescale=bool(lazy_rescale))
 
 
 # Launch policy of unpacked 16-bit calls (cuda_impl._launch_config asks only for those): per

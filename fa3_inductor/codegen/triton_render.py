@@ -11,6 +11,9 @@ Rendered modules are written to an on-disk cache (``$FA3_INDUCTOR_CACHE/triton``
 ``~/.cache/fa3_inductor/triton``), keyed by a hash of (template sources, spec json, render
 options, triton version), and imported with importlib: Triton's JIT needs a real source file
 (it reads the function source through inspect/linecache).  An in-process memo avoids re-reading.
+
+"gluon_fwd" (kernels/triton/gluon_fwd.py.tmpl, the Gluon forward of ops/gluon_fwd.py) is used as
+written: no spec, keyed by its source and the triton version.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ import struct
 from ..kernels_path import read_template
 from ..spec import AttentionSpec
 
-_TEMPLATES = {"fwd": "triton/attn_fwd.py.tmpl", "bwd": "triton/attn_bwd.py.tmpl"}
+_TEMPLATES = {"fwd": "triton/attn_fwd.py.tmpl", "bwd": "triton/attn_bwd.py.tmpl",
+              "gluon_fwd": "triton/gluon_fwd.py.tmpl"}
 _COMMON = "triton/attn_common.py.tmpl"
+# Kinds used as written (no per-spec rendering): their key is the source and the triton version.
+_PLAIN = ("gluon_fwd",)
 _memo: dict = {}
 _lock = threading.Lock()
 
@@ -142,7 +148,12 @@ def _dropout_keep(spec: AttentionSpec) -> str:
     return f"    return tl.where((h >> 8) >= {thresh}, {1.0 / (1.0 - p)!r}, 0.0)"
 
 
-def render_source(kind: str, spec: AttentionSpec, *, dbias: bool = False) -> str:
+def render_source(kind: str, spec: AttentionSpec | None, *, dbias: bool = False) -> str:
+    if kind in _PLAIN:
+        text = read_template(_TEMPLATES[kind])
+        if "{{" in text:
+            raise RuntimeError(f"fa3 triton_render: placeholder in the plain {kind} template")
+        return text
     common = read_template(_COMMON)
     for key, val in (("{{SCORE_MOD}}", _score_mod(spec)), ("{{SOFTCAP_GRAD}}", _softcap_grad(spec)),
                      ("{{MASK_MOD}}", _mask_mod(spec)), ("{{DROPOUT_KEEP}}", _dropout_keep(spec))):
@@ -156,18 +167,25 @@ def render_source(kind: str, spec: AttentionSpec, *, dbias: bool = False) -> str
     return text
 
 
-def _key(kind: str, spec: AttentionSpec, dbias: bool) -> str:
+def _key(kind: str, spec: AttentionSpec | None, dbias: bool) -> str:
     h = hashlib.sha256()
-    for part in (read_template(_TEMPLATES[kind]), read_template(_COMMON), spec.semantic_json(),
-                 f"dbias={bool(dbias and spec.mask_kind == 'additive')}", _triton_version()):
+    if kind in _PLAIN:
+        parts = (kind, read_template(_TEMPLATES[kind]), _triton_version())
+    else:
+        parts = (read_template(_TEMPLATES[kind]), read_template(_COMMON), spec.semantic_json(),
+                 f"dbias={bool(dbias and spec.mask_kind == 'additive')}", _triton_version())
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
 
 
-def load(kind: str, spec: AttentionSpec, *, dbias: bool = False):
-    """The rendered module for (kind, spec): has attn_fwd, or attn_bwd_{preprocess,dkdv,dq}."""
-    memo_key = (kind, spec, bool(dbias and spec.mask_kind == "additive"))
+def load(kind: str, spec: AttentionSpec | None = None, *, dbias: bool = False):
+    """The rendered module for (kind, spec): has attn_fwd, or attn_bwd_{preprocess,dkdv,dq};
+    "gluon_fwd" (no spec) has the Gluon forward's attn_fwd_kernel (ops/gluon_fwd.py)."""
+    if kind in _PLAIN:
+        spec, dbias = None, False
+    memo_key = (kind, spec, bool(dbias and spec is not None and spec.mask_kind == "additive"))
     mod = _memo.get(memo_key)
     if mod is not None:
         return mod

@@ -6,11 +6,17 @@ from autotune.py.  Works on CUDA tensors, and on CPU tensors under TRITON_INTERP
 
 Layout requirements: q, k, v, dout may have any strides except that the last (head) dim must
 be contiguous; otherwise a contiguous copy is made here (one extra pass over that tensor).
+
+Forward on sm_90: the Gluon kernel (ops/gluon_fwd.py, kernels/triton/gluon_fwd.py.tmpl) runs
+every call gluon_supports() accepts (head dim 128 or 256, fp16/bf16, no mask or causal, no
+bias / padding / ALiBi / softcap / dropout, TMA-readable strides, default tiles); everything
+else runs the tl-level template (attn_fwd.py.tmpl).  The backward is always the tl templates.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import torch
 
@@ -38,9 +44,79 @@ def supports(q, k, v, bias, spec: AttentionSpec):
     if spec.out_torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"out dtype {spec.out_dtype}"
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except Exception as exc:  # pragma: no cover
         return f"triton unavailable ({exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _gluon_device(q, k, v) -> str | None:
+    """None when the tensors sit on an sm_90 GPU (exactly: the kernel is sm_90a code)."""
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "inputs are not CUDA tensors"
+    cap = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if cap != (9, 0):
+        return f"needs sm_90 (this GPU is sm_{cap[0]}{cap[1]})"
+    return None
+
+
+def gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec: AttentionSpec, *,
+                   scale=None, config=None) -> str | None:
+    """None when the Gluon forward (ops/gluon_fwd.py) runs this call, else the reason it runs the
+    tl-level kernel instead (explain() shows it).  scale / config: the forward's, when known."""
+    from .. import autotune
+    from . import gluon_fwd
+    if not fa3_config.gluon_forward:
+        return "fa3_inductor.config.gluon_forward is False"
+    if config is not None or triton_configs._override.get("fwd") is not None:
+        return "an explicit tile config (the tl kernel's tiles)"
+    if spec.autotune or autotune.enabled():
+        return "autotune (max-autotune times the tl kernel's tiles)"
+    why = _gluon_device(q, k, v)
+    if why:
+        return why
+    if bias is not None or spec.mask_kind is not None:
+        return f"a {spec.mask_kind or 'bias'} mask/bias tensor"
+    if key_padding is not None or spec.key_padding:
+        return "key padding"
+    if alibi_slopes is not None or spec.alibi:
+        return "ALiBi"
+    if spec.softcap:
+        return "softcap"
+    if seed is not None or spec.dropout_p > 0:
+        return "dropout"
+    if spec.window_left is not None or spec.window_right not in (None, 0):
+        return f"window (left={spec.window_left}, right={spec.window_right}): only causal or none"
+    if q.dtype not in gluon_fwd.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)"
+    D, Dk, Dv = q.shape[-1], k.shape[-1], v.shape[-1]
+    if not (D == Dk == Dv and D in gluon_fwd.HEAD_DIMS):
+        return f"head dims q/k {D}/{Dk}, v {Dv} (needs all 128 or all 256)"
+    if spec.out_torch_dtype != q.dtype:
+        return f"out dtype {spec.out_dtype} (needs the input's {q.dtype})"
+    B, Hq, Sq = q.shape[:3]
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        return "q/k/v batch or k/v heads/lengths differ"
+    Hk, Sk = k.shape[1], k.shape[2]
+    if B * Hq * Sq == 0 or Sk == 0:
+        return "empty tensors"
+    if Hq % Hk:
+        return "query heads not a multiple of kv heads"
+    if Hq != Hk and spec.gqa_mapping != "div":
+        return f"GQA mapping {spec.gqa_mapping!r} (needs 'div': kv head h // group)"
+    if B * Hq > 65535:
+        return f"B*Hq = {B * Hq} > 65535 (grid)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if gluon_fwd.tma_strides(t) is None:
+            return (f"{name} strides {tuple(t.stride())} / alignment not TMA-readable (needs the last dim "
+                    "contiguous, other strides 16-byte multiples, a 16-byte aligned base)")
+    if scale is not None and not float(scale) > 0:
+        return f"scale {float(scale)} <= 0"
     return None
 
 
@@ -86,6 +162,9 @@ def _bwd_config(q, k, v, spec):
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
+    if gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale, config=config) is None:
+        from . import gluon_fwd
+        return gluon_fwd.forward(q, k, v, float(scale), spec)
     B, H, Sq, D = q.shape
     HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, Dv, dtype=spec.out_torch_dtype, device=q.device)

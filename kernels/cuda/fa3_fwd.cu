@@ -57,6 +57,9 @@
 #ifndef FA3_EXP_POLY
 #define FA3_EXP_POLY 0    // n > 0: every n-th exponential of a row on the FMA pipe (exp2_poly3)
 #endif
+#ifndef FA3_LAZY_RESCALE
+#define FA3_LAZY_RESCALE 0  // 1: O is rescaled only when a row max of the warp grew by more than 2^8
+#endif
 
 namespace {
 
@@ -66,7 +69,7 @@ using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element16>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
                         bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP), FA3_HDIM_V,
-                        bool(FA3_PACK_GQA), FA3_EXP_POLY>;
+                        bool(FA3_PACK_GQA), FA3_EXP_POLY, bool(FA3_LAZY_RESCALE)>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;
@@ -166,7 +169,7 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (err != cudaSuccess) return int(err);
     // with longest-first groups the CTAs take tiles in pairs (tile_of)
-    int64_t const units = reverse_m > 0 ? int64_t((p.num_m_blocks + 1) / 2) * hq * b : num_tiles;
+    int64_t const units = fa3::schedule_units(p);
     grid_x = int(units < sms ? units : sms);
   }
   dim3 grid(grid_x, 1, 1);

@@ -58,7 +58,7 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
           bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
           bool kPersistent_ = false, bool kSoftcap_ = false, int kHeadDimV_ = kHeadDim_,
-          bool kPackGQA_ = false, int kExpPoly_ = 0>
+          bool kPackGQA_ = false, int kExpPoly_ = 0, bool kLazyRescale_ = false>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   // Head dim of V and O; differs from Q/K's only for the 192 / 128 split (DeepSeek-style MLA).
@@ -76,6 +76,14 @@ struct Config {
   using Element = Element_;
   using OutT = OutT_;
   static constexpr bool kFp8 = sizeof(Element) == 1;  // e4m3 operands with block scales
+  // Lazy rescale (FlashAttention-4's conditional correction): a warp keeps its stale row maxima,
+  // and skips the O rescale, while no row max of the warp grew by more than 2^kLazyLog2.  P is then
+  // at most 2^kLazyLog2 (16-bit P has the range; O and l carry the same factor, so O / l and the LSE
+  // are unchanged).  Saves the dv/2 multiplies per thread and key block of rescale_o (64 at d128,
+  // 128 at d256) once the maxima settle.  16-bit only: FP8 P uses e4m3's whole range, and O moves
+  // to each V block's scale on every block anyway.
+  static constexpr int kLazyLog2 = kLazyRescale_ ? 8 : 0;
+  static_assert(!(kLazyRescale_ && kFp8), "lazy rescale: 16-bit operands only");
   // Intra-warpgroup overlap: O takes the softmax rescale while the next S GEMM runs (FA3's order)
   // rather than after the PV GEMM.  Only up to 128 columns of O and with two consumer warpgroups:
   // elsewhere the rescale between the two GEMM issues keeps both accumulators live at once and
@@ -315,6 +323,14 @@ CUTE_HOST_DEVICE TileCoord decode_tile(P const& p, int t) {
 // kSkipTile, the missing half of a pair.
 enum : int { kSkipTile = -1, kNoTile = INT_MAX };
 
+// Units of work on the persistent grid: tiles, or with longest-first groups (causal) pairs of one
+// head's tiles (an odd middle block is a pair alone).  The launcher starts min(units, SMs) CTAs.
+template <class P>
+CUTE_HOST_DEVICE int64_t schedule_units(P const& p) {
+  int64_t const heads = int64_t(p.hq) * p.b;
+  return (p.reverse_m > 0 ? int64_t((p.num_m_blocks + 1) / 2) : int64_t(p.num_m_blocks)) * heads;
+}
+
 // The k-th tile (k = 0, 1, ...) that CTA cta of ncta runs on the persistent grid, as an index for
 // decode_tile.  Without longest-first groups: cta, +ncta, ... (unmasked tiles all have one
 // length, so the CTAs stay in step).  With longest-first groups (causal): the CTAs take pairs of
@@ -329,7 +345,7 @@ CUTE_HOST_DEVICE int tile_of(P const& p, int k, int cta, int ncta) {
   if (p.reverse_m == 0) return cta + k * ncta;
   int const n = p.num_m_blocks, G = p.reverse_m, pairs = (n + 1) / 2;
   int const u = cta + (k >> 1) * ncta;
-  if (u >= pairs * p.hq * p.b) return kNoTile;  // (the loop stops at t >= num_tiles)
+  if (u >= schedule_units(p)) return kNoTile;  // (the loop stops at t >= num_tiles)
   int const g = u / (G * pairs);
   int const r = u - g * (G * pairs);
   int const j = r / G;
@@ -529,7 +545,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<DV>>{});
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     constexpr int kRows = decltype(size<0>(tOrO_rc))::value;
-    OnlineSoftmax<kRows, Cfg::kExpPoly> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
+    OnlineSoftmax<kRows, Cfg::kExpPoly, Cfg::kLazyLog2> softmax(Cfg::kFp8 ? kLog2Fp8Max : 0.f);
     clear(tOrO);
 
     // Multiplier of block n's raw scores into the exp2 domain; FP8 adds the Q tile's and the K
@@ -571,7 +587,10 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
                                                             p.wl, p.wr, p.pack_sq);
       }
     };
-    auto rescale_o = [&](float const (&alpha)[kRows], float f) {
+    // need: the softmax step moved a row max of this warp (always true unless kLazyLog2; warp-uniform,
+    // so the skip never diverges).  FP8 moves O to the next V block's scale on every call.
+    auto rescale_o = [&](float const (&alpha)[kRows], float f, bool need) {
+      if (Cfg::kLazyLog2 && !need) return;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         float const a = alpha[r] * f;
@@ -610,9 +629,10 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         ++rk;
         prep(tSrS, n_max - 1);
         float alpha[kRows];
+        bool moved;  // this block's softmax moved a row max of the warp: O needs alpha
         {
           Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-          softmax.template step<true>(s_rc, alpha, block_sc(n_max - 1));
+          moved = softmax.template step<true>(s_rc, alpha, block_sc(n_max - 1));
         }
         if constexpr (!Cfg::kRescaleUnderS) v_units_to(n_max - 1);  // O is still zero
         // P lives in registers and feeds the PV GEMM as its A operand.
@@ -628,7 +648,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           // O takes block n+1's softmax rescale while S_n runs on the tensor cores (FA3's order):
           // the multiplies leave the stretch between two GEMM issues that the pingpong has to
           // hide.  The PV GEMM of block n+2 finished last iteration (warpgroup_wait<0>).
-          if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n + 1));
+          if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n + 1), moved);
           pipe_v.consumer_wait(rv);
           wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
           sched_arrive();
@@ -638,15 +658,15 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           prep(tSrS2, n);
           {
             Tensor s_rc = make_tensor(tSrS2.data(), acc_rowcol(tSrS2.layout()));
-            softmax.template step<false>(s_rc, alpha, block_sc(n));
+            moved = softmax.template step<false>(s_rc, alpha, block_sc(n));
           }
           warpgroup_wait<0>();
           pipe_v.consumer_release(rv);
           ++rv;
-          if constexpr (!Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n));
+          if constexpr (!Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n), moved);
           to_operand_p(tSrS2, tOrP);  // safe: the PV GEMM reading tOrP has completed
         }
-        if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n_min));
+        if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n_min), moved);
         pipe_v.consumer_wait(rv);
         wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
         pipe_v.consumer_release(rv);
@@ -666,9 +686,9 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           prep(tSrS, n);
           float alpha[kRows];
           Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-          if (n == n_max - 1) softmax.template step<true>(s_rc, alpha, block_sc(n));
-          else softmax.template step<false>(s_rc, alpha, block_sc(n));
-          rescale_o(alpha, v_units_to(n));
+          bool const moved = n == n_max - 1 ? softmax.template step<true>(s_rc, alpha, block_sc(n))
+                                            : softmax.template step<false>(s_rc, alpha, block_sc(n));
+          rescale_o(alpha, v_units_to(n), moved);
           Tensor tOrP = make_operand_p(tSrS);
           to_operand_p(tSrS, tOrP);
           pipe_v.consumer_wait(rv);

@@ -14,7 +14,10 @@ using namespace cute;
 
 // kExpPoly > 0: every kExpPoly-th column of a thread's row takes exp2_poly3 (FMA pipe) instead of
 // MUFU.EX2, so that both pipes work during the softmax.
-template <int kRows, int kExpPoly = 0>
+// kLazyLog2 > 0: lazy rescale (Config::kLazyLog2).  A warp takes its new row maxima only when one
+// of them grew by more than kLazyLog2 (exp2 domain); otherwise it keeps the stale maxima, so P is
+// at most 2^kLazyLog2 (times 2^p_log2) and step() reports that O needs no rescale.
+template <int kRows, int kExpPoly = 0, int kLazyLog2 = 0>
 struct OnlineSoftmax {
   float row_max[kRows];  // exp2 domain (raw max * sc)
   float row_sum[kRows];  // per-thread partial sums; reduced across the quad only at the end
@@ -30,9 +33,11 @@ struct OnlineSoftmax {
 
   // s: (rows, cols) view of raw scores (masked entries are -inf); overwritten with
   // unnormalised probabilities.  alpha[r] is the factor the O accumulator must be scaled by.
-  // sc > 0: the block's multiplier into the exp2 domain.
+  // sc > 0: the block's multiplier into the exp2 domain.  Returns whether O needs alpha: false for
+  // the first block (O is still zero) and, under kLazyLog2, while the warp keeps its maxima; the
+  // value is the same in every lane of the warp.
   template <bool kFirst, class TensorS>
-  CUTE_DEVICE void step(TensorS& s, float (&alpha)[kRows], float sc) {
+  CUTE_DEVICE bool step(TensorS& s, float (&alpha)[kRows], float sc) {
     static_assert(decltype(size<0>(s))::value == kRows);
     constexpr int kCols = decltype(size<1>(s))::value;
     // Row maxima first for all rows, then their quad reductions, then the exponentials: each phase
@@ -51,13 +56,24 @@ struct OnlineSoftmax {
     for (int r = 0; r < kRows; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    float m_new[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) m_new[r] = fmaxf(row_max[r], mx[r] * sc);  // -inf * sc stays -inf
+    bool update = true;
+    if constexpr (kLazyLog2 > 0 && !kFirst) {
+      // -inf + kLazyLog2 is -inf: a row whose first kept key arrives in this block always updates.
+      bool grew = false;
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) grew |= m_new[r] > row_max[r] + float(kLazyLog2);
+      update = __any_sync(0xffffffffu, grew);
+    }
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float const m_new = fmaxf(row_max[r], mx[r] * sc);  // -inf * sc stays -inf (sc > 0)
+      if (!update) m_new[r] = row_max[r];
       // A row with every score masked so far keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
-      float const m_sub = (m_new == -INFINITY) ? 0.f : m_new;
-      alpha[r] = kFirst ? 1.f : exp2_ftz(row_max[r] - m_sub);
-      row_max[r] = m_new;
+      float const m_sub = (m_new[r] == -INFINITY) ? 0.f : m_new[r];
+      alpha[r] = (kFirst || !update) ? 1.f : exp2_ftz(row_max[r] - m_sub);
+      row_max[r] = m_new[r];
       float const bias = p_log2 - m_sub;
       float sum = 0.f;
       CUTE_UNROLL
@@ -67,8 +83,9 @@ struct OnlineSoftmax {
         s(r, c) = p;
         sum += p;
       }
-      row_sum[r] = kFirst ? sum : fmaf(row_sum[r], alpha[r], sum);
+      row_sum[r] = kFirst ? sum : update ? fmaf(row_sum[r], alpha[r], sum) : row_sum[r] + sum;
     }
+    return !kFirst && update;
   }
 
   // Returns 1/l per row (0 for rows without any kept key) and the natural-log LSE.

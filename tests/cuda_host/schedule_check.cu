@@ -15,7 +15,7 @@ struct Grid {
 
 int check(Grid g, int sms) {
   int const num_tiles = g.num_m_blocks * g.hq * g.b;
-  int64_t const units = g.reverse_m > 0 ? int64_t((g.num_m_blocks + 1) / 2) * g.hq * g.b : num_tiles;
+  int64_t const units = fa3::schedule_units(g);
   int const ncta = int(units < sms ? units : sms);
   std::vector<int> seen(num_tiles, 0);
   int bad = 0;

@@ -158,6 +158,21 @@ def test_persistent_causal_pairs(d, b, hq, hk, sq, sk, causal):
     _check(q, k, v, _spec(causal), persistent=True)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+@pytest.mark.parametrize("ramp", [0.0, 3.0, 40.0])
+def test_lazy_rescale(d, causal, ramp):
+    """Lazy O rescale (lazy_rescale): the warp keeps stale row maxima while none grew by more than
+    2^8.  Key j's scores are scaled by 1 + ramp * (1 - j / S); the kernel walks the key blocks from
+    the last one down, so the maxima grow block after block: within the slack at ramp 3 (stale
+    maxima, P up to 2^8), beyond it at ramp 40 (the warp moves them, O rescaled)."""
+    S = 2100  # odd length; d128 unmasked takes the 160-key tile from 2k, causal the tile pairs
+    q, k, v = _make(1, 4, 4, S, S, d, torch.float16)
+    w = 1 + ramp * (1 - torch.arange(S, device=DEV, dtype=torch.float32) / S)
+    k = (k.float() * w[None, None, :, None] / (1 + ramp) ** 0.5).to(torch.float16)
+    _check(q, k, v, _spec(causal), lazy_rescale=True)
+
+
 def test_dead_rows_bottom_right():
     # sq > sk with bottom-right causal: the first sq - sk rows see no key.
     q, k, v = _make(1, 2, 2, 300, 100, 128, torch.float16)

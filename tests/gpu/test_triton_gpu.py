@@ -254,3 +254,125 @@ def test_autotune_picks_and_caches_tiles(tmp_path, monkeypatch):
     import json
     table = json.loads((tmp_path / "autotune.json").read_text())
     assert {key.split("|")[0] for key in table} == {"fwd", "bwd"}, table.keys()
+
+
+# ---- the Gluon forward (ops/gluon_fwd.py): what gluon_supports() routes there ----------------
+
+def _gluon_spy(monkeypatch):
+    """Counts the Gluon forward's calls (the route is asserted, not assumed)."""
+    from fa3_inductor.ops import gluon_fwd
+    calls = []
+    real = gluon_fwd.forward
+    monkeypatch.setattr(gluon_fwd, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _gluon_inputs(B, Hq, Hk, Sq, Sk, D, dtype, transposed, seed):
+    torch.manual_seed(seed)
+    if transposed:   # [B, S, H, D].transpose(1, 2): HF / nanoGPT layout, read without a copy
+        mk = lambda H, S: torch.randn(B, S, H, D, device=DEV, dtype=dtype).transpose(1, 2)  # noqa: E731
+    else:
+        mk = lambda H, S: torch.randn(B, H, S, D, device=DEV, dtype=dtype)  # noqa: E731
+    return mk(Hq, Sq), mk(Hk, Sk), mk(Hk, Sk)
+
+
+_GLUON_CASES = [  # D, dtype, causal, (B, Hq, Hk, Sq, Sk), transposed
+    (128, "fp16", "none", (2, 4, 4, 1, 1), False),
+    (128, "fp16", "none", (1, 8, 2, 17, 17), True),
+    (128, "fp16", "none", (1, 2, 2, 4097, 4097), False),
+    (128, "fp16", "tl", (1, 8, 1, 113, 1000), False),
+    (128, "fp16", "tl", (1, 4, 4, 1000, 113), True),
+    (128, "fp16", "br", (1, 8, 2, 113, 1000), False),
+    (128, "fp16", "br", (2, 4, 4, 1000, 113), False),     # rows with no key: out 0, lse -inf
+    (128, "fp16", "br", (2, 4, 4, 17, 1), True),
+    (128, "bf16", "none", (2, 4, 4, 1000, 4097), True),
+    (128, "bf16", "tl", (1, 4, 1, 4097, 4097), False),
+    (128, "bf16", "br", (1, 8, 2, 1, 17), False),
+    (256, "fp16", "none", (1, 4, 4, 113, 113), False),
+    (256, "fp16", "tl", (2, 4, 2, 1000, 1000), True),
+    (256, "fp16", "br", (1, 4, 4, 4097, 1000), False),
+    (256, "bf16", "none", (1, 8, 1, 17, 4097), False),
+    (256, "bf16", "tl", (1, 2, 2, 1, 1), False),
+    (256, "bf16", "br", (1, 8, 8, 1000, 4097), True),
+]
+
+
+@pytest.mark.parametrize("D,dt,causal,shape,transposed", _GLUON_CASES,
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_gluon_forward(D, dt, causal, shape, transposed, monkeypatch):
+    """triton_impl.forward on the Gluon route against the float64 reference (the module's bar);
+    lse exact in -inf (dead rows of bottom-right causal with Sq > Sk) and close elsewhere."""
+    B, Hq, Hk, Sq, Sk = shape
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    spec = AttentionSpec(window_right=None if causal == "none" else 0,
+                         align="bottom_right" if causal == "br" else "top_left",
+                         out_dtype={"fp16": "float16", "bf16": "bfloat16"}[dt])
+    q, k, v = _gluon_inputs(B, Hq, Hk, Sq, Sk, D, dtype, transposed, seed=Sq * 7 + Sk + D)
+    scale = D ** -0.5
+    assert triton_impl.gluon_supports(q, k, v, None, None, None, None, spec, scale=scale) is None
+    calls = _gluon_spy(monkeypatch)
+    out, lse = triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
+    assert calls == [1], "the Gluon forward did not run"
+    assert out.shape == (B, Hq, Sq, D) and out.is_contiguous() and out.dtype == dtype
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    spec64 = spec.replace(out_dtype="float64")
+    r_out, r_lse = reference.forward(q.double(), k.double(), v.double(), None, None, None, None, scale, spec64)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "NaN"
+    e_ours = _err(out, r_out)
+    e_eager = _err(_eager_lowp(q, k, v, spec, scale, None, None, None), r_out)
+    assert e_ours <= 2 * e_eager + 1e-3, f"fwd err {e_ours:.3e} vs eager {e_eager:.3e}"
+    live = ~torch.isneginf(r_lse)
+    assert torch.equal(torch.isneginf(lse), ~live)
+    assert (out[~live] == 0).all()
+    if live.any():
+        assert _err(lse[live], r_lse[live]) < 1e-3
+
+
+@pytest.mark.parametrize("D,Sq,causal", [(128, 17, True), (128, 1000, False), (256, 113, True), (256, 4097, False)])
+def test_gluon_forward_writes_only_its_rows(D, Sq, causal):
+    """Poisoned (NaN) outputs: out a view [B, H, :Sq] of a taller buffer, so a partial query tile
+    writing past Sq would land in the poisoned rows (the TMA store must clip them); every row of
+    out and lse is written."""
+    from fa3_inductor.ops import gluon_fwd
+    B, H = 2, 3
+    q, k, v = _gluon_inputs(B, H, H, Sq, Sq, D, torch.float16, False, seed=Sq + D)
+    big = torch.full((B, H, Sq + 128, D), float("nan"), device=DEV, dtype=torch.float16)
+    lse_buf = torch.full((B, H, Sq), float("nan"), device=DEV)
+    launch, out, lse = gluon_fwd.prepare(q, k, v, D ** -0.5, causal, False, out=big[:, :, :Sq], lse=lse_buf)
+    launch()
+    assert torch.isnan(big[:, :, Sq:]).all(), "rows past Sq were written"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    want, want_lse = triton_impl.forward(q, k, v, None, None, None, None, D ** -0.5, AttentionSpec(
+        window_right=0 if causal else None))
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+# top_left: the tl backward kernels of these specs are the ones test_bf16 / test_structure build
+@pytest.mark.parametrize("D,dt,align", [(128, "bf16", "top_left"), (256, "fp16", "top_left")])
+def test_gluon_forward_backward_through_op(D, dt, align, monkeypatch):
+    """torch autograd through fa3::attention_fwd with kernel="triton": the forward runs on Gluon,
+    the tl backward uses its out and lse, the gradients meet the bar against float64."""
+    from fa3_inductor.ops import attention_op
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    spec = AttentionSpec(window_right=0, align=align, kernel="triton",
+                         out_dtype={"fp16": "float16", "bf16": "bfloat16"}[dt])
+    B, Hq, Hk, Sq, Sk = 2, 8, 2, 300, 700
+    q, k, v = _gluon_inputs(B, Hq, Hk, Sq, Sk, D, dtype, True, seed=D)
+    scale = D ** -0.5
+    calls = _gluon_spy(monkeypatch)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = attention_op.attention(*leaves, scale=scale, spec=spec.to_json())
+    assert calls == [1], "the Gluon forward did not run"
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dout)
+    spec64 = spec.replace(out_dtype="float64", kernel="")
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    r_out, r_lse = reference.forward(q64, k64, v64, None, None, None, None, scale, spec64)
+    want = reference.backward(dout.double(), q64, k64, v64, r_out, r_lse, None, None, None, None, scale,
+                              spec64, False)
+    _, eg = _grads(lambda a, b, c: _eager_lowp(a, b, c, spec, scale, None, None, None), (q, k, v), dout)
+    assert _err(out, r_out) <= 2 * _err(_eager_lowp(q, k, v, spec, scale, None, None, None), r_out) + 1e-3
+    for name, g, w, e in zip(("dq", "dk", "dv"), got, want[:3], eg):
+        assert not torch.isnan(g).any(), f"NaN in {name}"
+        e_ours, e_eager = _err(g, w), _err(e, w)
+        assert e_ours <= 2 * e_eager + 1e-3, f"{name} err {e_ours:.3e} vs eager {e_eager:.3e}"

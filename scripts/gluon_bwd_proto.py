@@ -1,0 +1,883 @@
+"""FA3-style attention BACKWARD for Hopper (sm_90a) written in Gluon (Triton 3.6), a prototype.
+
+Standalone: nothing here is imported by fa3_inductor.  Companion of scripts/gluon_fwd_proto.py
+(same AOT-compile technique: GluonASTSource + triton.compile(GPUTarget("cuda", 90, 32)) and
+ptxas -v, so it can be checked on a machine without a GPU).
+
+Why Gluon: the tl-level Triton backward waits for every wgmma at once and has no warp
+specialisation; it reaches ~0.72x cuDNN at d128.  Gluon gives async wgmma (issue, wait later
+for <= N outstanding groups), TMA, mbarriers and gl.warp_specialize with setmaxnreg budgets.
+
+Math (per (batch, head); S = scale * Q K^T, P = softmax(S), O = P V; LSE natural log):
+  D   = rowsum(dO * O)                               (preprocess, one tl kernel)
+  P   = exp2(S_raw * scale*log2e - LSE*log2e)        (LSE*log2e also made by the preprocess)
+  dP  = dO V^T ;  dS = P * (dP - D)
+  dV += P^T dO ;  dK += dS^T Q  (* scale at the end) ;  dQ += dS K (* scale in the cast kernel)
+
+Structure: one CTA = one key block (BLOCK_N keys) of one (batch, head); it loops over query
+blocks of BLOCK_M rows.  Everything is computed TRANSPOSED (S^T = K Q^T, dP^T = V dO^T, shape
+[BLOCK_N, BLOCK_M]) so that P^T and dS^T come out of the wgmma in accumulator layout with the
+key index as the row, i.e. exactly the register-A operand layout of dV += P^T dO and
+dK += dS^T Q (a register-only shuffle for 16-bit types, as P in the forward).  Partitions:
+  * worker, 1 warp, 24 registers (setmaxnreg): the producer.  Loads K and V once (one-shot
+    kv_bar) and then streams Q_i and dO_i by TMA into rings of NUM_STAGES buffers (separate
+    Q and dO rings with their own ready/empty barriers, so S^T_i can start before dO_i lands).
+  * default partition, 8 warps = 2 consumer warpgroups, 240 registers each:
+      - "rs" mode (d64, d128; BLOCK_N = 128, BLOCK_M = 64): wgmma layout warps [8, 1]: warp
+        group g owns keys [64g, 64g+64) of the block: its S^T / dP^T rows, its rows of the
+        dK, dV accumulators (fp32 in registers, 64 + 64 regs/thread at d128).  P^T and dS^T
+        stay in registers as the A operand of the dV / dK GEMMs.
+      - "smem" mode (d256; BLOCK_N = 64, BLOCK_M = 64): dK, dV [64, 256] fp32 do not fit one
+        warpgroup (256 regs), so the layouts are warps [4, 2]: both warpgroups own all 64 keys
+        and split the N dim (the query columns of S^T/dP^T, the head dim of dK/dV/dQ).  The A
+        operand of dV/dK then needs all query columns in each warpgroup, so P^T and dS^T go
+        through shared memory (as FA3 does at d256).
+    dQ_i = dS K is a 64 x D GEMM with warps [4, 2] (each warpgroup half of the head dim), A =
+    dS^T from shared memory read transposed, B = K; its fp32 result is added to a zeroed
+    global fp32 buffer with gl.atomic_add (relaxed, masked to rows < S; ptxas emits
+    REDG.ADD.F32x2, 8 rows x 32 B per warp instruction); a small tl kernel scales and casts it
+    at the end.  --dq-vec4 (not d256: smem) first re-lays dQ out through shared memory so a
+    warp covers whole 512-byte rows with REDG.ADD.F32x4 -- fewer, fully coalesced reductions
+    for one extra shared-memory round trip; which is faster is a GPU question.
+  * One step of the consumer loop (commit groups retire in order):
+        issue S^T_i = K Q_i^T            [group a]
+        issue dP^T_i = V dO_i^T          [group b]
+        wait(1)  -> S^T_i ready; P^T = exp2(...)  (dP^T GEMM still running under the exps)
+        issue dV += P^T dO_i             [group c]          (rs: P^T from registers)
+        wait(1)  -> dP^T ready; dS^T = P^T (dP^T - D)  (dV GEMM running under it)
+        store dS^T to shared memory, fence
+        issue dQ_i = dS K                [group d]
+        issue dK += dS^T Q_i             [group e]
+        wait(1)  -> dV, dQ ready; release dO slot; atomics of dQ_i run under the dK GEMM
+        wait(0)  -> dK ready; release Q slot
+    so the exps overlap dP^T, dS overlaps dV and the dQ atomics overlap dK.  Not overlapped
+    (unlike FA3's full schedule): the next step's S^T / dP^T do not start before this step's
+    dK is done, and there is no separate dQ-writer warp (Gluon 3.6 on Hopper has no TMA
+    reduce-add, see LIMITATIONS).
+  * LSE*log2e and D are read by the consumers with plain (masked) global loads issued at the
+    top of the step: 64 fp32 each, their latency hides under the S^T / dP^T GEMMs, and it
+    avoids a 1-D TMA descriptor (64 fp32 = 256 B, with a non-swizzled layout) for a tiny
+    gain.  Rows >= S read LSE = +inf and D = 0, so P = exp2(s - inf) = 0 and dS = 0 there:
+    no explicit query-row mask is needed in the GEMM path (only the dQ atomics are masked).
+  * causal: key block n0 starts at query block n0 // BLOCK_M (the first one that sees it);
+    the (causal | key-tail) mask is applied only to query blocks with m0 < n0 + BLOCK_N (the
+    diagonal ones) or, in the last key block when S % BLOCK_N != 0, to every step (keys >= S
+    read the next head's K/V rows through the 2-D view and must give P = dS = 0 so that they
+    do not pollute dQ; their dK/dV rows are never stored).  Heaviest key blocks (n0 = 0)
+    are launched first.
+  * tails: Q/dO/K/V descriptors are 2-D views [B*H*S, D]; rows past the head come from the
+    next head (finite) or are zero-filled by TMA at the tensor end; see masks above.
+    dK / dV are stored from registers with a row mask (once per CTA).
+
+mbarrier protocol (phases are parities; a fresh barrier counts as if its parity-1 phase had
+completed, so wait(parity=1) on it returns at once):
+  * kv_bar (count 1): one-shot; the producer's expect(K bytes + V bytes) is the arrival, the two
+    TMAs complete the transaction.  Consumers wait parity 0 once.
+  * q_ready[s] / do_ready[s] (count 1): the producer's expect(bytes of one block) is the single
+    arrival, the TMA completes the bytes (TMA always delivers the full box, zero-filled out of
+    bounds, so the byte count is exact for a partial last block).  Consumers wait parity
+    (i // NUM_STAGES) & 1 for step i.
+  * q_empty[s] / do_empty[s] (count 1: one consumer partition): the consumer partition arrives
+    once per use, after the wgmma groups that read the slot have been waited for (dO: after
+    dP^T and dV; Q: after S^T and dK).  Gluon lowers an arrive in a multi-warp partition to a
+    partition-wide bar.sync and one elected thread's arrive, so the arrival means both
+    warpgroups are done with the slot.  The producer waits parity ((i // NUM_STAGES) & 1) ^ 1
+    before refilling for step i (the first NUM_STAGES fills pass on fresh barriers).
+  * Deadlock freedom: the producer issues Q_0 dO_0 Q_1 dO_1 ...; consumer step i needs Q_i and
+    dO_i; to issue them the producer needs slots released in step i - NUM_STAGES, which the
+    consumer completes without waiting for anything but its own wgmmas.
+  * The shared dS^T buffer (rs and smem mode) and P^T buffer (smem mode) are written by both
+    warpgroups and read by wgmmas of both: the compiler's membar pass puts a CTA-partition
+    bar.sync between the stores (+ fence.proxy.async) and the wgmma that reads them, and the
+    next step's overwrite comes after every warp has waited on those wgmmas and passed the
+    q_empty arrive's bar.sync.
+
+Usage:
+  python scripts/gluon_bwd_proto.py --compile-only   # no GPU: AOT compile for sm_90a + ptxas -v
+  python scripts/gluon_bwd_proto.py                  # GPU: check + time vs cuDNN (< 200 s)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+import proto_child  # scripts/: the child-process runner both prototypes share
+
+PTXAS = os.environ.get("PTXAS", "/usr/local/cuda-13.0/bin/ptxas")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+LOG2E = 1.4426950408889634
+
+# Per head dim: (BLOCK_M query rows per step, BLOCK_N keys per CTA, NUM_STAGES, WN)
+#   WN = 1: "rs" mode (warps [8, 1]), WN = 2: "smem" mode (warps [4, 2]).
+# Shared memory (fp16):
+#   d64 : K 16K + V 16K + Q 2x8K  + dO 2x8K  + dS 16K             =  80 KB
+#   d128: K 32K + V 32K + Q 2x16K + dO 2x16K + dS 16K             = 144 KB
+#   d256: K 32K + V 32K + Q 2x32K + dO 2x32K + dS 8K + P 8K       = 208 KB
+# Registers/thread (consumer, fp32 accumulators): d128 dK 64 + dV 64 + S^T 32 + dP^T 32 (+16
+# P^T operand); d256 dK 64 + dV 64 + dQ 64 + S^T 16 + dP^T 16.
+CONFIGS = {64: (64, 128, 2, 1), 128: (64, 128, 2, 1), 256: (64, 64, 2, 2)}
+NUM_WARPS = 8           # consumer (default) partition: 2 warpgroups
+PRODUCER_WARPS = gl.constexpr(1)
+PRODUCER_REGS = gl.constexpr(24)
+# 12 warps (the 1-warp producer is padded to a warpgroup): maxnreg 168 * 12 warps fits the 64K
+# register file; the default partition gets (168*12 - 24*4) / 8 = 240 after setmaxnreg.
+MAXNREG = 168
+
+LIMITATIONS = """\
+- No TMA reduce-add (cp.reduce.async.bulk) in Gluon 3.6's Hopper TMA module (only
+  async_copy_global_to_shared / async_copy_shared_to_global / store_wait): dQ is accumulated
+  with register gl.atomic_add (relaxed) from the consumer warps instead of FA3's dedicated
+  dQ-writer warp doing TMA reduce-adds from shared memory.
+- Worker partitions take no tensor arguments and the default partition keeps maxnreg * warps
+  minus the workers': the consumers are the 8-warp default partition (240 regs), the producer
+  a 1-warp worker (24 regs).  Two consumer partitions (pingpong-style) would need a turn
+  protocol and split the dK/dV accumulators differently; not tried.
+- No named barriers: the dS^T (and P^T) shared buffers written by both consumer warpgroups
+  rely on the compiler-inserted partition-wide bar.sync before the wgmma that reads them.
+- Not done: persistent scheduler, deterministic dQ, next-step S^T/dP^T overlapping this step's
+  dK GEMM (FA3 software-pipelines across steps), TMA store of dK/dV, GQA, Sq != Sk, fp8.
+  bf16 is supported by the kernel but only fp16 is checked."""
+
+
+# --------------------------------------------------------------------------------------------
+# Gluon kernel
+# --------------------------------------------------------------------------------------------
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs, k_smem, v_smem,
+              lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready, do_empty,
+              row0, vrow0, n0, m_start, n_steps,
+              BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+    # K, V of this CTA's key block: loaded once.
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [row0 + n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [row0 + n0, 0], kv_bar, v_smem)
+    for i in range(n_steps):
+        s = i % NUM_STAGES
+        ph = ((i // NUM_STAGES) & 1) ^ 1      # "slot released by its previous use"
+        row = row0 + (m_start + i) * BLOCK_M
+        mbarrier.wait(q_empty.index(s), ph)
+        # Q_i and LSE_i*log2e ride on one barrier, dO_i and D_i on another.
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + lse_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row, 0], q_ready.index(s), q_bufs.index(s))
+        tma.async_copy_global_to_shared(lse_desc, [vrow0 + m_start + i, 0], q_ready.index(s),
+                                        lse_bufs.index(s))
+        mbarrier.wait(do_empty.index(s), ph)
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes + dlt_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [row, 0], do_ready.index(s), do_bufs.index(s))
+        tma.async_copy_global_to_shared(dlt_desc, [vrow0 + m_start + i, 0], do_ready.index(s),
+                                        dlt_bufs.index(s))
+
+
+@gluon.jit
+def _consumer(q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+              q_ready, q_empty, do_ready, do_empty,
+              dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+              row0, n0, m_start, n_steps,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WN: gl.constexpr,
+              DQ_VEC4: gl.constexpr, NW: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    # S^T, dP^T: [BLOCK_N keys, BLOCK_M queries]; dK, dV: [BLOCK_N, HEAD_DIM]; dQ: [BLOCK_M, D]
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // WN, WN], instr_shape=[16, BLOCK_M // WN, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // WN, WN], instr_shape=[16, HEAD_DIM // WN, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, NW // 4], instr_shape=[16, HEAD_DIM // (NW // 4), 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    row_st: gl.constexpr = gl.SliceLayout(1, st_layout)
+
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+
+    keys = n0 + gl.arange(0, BLOCK_N, layout=row_st)
+    keys2 = gl.expand_dims(keys, 1)
+    key_tail = n0 + BLOCK_N > seq_len
+    dq_rows0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+    dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+    # [NUM_STAGES, 1, BLOCK_M] fp32 TMA boxes (no swizzle) seen as plain [NUM_STAGES, BLOCK_M]
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+    mbarrier.wait(kv_bar, 0)
+    for i in range(n_steps):
+        s = i % NUM_STAGES
+        ph = (i // NUM_STAGES) & 1
+        m0 = (m_start + i) * BLOCK_M
+        q_buf = q_bufs.index(s)
+        do_buf = do_bufs.index(s)
+
+        mbarrier.wait(q_ready.index(s), ph)
+        st_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), ph)
+        dpt_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+
+        # ---- P^T (dP^T GEMM still running) ----
+        st, _, _ = warpgroup_mma_wait(1, deps=[st_tok, k_smem, q_buf])
+        # LSE*log2e of the step's queries from shared memory, read at the point of use (16
+        # values/thread in this layout: keeping them live across the waits costs spills).
+        lse2 = lse_bufs.index(s)._reinterpret(gl.float32, [BLOCK_M], vec_layout).load(col_st)
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        masked = key_tail
+        if CAUSAL:
+            masked = masked | (m0 < n0 + BLOCK_N)
+        if masked:
+            valid = keys2 < seq_len
+            if CAUSAL:
+                cols = m0 + gl.arange(0, BLOCK_M, layout=col_st)
+                valid = valid & (gl.expand_dims(cols, 0) >= keys2)
+            pt = gl.where(valid, pt, 0.0)
+        pt16 = pt.to(dtype)
+        if WN == 1:
+            p_op = gl.convert_layout(pt16, a_layout)
+            dv_tok = warpgroup_mma(p_op, do_buf, dv, is_async=True)
+        else:
+            p_smem.store(pt16)
+            fence_async_shared()
+            dv_tok = warpgroup_mma(p_smem, do_buf, dv, is_async=True)
+
+        # ---- dS^T (dV GEMM running) ----
+        dpt, _, _ = warpgroup_mma_wait(1, deps=[dpt_tok, v_smem, do_buf])
+        dlt = dlt_bufs.index(s)._reinterpret(gl.float32, [BLOCK_M], vec_layout).load(col_st)
+        # dS from the fp16-rounded P (same registers as the wgmma A operand) rather than the fp32
+        # P: frees 32 registers/thread across the dP^T wait; dS is rounded to fp16 anyway.
+        dst = pt16.to(gl.float32) * (dpt - gl.expand_dims(dlt, 0))
+        ds16 = dst.to(dtype)
+        ds_smem.store(ds16)
+        fence_async_shared()
+        dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
+        if WN == 1:
+            ds_op = gl.convert_layout(ds16, a_layout)
+            dk_tok = warpgroup_mma(ds_op, q_buf, dk, is_async=True)
+            dv, dq, p_op = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok, p_op])
+        else:
+            dk_tok = warpgroup_mma(ds_smem, q_buf, dk, is_async=True)
+            dv, dq = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok])
+        mbarrier.arrive(do_empty.index(s))
+
+        # ---- dQ atomics (dK GEMM running) ----
+        if DQ_VEC4:
+            # Optional: re-layout through shared memory so that a warp covers whole 512-byte
+            # rows with v4 atomics (the wgmma layout gives v2 atomics over 8 rows x 32 B).
+            dq_bl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])
+            dqb = gl.convert_layout(dq, dq_bl)
+            b_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_bl))
+            b_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_bl))
+            offs = gl.expand_dims((row0 + b_rows) * HEAD_DIM, 1) + gl.expand_dims(b_cols, 0)
+            gl.atomic_add(dq_ptr + offs, dqb, mask=gl.expand_dims(b_rows < seq_len, 1), sem="relaxed")
+        else:
+            dq_rows = m0 + dq_rows0
+            offs = gl.expand_dims((row0 + dq_rows) * HEAD_DIM, 1) + gl.expand_dims(dq_cols, 0)
+            gl.atomic_add(dq_ptr + offs, dq, mask=gl.expand_dims(dq_rows < seq_len, 1), sem="relaxed")
+
+        if WN == 1:
+            dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+        else:
+            dk = warpgroup_mma_wait(0, deps=[dk_tok])
+        mbarrier.arrive(q_empty.index(s))
+
+    # ---- epilogue: dK * scale, dV; rows >= S not stored ----
+    kv_rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    kv_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    offs = gl.expand_dims((row0 + kv_rows) * HEAD_DIM, 1) + gl.expand_dims(kv_cols, 0)
+    kv_mask = gl.expand_dims(kv_rows < seq_len, 1)
+    gl.store(dk_ptr + offs, (dk * sm_scale).to(dtype), mask=kv_mask)
+    gl.store(dv_ptr + offs, dv.to(dtype), mask=kv_mask)
+
+
+@gluon.jit(do_not_specialize=["seq_len"])
+def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse_desc, dlt_desc, dq_ptr, dk_ptr, dv_ptr,
+                    sm_scale, qk_scale, seq_len,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WN: gl.constexpr,
+                    DQ_VEC4: gl.constexpr, num_warps: gl.constexpr):
+    n0 = gl.program_id(0) * BLOCK_N        # pid 0 = key block 0 = heaviest when causal
+    bh = gl.program_id(1)
+    row0 = bh * seq_len
+    num_m = gl.cdiv(seq_len, BLOCK_M)
+    if CAUSAL:
+        m_start = n0 // BLOCK_M            # first query block that sees key n0
+    else:
+        m_start = 0
+    n_steps = num_m - m_start
+    vrow0 = bh * num_m                     # row of this head's first block in the LSE/D views
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    st_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], st_smem_layout)
+    if WN == 1:
+        p_smem = ds_smem                   # unused in rs mode
+    else:
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], st_smem_layout)
+    lse_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    dlt_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + dlt_desc.block_type.shape, dlt_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(do_empty.index(i), count=1)
+
+    gl.warp_specialize([
+        (_consumer, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                     q_ready, q_empty, do_ready, do_empty,
+                     dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                     row0, n0, m_start, n_steps,
+                     HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, num_warps)),
+        (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
+                     k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                     row0, vrow0, n0, m_start, n_steps,
+                     BLOCK_M, NUM_STAGES)),
+    ], [PRODUCER_WARPS], [PRODUCER_REGS])
+
+
+# --------------------------------------------------------------------------------------------
+# tl helper kernels: preprocess (D, LSE*log2e) and dQ scale + cast
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess(o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr, seq_len, seq_pad,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # Outputs are per-head padded to seq_pad (a multiple of BLOCK_M): rows >= S get
+    # LSE*log2e = +inf (=> P = 0) and D = 0 (=> dS = 0), so the main kernel's TMA boxes of
+    # BLOCK_M values never cross heads and need no row mask.
+    bh = tl.program_id(1)
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = m < seq_len
+    src = bh.to(tl.int64) * seq_len + m
+    offs = src[:, None] * HEAD_DIM + cols[None, :]
+    o = tl.load(o_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    dst = bh.to(tl.int64) * seq_pad + m
+    pmask = m < seq_pad
+    tl.store(delta_ptr + dst, tl.sum(o * do, axis=1), mask=pmask)
+    lse = tl.load(lse_ptr + src, mask=valid, other=float("inf"))
+    tl.store(lse2_ptr + dst, lse * 1.4426950408889634, mask=pmask)
+
+
+@triton.jit
+def _dq_cast(dq_acc_ptr, dq_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(dq_acc_ptr + offs, mask=m, other=0.0)
+    tl.store(dq_ptr + offs, (x * scale).to(dq_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+def _gl_dtype(torch_dtype):
+    import torch
+    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[torch_dtype]
+
+
+def _vec_layout():
+    # LSE / D boxes: [1, BLOCK_M] fp32 = 256 B rows, no swizzle (a swizzled box row must fit
+    # the swizzle span, 128 B at most).
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def _layouts(D, BM, BN, gdt):
+    return (gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
+            gl.NVMMASharedLayout.get_default_for([BN, D], gdt))
+
+
+def make_gluon_attention_bwd(q, k, v, o, do, lse, causal=False, sm_scale=None, dq_vec4=False):
+    """q, k, v, o, do: [B, H, S, D] contiguous fp16/bf16; lse [B, H, S] fp32 natural log.
+    Returns (launch, dq, dk, dv); launch() runs the whole backward (zero dQ accumulator,
+    preprocess, main kernel, dQ cast) into dq, dk, dv."""
+    import torch
+    B, H, S, D = q.shape
+    assert all(t.shape == q.shape and t.is_contiguous() for t in (k, v, o, do)), "Sq == Sk, no GQA"
+    assert D in CONFIGS, D
+    assert B * H * S * D < 2 ** 31, "int32 offsets in the prototype"
+    BM, BN, NS, WN = CONFIGS[D]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    dev = q.device
+    n_rows = B * H * S
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq_acc = torch.empty((n_rows, D), device=dev, dtype=torch.float32)
+    num_m = triton.cdiv(S, BM)
+    delta = torch.empty(B * H * num_m * BM, device=dev, dtype=torch.float32)
+    lse2 = torch.empty(B * H * num_m * BM, device=dev, dtype=torch.float32)
+    lse_c = lse.contiguous()
+    q_layout, kv_layout = _layouts(D, BM, BN, _gl_dtype(q.dtype))
+    vec_layout = _vec_layout()
+    lse_desc = TensorDescriptor.from_tensor(lse2.view(-1, BM), [1, BM], vec_layout)
+    dlt_desc = TensorDescriptor.from_tensor(delta.view(-1, BM), [1, BM], vec_layout)
+    q2, k2, v2, do2 = (t.view(n_rows, D) for t in (q, k, v, do))
+    q_desc = TensorDescriptor.from_tensor(q2, [BM, D], q_layout)
+    do_desc = TensorDescriptor.from_tensor(do2, [BM, D], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [BN, D], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [BN, D], kv_layout)
+    grid = (triton.cdiv(S, BN), B * H)
+    PB = 32
+    n_el = n_rows * D
+
+    def launch():
+        dq_acc.zero_()
+        _bwd_preprocess[(triton.cdiv(num_m * BM, PB), B * H)](o, do, lse_c, delta, lse2, S, num_m * BM,
+                                                               HEAD_DIM=D, BLOCK=PB, num_warps=4)
+        attn_bwd_kernel[grid](q_desc, k_desc, v_desc, do_desc, lse_desc, dlt_desc, dq_acc, dk, dv,
+                              sm_scale, sm_scale * LOG2E, S,
+                              D, BM, BN, NS, bool(causal), WN, bool(dq_vec4),
+                              num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        _dq_cast[(triton.cdiv(n_el, 4096),)](dq_acc, dq, n_el, sm_scale, BLOCK=4096, num_warps=8)
+
+    return launch, dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# CPU emulation of the kernel's blocking (no GPU): same 2-D views (rows past a head read the
+# next head or TMA zeros), padded LSE*log2e / D, causal start block and masks, fp16 rounding
+# of P^T / dS^T, dQ accumulated per key block.  Checks the index logic, not the Gluon code.
+# --------------------------------------------------------------------------------------------
+def emulate_bwd(q, k, v, o, do, lse, causal, scale):
+    import torch
+    B, H, S, D = q.shape
+    BM, BN, _, _ = CONFIGS[D]
+    f = torch.float32
+    n_rows = B * H * S
+    num_m = triton.cdiv(S, BM)
+
+    def rows2d(t, start, n):           # TMA box of a 2-D [B*H*S, D] view, zero fill at the end
+        out = torch.zeros(n, D, dtype=t.dtype)
+        flat = t.reshape(n_rows, D)
+        hi = min(start + n, n_rows)
+        out[:hi - start] = flat[start:hi]
+        return out.to(f)
+    lse2 = torch.full((B * H, num_m * BM), float("inf"))
+    delta = torch.zeros(B * H, num_m * BM)
+    lse2[:, :S] = lse.reshape(B * H, S) * LOG2E
+    delta[:, :S] = (o.to(f) * do.to(f)).sum(-1).reshape(B * H, S)
+    dq_acc = torch.zeros(n_rows, D)
+    dk = torch.zeros(n_rows, D)
+    dv = torch.zeros(n_rows, D)
+    for bh in range(B * H):
+        row0 = bh * S
+        for n0 in range(0, S, BN):
+            K = rows2d(k, row0 + n0, BN)
+            V = rows2d(v, row0 + n0, BN)
+            m_start = n0 // BM if causal else 0
+            keys = n0 + torch.arange(BN)
+            dK = torch.zeros(BN, D)
+            dV = torch.zeros(BN, D)
+            for mb in range(m_start, num_m):
+                m0 = mb * BM
+                Q = rows2d(q, row0 + m0, BM)
+                dO = rows2d(do, row0 + m0, BM)
+                l2 = lse2[bh, m0:m0 + BM]
+                dl = delta[bh, m0:m0 + BM]
+                st = K @ Q.T
+                pt = torch.exp2(st * (scale * LOG2E) - l2[None, :])
+                if (n0 + BN > S) or (causal and m0 < n0 + BN):
+                    valid = (keys[:, None] < S).expand(BN, BM)
+                    if causal:
+                        valid = valid & ((m0 + torch.arange(BM))[None, :] >= keys[:, None])
+                    pt = torch.where(valid, pt, torch.zeros(()))
+                pt16 = pt.to(q.dtype).to(f)
+                dV += pt16 @ dO
+                dpt = V @ dO.T
+                ds16 = (pt16 * (dpt - dl[None, :])).to(q.dtype).to(f)
+                dK += ds16 @ Q
+                dq = ds16.T @ K
+                rows = m0 + torch.arange(BM)
+                ok = rows < S
+                dq_acc[row0 + rows[ok]] += dq[ok]
+            kr = keys[keys < S]
+            dk[row0 + kr] = dK[:len(kr)] * scale
+            dv[row0 + kr] = dV[:len(kr)]
+    shp = (B, H, S, D)
+    return (dq_acc * scale).reshape(shp), dk.reshape(shp), dv.reshape(shp)
+
+
+def emulate_check():
+    import torch
+    torch.manual_seed(0)
+    ok_all = True
+    for D in (64, 128, 256):
+        for causal in (False, True):
+            for S in (1, 70, 128, 200):
+                B, H = 2, 2
+                scale = 1.0 / math.sqrt(D)
+                q, k, v, do = (torch.randn(B, H, S, D, dtype=torch.float64) for _ in range(4))
+                q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+                s = (q64 @ k64.transpose(-1, -2)) * scale
+                if causal:
+                    s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+                o64 = torch.softmax(s, -1) @ v64
+                ref = torch.autograd.grad(o64, (q64, k64, v64), do)
+                lse = torch.logsumexp(s.detach(), -1).float()
+                h = lambda t: t.to(torch.float16)  # noqa: E731
+                got = emulate_bwd(h(q), h(k), h(v), h(o64.detach()), h(do), lse, causal, scale)
+                errs = [((g.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
+                        for g, r in zip(got, ref)]
+                ok = all(e < 2e-2 for e in errs)
+                ok_all &= ok
+                if not ok or S == 200:
+                    print(f"emulate D={D} causal={int(causal)} S={S}: err/max(1,|ref|) dq/dk/dv "
+                          + " ".join(f"{e:.1e}" for e in errs) + (" ok" if ok else " FAIL"))
+    print("emulation", "PASS" if ok_all else "FAIL")
+    return ok_all
+
+
+# --------------------------------------------------------------------------------------------
+# AOT compile check (no GPU needed)
+# --------------------------------------------------------------------------------------------
+def _compile(D, causal, dtype_str="fp16", dq_vec4=False):
+    BM, BN, NS, WN = CONFIGS[D]
+    gdt = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype_str]
+    q_layout, kv_layout = _layouts(D, BM, BN, gdt)
+    fn = attn_bwd_kernel
+    qd = f"tensordesc<{dtype_str}[{BM}, {D}],{q_layout!r}>"
+    kd = f"tensordesc<{dtype_str}[{BN}, {D}],{kv_layout!r}>"
+    vd = f"tensordesc<fp32[1, {BM}],{_vec_layout()!r}>"
+    sig = {"q_desc": qd, "k_desc": kd, "v_desc": kd, "do_desc": qd, "lse_desc": vd, "dlt_desc": vd,
+           "dq_ptr": "*fp32", "dk_ptr": f"*{dtype_str}", "dv_ptr": f"*{dtype_str}",
+           "sm_scale": "fp32", "qk_scale": "fp32", "seq_len": "i32"}
+    consts = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=NS, CAUSAL=bool(causal), WN=WN,
+                  DQ_VEC4=bool(dq_vec4), num_warps=NUM_WARPS)
+    for name in consts:
+        sig[name] = "constexpr"
+    constexprs = {(fn.arg_names.index(n),): v for n, v in consts.items()}
+    # torch allocations are 16-byte aligned: matches the JIT's specialisation on the GPU.
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in ("dq_ptr", "dk_ptr", "dv_ptr")}
+    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
+
+
+def _ptx_evidence(ptx: str):
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    setmax = sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)))
+    wg = [ln for ln in lines if ln.startswith("wgmma.mma_async")]
+    reg_a = sum(1 for ln in wg if re.search(r"\},\s*\{", ln))
+    wait_args = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)))
+    # max number of commit groups outstanding at once (straight-line scan; loops aside)
+    pending = maxpend = 0
+    for ln in lines:
+        if ln.startswith("wgmma.commit_group"):
+            pending += 1
+            maxpend = max(maxpend, pending)
+        elif ln.startswith("wgmma.wait_group"):
+            n = int(re.search(r"(\d+)", ln.split()[-1]).group(1))
+            pending = min(pending, n)
+    return dict(setmaxnreg=setmax, wgmma=len(wg), wgmma_reg_a=reg_a,
+                wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
+                wait_args=wait_args, max_groups_in_flight=maxpend,
+                atom=len(re.findall(r"\batom\.[^\s]*add", ptx)),
+                red=len(re.findall(r"\bred\.[^\s]*add", ptx)),
+                bar_sync=sum(1 for ln in lines if ln.startswith(("bar.sync", "barrier.sync"))),
+                fence_proxy=sum(1 for ln in lines if ln.startswith("fence.proxy.async")))
+
+
+def _ptxas(ptx: str):
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        cubin = os.path.join(d, "k.cubin")
+        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", p, "-o", cubin], capture_output=True, text=True)
+        sass = ""
+        if r.returncode == 0 and os.path.exists(CUOBJDUMP):
+            sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
+    out = r.stdout + r.stderr
+    sass_regs = [int(x) for x in re.findall(r"\bR(\d+)\b", sass)]
+
+    def num(pat):
+        m = re.search(pat, out)
+        return int(m.group(1)) if m else None
+    return dict(ok=r.returncode == 0, regs=num(r"Used (\d+) registers"),
+                spill_st=num(r"(\d+) bytes spill stores"), spill_ld=num(r"(\d+) bytes spill loads"),
+                log=out, sass_max_reg=(max(sass_regs) + 1) if sass_regs else None,
+                sass_local=len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)) if sass else None,
+                sass_red=re.findall(r"\bREDG\.\S*?(F32x\d|F32)\b", sass),
+                serialized="serialized" in out)
+
+
+def compile_check(dump_dir=None, dims=(64, 128, 256), causals=(False, True), extras=True) -> bool:
+    """Compile every instantiation; d128 fp16 (causal and not) must pass, the others are
+    reported.  extras: also d128 with the v4-atomic dQ re-layout and d128 bf16."""
+    ok_required = True
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+    print(f"Gluon FA3-style backward, AOT for sm_90a (triton {triton.__version__}); ptxas: {PTXAS}")
+    print(f"{'D':>6} {'causal':>6} {'BM/BN/st/WN':>12} {'regs':>5} {'spill st/ld':>12} {'smem KB':>8} "
+          f"{'SASS regs':>9} {'setmaxnreg':>20} {'wgmma':>6} {'regA':>5} {'shapes':>24} {'waits':>6} "
+          f"{'inflight':>8} {'SASS dQ red':>12} {'bar':>4}")
+    insts = [(D, c, "fp16", False) for D in dims for c in causals]
+    if extras and 128 in dims:
+        insts += [(128, c, "fp16", True) for c in causals] + [(128, True, "bf16", False)]
+    for D, causal, dts, vec4 in insts:
+        if True:
+            BM, BN, NS, WN = CONFIGS[D]
+            tag = f"d{D}_c{int(causal)}" + ("_bf16" if dts == "bf16" else "") + ("_dqv4" if vec4 else "")
+            label = f"{D:>4}{'b' if dts == 'bf16' else ' '}{'v' if vec4 else ' '}"
+            t0 = time.time()
+            try:
+                ck = _compile(D, causal, dts, vec4)
+            except Exception as e:  # noqa: BLE001 -- report and go on
+                root = e
+                while root.__cause__ is not None or root.__context__ is not None:
+                    root = root.__cause__ or root.__context__
+                lines = str(root).strip().splitlines()
+                print(f"{label} {int(causal):>6} COMPILE ERROR: {type(root).__name__}: "
+                      f"{(lines[-1] if lines else '')[:300]}")
+                if dump_dir:
+                    with open(os.path.join(dump_dir, f"err_{tag}.txt"), "w") as f:
+                        f.write(str(e))
+                if D == 128 and dts == "fp16" and not vec4:
+                    ok_required = False
+                continue
+            ptx = ck.asm["ptx"]
+            if dump_dir:
+                for ext in ("ptx", "ttgir"):
+                    with open(os.path.join(dump_dir, f"{tag}.{ext}"), "w") as f:
+                        f.write(ck.asm[ext])
+            pa = _ptxas(ptx)
+            ev = _ptx_evidence(ptx)
+            ok = pa["ok"] and ev["wgmma"] > 0 and bool(ev["setmaxnreg"])
+            if D == 128 and dts == "fp16" and not vec4:
+                ok_required &= ok
+            spill = f"{pa['spill_st']}/{pa['spill_ld']}" + (" SERIALIZED" if pa["serialized"] else "")
+            sass_regs = "?" if pa["sass_max_reg"] is None else f"{pa['sass_max_reg']}" + (
+                f" L{pa['sass_local']}" if pa["sass_local"] else "")
+            print(f"{label} {int(causal):>6} {f'{BM}/{BN}/{NS}/{WN}':>12} {pa['regs']!s:>5} {spill:>12} "
+                  f"{ck.metadata.shared / 1024:>8.1f} {sass_regs:>9} "
+                  f"{','.join(f'{a}{n}' for a, n in ev['setmaxnreg']):>20} {ev['wgmma']:>6} "
+                  f"{ev['wgmma_reg_a']:>5} {','.join(ev['wgmma_shapes']):>24} "
+                  f"{','.join(ev['wait_args']):>6} {ev['max_groups_in_flight']:>8} "
+                  f"{(str(len(pa['sass_red'])) + 'x' + ','.join(sorted(set(pa['sass_red'])))):>12} {ev['bar_sync']:>4}  ({time.time() - t0:.0f}s)"
+                  + ("" if pa["ok"] else "  PTXAS FAILED: " + pa["log"][-400:]))
+    print("D suffix: b = bf16, v = dQ re-laid out for v4 atomics (--dq-vec4).  "
+          "regs: ptxas's kernel-level count (launch bound = maxnreg %d); setmaxnreg then gives the "
+          "consumers 240 and the producer 24.  SASS regs: highest register index + 1 in the SASS "
+          "('L<n>' = number of LDL/STL local-memory instructions).  regA: wgmmas with a register A "
+          "operand (P^T, dS^T).  inflight: max wgmma commit groups outstanding in straight-line "
+          "PTX order.  SASS dQ red: REDG.ADD instructions (ptxas turns the unused-result PTX atom "
+          "into a fire-and-forget reduction) and their vector width.  bar: bar.sync/barrier.sync "
+          "in the PTX." % MAXNREG)
+    print("Limitations:\n" + LIMITATIONS)
+    return ok_required
+
+
+# --------------------------------------------------------------------------------------------
+# GPU check + benchmark
+# --------------------------------------------------------------------------------------------
+def _one_instantiation(D, causal, sizes, time_sizes, deadline, dq_vec4=False):
+    """Child process: correctness (B=2, H=4) against float64 autograd, with torch's fp16 eager
+    gradient error as the yardstick, then timings next to cuDNN.  One 'RESULT {json}' a line."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt = "cuda", torch.float16
+
+    emit = proto_child.emit
+
+    def attn(q, k, v, scale, upcast_softmax):
+        s = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            S = q.shape[-2]
+            s = s.masked_fill(~torch.ones(S, S, device=dev, dtype=torch.bool).tril(), float("-inf"))
+        p = torch.softmax(s.float(), -1).to(q.dtype) if upcast_softmax else torch.softmax(s, -1)
+        return p @ v, s
+
+    torch.manual_seed(0)
+    ok_all = True
+    for S in sizes:
+        if time.time() > deadline:
+            print(f"check D={D} causal={int(causal)} S={S}: SKIPPED (time budget)", flush=True)
+            continue
+        B, H = 2, 4
+        scale = 1.0 / math.sqrt(D)
+        q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(4))
+        # float64 reference: O, LSE and gradients
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        o64, s64 = attn(q64, k64, v64, scale, False)
+        lse = torch.logsumexp(s64.detach(), -1).float()
+        ref = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+        o = o64.detach().to(dt).contiguous()
+        del o64, s64, q64, k64, v64
+        # fp16 eager (fp16 matmuls, fp32 softmax) gradients: the error yardstick
+        qh, kh, vh = (t.clone().requires_grad_() for t in (q, k, v))
+        oh, _ = attn(qh, kh, vh, scale, True)
+        eager = torch.autograd.grad(oh, (qh, kh, vh), do)
+        del oh, qh, kh, vh
+        try:
+            launch, dq, dk, dv = make_gluon_attention_bwd(q, k, v, o, do, lse, causal, scale, dq_vec4)
+            proto_child.guarded_first_call(launch, f"D={D} causal={int(causal)} S={S}")
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()
+            emit(kind="error", D=D, causal=causal, S=S, msg=f"{type(e).__name__}: {msg[-1][:200] if msg else ''}")
+            return
+        res = dict(kind="check", D=D, causal=causal, S=S)
+        ok = True
+        for name, ours, r, e16 in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, eager):
+            mag = r.abs().max().item()
+            err = (ours.double() - r).abs().max().item()
+            err16 = (e16.double() - r).abs().max().item()
+            nan = bool(torch.isnan(ours).any().item() or torch.isinf(ours).any().item())
+            tol = 2 * err16 + 1e-3 * mag
+            good = (not nan) and err <= tol
+            ok &= good
+            res[name] = dict(err=err, eager=err16, mag=mag, tol=tol, nan=nan, ok=good)
+        res["ok"] = ok
+        ok_all &= ok
+        emit(**res)
+        del ref, eager, dq, dk, dv, q, k, v, do, o, lse
+        torch.cuda.empty_cache()
+    if not ok_all:
+        return
+
+    # ---- timing: b*s = 16k tokens, hidden 2048 (H = 2048 / D) ----
+    H = 2048 // D
+    for S in time_sizes:
+        if time.time() > deadline:
+            print(f"time D={D} causal={int(causal)} S={S}: SKIPPED (time budget)", flush=True)
+            continue
+        B = 16384 // S
+        scale = 1.0 / math.sqrt(D)
+        q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(4))
+        flops = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+        res = dict(kind="time", D=D, causal=causal, S=S)
+        # cuDNN: forward once (graph kept), then time torch.autograd.grad(out, (q, k, v), do,
+        # retain_graph=True) -- i.e. the cuDNN backward call alone (incl. its own preprocessing).
+        try:
+            qc, kc, vc = (t.clone().requires_grad_() for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=causal, scale=scale)
+            ms_ref = triton.testing.do_bench(
+                lambda out=out, qc=qc, kc=kc, vc=vc, do=do: torch.autograd.grad(
+                    out, (qc, kc, vc), do, retain_graph=True), warmup=10, rep=40)
+            res["cudnn"] = flops / ms_ref * 1e-9
+            o = out.detach().contiguous()
+            del out, qc, kc, vc
+        except Exception as e:  # noqa: BLE001
+            print(f"cuDNN SDPA failed at S={S}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            res["cudnn"] = float("nan")
+            o = torch.randn_like(q)
+        # Timing only: the kernel does the same work for any finite LSE (no data-dependent
+        # branches), so log(S) stands in for the real one (which would need an O(S^2) pass).
+        lse = torch.full((B, H, S), math.log(S), device=dev, dtype=torch.float32)
+        try:
+            launch, _, _, _ = make_gluon_attention_bwd(q, k, v, o, do, lse, causal, scale, dq_vec4)
+            ms = triton.testing.do_bench(launch, warmup=10, rep=40)
+            res["ours"] = flops / ms * 1e-9
+        except Exception as e:  # noqa: BLE001
+            print(f"timing failed at S={S}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:120]}",
+                  flush=True)
+        emit(**res)
+        del q, k, v, do, o, lse
+        torch.cuda.empty_cache()
+
+
+def run_gpu(dims=(128, 64, 256), budget_s=200.0, first_call_timeout=60.0, quick=False, dq_vec4=False):
+    """One child process per (D, causal).  The child's first kernel call is hang-guarded (CUDA
+    event polling, 20 s); the child as a whole gets a timeout here, and the total stays under
+    budget_s (instantiations that no longer fit are skipped, not started)."""
+    t_start = time.time()
+    insts = [(D, c) for D in dims for c in (False, True)]
+    rows = []
+    for idx, (D, causal) in enumerate(insts):
+        left = budget_s - (time.time() - t_start)
+        n_left = len(insts) - idx
+        if left < 15:
+            print(f"D={D} causal={int(causal)}: SKIPPED (time budget spent)")
+            continue
+        # fair share of what is left, at least the first-call guard + checks, at most 60 s
+        timeout = min(max(first_call_timeout, left / n_left), left - 2, 60.0 if not quick else 45.0)
+        deadline_in_child = timeout - 8      # child stops starting new work before the kill
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(D), str(int(causal)),
+               "--child-budget", str(deadline_in_child)] + (["--quick"] if quick else []) + (
+                   ["--dq-vec4"] if dq_vec4 and D != 256 else [])
+        results, out, err, rc = proto_child.run(cmd, timeout)
+        for res in results:
+            if res["kind"] == "check":
+                parts = " ".join(f"{n} {res[n]['err']:.2e}/{res[n]['eager']:.2e}(tol {res[n]['tol']:.1e},|ref| {res[n]['mag']:.1e})"
+                                 + ("NaN" if res[n]["nan"] else "") for n in ("dq", "dk", "dv"))
+                print(f"check D={D} causal={int(causal)} S={res['S']:>5}: ours/eager-fp16 {parts} "
+                      f"-> {'PASS' if res['ok'] else 'FAIL'}")
+            elif res["kind"] == "error":
+                print(f"check D={D} causal={int(causal)} S={res['S']}: ERROR {res['msg']}")
+            elif res["kind"] == "hang":
+                print(f"HANG: {res['what']} did not finish in {res['seconds']:.0f}s (mbarrier deadlock?)")
+            else:
+                rows.append(res)
+        proto_child.report_end(D, causal, results, out, err, rc, timeout)
+    print("\nbackward TFLOP/s (2.5 x 4*B*H*S^2*D, /2 causal); ours = dQ zero + preprocess + main + "
+          "dQ cast; cuDNN = torch.autograd.grad on the cuDNN SDPA output (retain_graph)")
+    print(f"{'D':>4} {'causal':>6} {'S':>6} {'ours':>8} {'cuDNN':>8} {'ratio':>6}")
+    for r in rows:
+        ours, ref = r.get("ours", float("nan")), r.get("cudnn", float("nan"))
+        print(f"{r['D']:>4} {int(r['causal']):>6} {r['S']:>6} {ours:>8.1f} {ref:>8.1f} {ours / ref:>6.2f}")
+    print(f"total {time.time() - t_start:.0f}s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--emulate", action="store_true", help="CPU emulation of the blocking/masks")
+    ap.add_argument("--dims", default="64,128,256", help="head dims (comma list)")
+    ap.add_argument("--dump", default=None, help="with --compile-only: write PTX/TTGIR here")
+    ap.add_argument("--quick", action="store_true", help="check S=128,1000 only, time S=2048,16384")
+    ap.add_argument("--dq-vec4", action="store_true",
+                    help="GPU mode: dQ atomics as v4 over whole rows (smem re-layout; not d256)")
+    ap.add_argument("--one", nargs=2, type=int, metavar=("D", "CAUSAL"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-budget", type=float, default=50.0, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole GPU run")
+    args = ap.parse_args()
+    dims = tuple(int(x) for x in args.dims.split(",") if x)
+    if args.emulate:
+        sys.exit(0 if emulate_check() else 1)
+    if args.compile_only:
+        sys.exit(0 if compile_check(args.dump, dims) else 1)
+    if args.one:
+        sizes = (128, 1000) if args.quick else (128, 1000, 4097)
+        tsizes = (2048, 16384) if args.quick else (2048, 4096, 8192, 16384)
+        _one_instantiation(args.one[0], bool(args.one[1]), sizes, tsizes, time.time() + args.child_budget,
+                           dq_vec4=args.dq_vec4)
+        return
+    # d128 first (the one that matters), then d64, then d256
+    run_gpu(dims=tuple(sorted(dims, key=lambda d: (d != 128, d))), budget_s=args.budget, quick=args.quick,
+            dq_vec4=args.dq_vec4)
+
+
+if __name__ == "__main__":
+    main()
