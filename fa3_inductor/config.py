@@ -50,7 +50,7 @@ min_train_attention_flops: float = 2.6e11
 # TMA producer warp, two consumer warpgroups in pingpong, softmax under the PV GEMM; ops/gluon_fwd.py)
 # wherever it applies: head dim 128 or 256, fp16/bf16, no mask or causal, no bias / key padding /
 # ALiBi / softcap / dropout, default tiles (triton_impl.gluon_supports says why not, explain()
-# shows it).  Measured on the H100 at 0.92-1.07x cuDNN at d128/d256 (prototype, docs/perf.md),
+# shows it).  Measured on the H100 at 0.88-1.13x cuDNN at d128/d256 (session 9, docs/perf.md),
 # the tl-level kernel 0.67-0.80x.  False: always the tl-level kernel.  Read when the op runs (not a
 # per-compile "fa3." option: config_check rejects it there).
 gluon_forward: bool = True

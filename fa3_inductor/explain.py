@@ -85,11 +85,7 @@ def _fmt(shape) -> str:
     return "[" + ",".join(str(s) for s in shape) + "]" if shape else "?"
 
 
-def planned_kernel(site) -> str:
-    return _plan(site)[0]
-
-
-def _plan(site) -> tuple:
+def planned_kernel(site) -> tuple:
     """(kernel, triton_forward).  kernel: the forward implementation (cuda / triton / fp8
     (cuda|triton) / reference) that run-time dispatch picks for tensors shaped like the site's
     example q, k, v (and bias): dtype, head dim, sequence lengths, strides and the measured
@@ -126,8 +122,8 @@ def _plan(site) -> tuple:
     if name == "triton":
         try:
             from .ops import triton_impl
-            scale = site.static_scale() if hasattr(site, "static_scale") else None
-            why = triton_impl.gluon_supports(q, k, v, bias, None, None, None, site.spec, scale=scale)
+            why = triton_impl.gluon_supports(q, k, v, bias, None, None, None, site.spec,
+                                             scale=site.static_scale())
             fwd = "gluon" if why is None else f"tl: {why}"
         except Exception:  # noqa: BLE001 - a report, not a decision
             fwd = ""
@@ -150,7 +146,7 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
             would = why_not == ""
             matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
                                        tuple(qs), tuple(ks), tuple(vs), group,
-                                       *(_plan(site) if would else ("", ""))))
+                                       *(planned_kernel(site) if would else ("", ""))))
         for um in report.unmatched:
             unmatched.append(UnmatchedSoftmax(um.source or um.anchor.name, um.reason))
         return gm.forward

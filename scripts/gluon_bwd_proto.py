@@ -102,9 +102,7 @@ import argparse
 import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import triton
@@ -124,8 +122,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import proto_child  # scripts/: the child-process runner both prototypes share
 
-PTXAS = os.environ.get("PTXAS", "/usr/local/cuda-13.0/bin/ptxas")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fa3_inductor.bench import kernels as kernel_grid  # noqa: E402  (the benchmarks' FLOP count)
+from fa3_inductor.ops import gluon_fwd  # noqa: E402  (ptxas_report: the compile evidence)
+
 LOG2E = 1.4426950408889634
 
 # Per head dim: (BLOCK_M query rows per step, BLOCK_N keys per CTA, NUM_STAGES, WN)
@@ -606,37 +606,13 @@ def _ptx_evidence(ptx: str):
                 fence_proxy=sum(1 for ln in lines if ln.startswith("fence.proxy.async")))
 
 
-def _ptxas(ptx: str):
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.ptx")
-        with open(p, "w") as f:
-            f.write(ptx)
-        cubin = os.path.join(d, "k.cubin")
-        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", p, "-o", cubin], capture_output=True, text=True)
-        sass = ""
-        if r.returncode == 0 and os.path.exists(CUOBJDUMP):
-            sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
-    out = r.stdout + r.stderr
-    sass_regs = [int(x) for x in re.findall(r"\bR(\d+)\b", sass)]
-
-    def num(pat):
-        m = re.search(pat, out)
-        return int(m.group(1)) if m else None
-    return dict(ok=r.returncode == 0, regs=num(r"Used (\d+) registers"),
-                spill_st=num(r"(\d+) bytes spill stores"), spill_ld=num(r"(\d+) bytes spill loads"),
-                log=out, sass_max_reg=(max(sass_regs) + 1) if sass_regs else None,
-                sass_local=len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)) if sass else None,
-                sass_red=re.findall(r"\bREDG\.\S*?(F32x\d|F32)\b", sass),
-                serialized="serialized" in out)
-
-
 def compile_check(dump_dir=None, dims=(64, 128, 256), causals=(False, True), extras=True) -> bool:
     """Compile every instantiation; d128 fp16 (causal and not) must pass, the others are
     reported.  extras: also d128 with the v4-atomic dQ re-layout and d128 bf16."""
     ok_required = True
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-    print(f"Gluon FA3-style backward, AOT for sm_90a (triton {triton.__version__}); ptxas: {PTXAS}")
+    print(f"Gluon FA3-style backward, AOT for sm_90a (triton {triton.__version__})")
     print(f"{'D':>6} {'causal':>6} {'BM/BN/st/WN':>12} {'regs':>5} {'spill st/ld':>12} {'smem KB':>8} "
           f"{'SASS regs':>9} {'setmaxnreg':>20} {'wgmma':>6} {'regA':>5} {'shapes':>24} {'waits':>6} "
           f"{'inflight':>8} {'SASS dQ red':>12} {'bar':>4}")
@@ -644,46 +620,46 @@ def compile_check(dump_dir=None, dims=(64, 128, 256), causals=(False, True), ext
     if extras and 128 in dims:
         insts += [(128, c, "fp16", True) for c in causals] + [(128, True, "bf16", False)]
     for D, causal, dts, vec4 in insts:
-        if True:
-            BM, BN, NS, WN = CONFIGS[D]
-            tag = f"d{D}_c{int(causal)}" + ("_bf16" if dts == "bf16" else "") + ("_dqv4" if vec4 else "")
-            label = f"{D:>4}{'b' if dts == 'bf16' else ' '}{'v' if vec4 else ' '}"
-            t0 = time.time()
-            try:
-                ck = _compile(D, causal, dts, vec4)
-            except Exception as e:  # noqa: BLE001 -- report and go on
-                root = e
-                while root.__cause__ is not None or root.__context__ is not None:
-                    root = root.__cause__ or root.__context__
-                lines = str(root).strip().splitlines()
-                print(f"{label} {int(causal):>6} COMPILE ERROR: {type(root).__name__}: "
-                      f"{(lines[-1] if lines else '')[:300]}")
-                if dump_dir:
-                    with open(os.path.join(dump_dir, f"err_{tag}.txt"), "w") as f:
-                        f.write(str(e))
-                if D == 128 and dts == "fp16" and not vec4:
-                    ok_required = False
-                continue
-            ptx = ck.asm["ptx"]
+        BM, BN, NS, WN = CONFIGS[D]
+        tag = f"d{D}_c{int(causal)}" + ("_bf16" if dts == "bf16" else "") + ("_dqv4" if vec4 else "")
+        label = f"{D:>4}{'b' if dts == 'bf16' else ' '}{'v' if vec4 else ' '}"
+        t0 = time.time()
+        try:
+            ck = _compile(D, causal, dts, vec4)
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            root = e
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            lines = str(root).strip().splitlines()
+            print(f"{label} {int(causal):>6} COMPILE ERROR: {type(root).__name__}: "
+                  f"{(lines[-1] if lines else '')[:300]}")
             if dump_dir:
-                for ext in ("ptx", "ttgir"):
-                    with open(os.path.join(dump_dir, f"{tag}.{ext}"), "w") as f:
-                        f.write(ck.asm[ext])
-            pa = _ptxas(ptx)
-            ev = _ptx_evidence(ptx)
-            ok = pa["ok"] and ev["wgmma"] > 0 and bool(ev["setmaxnreg"])
+                with open(os.path.join(dump_dir, f"err_{tag}.txt"), "w") as f:
+                    f.write(str(e))
             if D == 128 and dts == "fp16" and not vec4:
-                ok_required &= ok
-            spill = f"{pa['spill_st']}/{pa['spill_ld']}" + (" SERIALIZED" if pa["serialized"] else "")
-            sass_regs = "?" if pa["sass_max_reg"] is None else f"{pa['sass_max_reg']}" + (
-                f" L{pa['sass_local']}" if pa["sass_local"] else "")
-            print(f"{label} {int(causal):>6} {f'{BM}/{BN}/{NS}/{WN}':>12} {pa['regs']!s:>5} {spill:>12} "
-                  f"{ck.metadata.shared / 1024:>8.1f} {sass_regs:>9} "
-                  f"{','.join(f'{a}{n}' for a, n in ev['setmaxnreg']):>20} {ev['wgmma']:>6} "
-                  f"{ev['wgmma_reg_a']:>5} {','.join(ev['wgmma_shapes']):>24} "
-                  f"{','.join(ev['wait_args']):>6} {ev['max_groups_in_flight']:>8} "
-                  f"{(str(len(pa['sass_red'])) + 'x' + ','.join(sorted(set(pa['sass_red'])))):>12} {ev['bar_sync']:>4}  ({time.time() - t0:.0f}s)"
-                  + ("" if pa["ok"] else "  PTXAS FAILED: " + pa["log"][-400:]))
+                ok_required = False
+            continue
+        ptx = ck.asm["ptx"]
+        if dump_dir:
+            for ext in ("ptx", "ttgir"):
+                with open(os.path.join(dump_dir, f"{tag}.{ext}"), "w") as f:
+                    f.write(ck.asm[ext])
+        pa = gluon_fwd.ptxas_report(ptx)
+        sass_red = re.findall(r"\bREDG\.\S*?(F32x\d|F32)\b", pa["sass"])
+        ev = _ptx_evidence(ptx)
+        ok = pa["ok"] and ev["wgmma"] > 0 and bool(ev["setmaxnreg"])
+        if D == 128 and dts == "fp16" and not vec4:
+            ok_required &= ok
+        spill = f"{pa['spill_stores']}/{pa['spill_loads']}" + (" SERIALIZED" if pa["serialized_wgmma"] else "")
+        sass_regs = "?" if pa["sass_max_reg"] is None else f"{pa['sass_max_reg']}" + (
+            f" L{pa['sass_local']}" if pa["sass_local"] else "")
+        print(f"{label} {int(causal):>6} {f'{BM}/{BN}/{NS}/{WN}':>12} {pa['regs']!s:>5} {spill:>12} "
+              f"{ck.metadata.shared / 1024:>8.1f} {sass_regs:>9} "
+              f"{','.join(f'{a}{n}' for a, n in ev['setmaxnreg']):>20} {ev['wgmma']:>6} "
+              f"{ev['wgmma_reg_a']:>5} {','.join(ev['wgmma_shapes']):>24} "
+              f"{','.join(ev['wait_args']):>6} {ev['max_groups_in_flight']:>8} "
+              f"{(str(len(sass_red)) + 'x' + ','.join(sorted(set(sass_red)))):>12} {ev['bar_sync']:>4}  ({time.time() - t0:.0f}s)"
+              + ("" if pa["ok"] else "  PTXAS FAILED: " + pa["log"][-400:]))
     print("D suffix: b = bf16, v = dQ re-laid out for v4 atomics (--dq-vec4).  "
           "regs: ptxas's kernel-level count (launch bound = maxnreg %d); setmaxnreg then gives the "
           "consumers 240 and the producer 24.  SASS regs: highest register index + 1 in the SASS "
@@ -775,7 +751,7 @@ def _one_instantiation(D, causal, sizes, time_sizes, deadline, dq_vec4=False):
         B = 16384 // S
         scale = 1.0 / math.sqrt(D)
         q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(4))
-        flops = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+        flops = kernel_grid.flops(B, H, S, D, causal, "bwd")
         res = dict(kind="time", D=D, causal=causal, S=S)
         # cuDNN: forward once (graph kept), then time torch.autograd.grad(out, (q, k, v), do,
         # retain_graph=True) -- i.e. the cuDNN backward call alone (incl. its own preprocessing).

@@ -24,6 +24,7 @@ import triton
 import proto_child  # scripts/: the child-process runner both prototypes share
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fa3_inductor.bench import kernels as kernel_grid  # noqa: E402  (the benchmarks' FLOP count)
 from fa3_inductor.ops import gluon_fwd  # noqa: E402
 
 VARIANTS = ("pingpong",)
@@ -155,7 +156,7 @@ def _one_instantiation(D, causal, variants, quick=False):
     for S in ((2048, 16384) if quick else (2048, 4096, 8192, 16384)):
         B = 16384 // S
         q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(3))
-        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+        flops = kernel_grid.flops(B, H, S, D, causal, "fwd")
         res = dict(kind="time", D=D, causal=causal, S=S)
         for variant in variants:
             if not ok_variant.get(variant):

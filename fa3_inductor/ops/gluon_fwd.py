@@ -9,7 +9,6 @@ and an AOT compile for sm_90a that needs no GPU (tests, scripts/gluon_fwd_proto.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -131,20 +130,12 @@ def aot_compile(D: int, causal: bool, dtype_name: str = "fp16"):
                           options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
 
 
-def flops(B: int, Hq: int, Sq: int, Sk: int, D: int, causal: bool) -> float:
-    """Forward FLOPs as the benchmarks count them (causal halved)."""
-    return 4.0 * B * Hq * Sq * Sk * D / (2 if causal else 1)
-
-
-def default_scale(D: int) -> float:
-    return 1.0 / math.sqrt(D)
-
-
 def ptxas_report(ptx: str) -> dict:
     """Assemble PTX for sm_90a with ptxas -v ($PTXAS or the one Triton ships) and read the SASS:
     regs (the launch bound, = MAXNREG), spill store/load bytes, static smem, the highest register
     the SASS touches + 1 (what the setmaxnreg'd consumers really use) and its local-memory
-    instructions (LDL/STL).  Compile evidence for tests and scripts/gluon_fwd_proto.py."""
+    instructions (LDL/STL), and the SASS text itself.  Compile evidence for tests and the
+    scripts/gluon_*_proto.py compile checks."""
     import os
     import re
     import subprocess
@@ -172,7 +163,7 @@ def ptxas_report(ptx: str) -> dict:
                 stack=num(r"(\d+) bytes stack frame"), smem_static=num(r"(\d+) bytes smem"),
                 sass_max_reg=(max(sass_regs) + 1) if sass_regs else None,
                 sass_local=len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)) if sass else None,
-                serialized_wgmma="serialized" in log)
+                serialized_wgmma="serialized" in log, sass=sass)
 
 
 def ptx_evidence(ptx: str) -> dict:
