@@ -55,13 +55,25 @@ min_train_attention_flops: float = 2.6e11
 # per-compile "fa3." option: config_check rejects it there).
 gluon_forward: bool = True
 
+# The Triton implementation's backward (also the CUDA template's backward) on sm_90 runs the Gluon
+# kernel (warp-specialised FA3-style: TMA producer warp, two consumer warpgroups with dK/dV in
+# registers, a dQ-writer warp pair at d64/d128; ops/gluon_bwd.py) wherever it applies: head dim 64,
+# 128 or 256, fp16/bf16, no mask or causal, no bias / key padding / ALiBi / softcap / dropout, GQA
+# "div", default tiles (triton_impl.gluon_bwd_supports says why not, explain() shows it).  With
+# deterministic_backward (the default) only where its ordered-dQ mode measured faster than the tl
+# kernels (triton_impl.deterministic_tl_reason: non-causal, >= 16k keys, d64/d128); with it off,
+# dQ summed by atomics, every head dim.  False: always the tl-level kernels.  Read when the op
+# runs (not a per-compile "fa3." option: config_check rejects it there).
+gluon_backward: bool = True
+
 # Leave rewritten sites' source lines in the log at INFO level.
 log_rewrites: bool = True
 
-# False: the Triton backward accumulates dQ with fp32 atomics inside the dK/dV kernel (no dQ
-# kernel; summation order varies run to run).  Measured on the H100 with the tuned tiles it is
-# slower, 0.84-0.96x at head dims 64/128 and 0.34x at 256 (register spills), so True stays the
-# default (docs/perf-notes.md).  Calls with a bias gradient keep the deterministic path.
+# True (the issue's rule: deterministic unless a flag allows atomics): bit-identical gradients
+# run to run.  False: dQ summed with fp32 atomics (the order varies), in the Gluon backward where
+# it applies (0.89-0.99x cuDNN at head dims 64/128, 0.67-0.76x at 256 on the H100, against the
+# deterministic 0.55-0.95x; docs/perf.md, session 10), else inside the tl dK/dV kernel (slower
+# than the tl default there).  Calls with a bias gradient keep the deterministic path.
 deterministic_backward: bool = True
 
 install_config_module(sys.modules[__name__])

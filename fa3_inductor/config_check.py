@@ -8,11 +8,11 @@ ALLOWED = {
     "sdpa_rewrite": ("measured", "always", "never"),
 }
 BOOLS = ("force_rewrite", "fp8", "fp8_training", "log_rewrites", "deterministic_backward",
-         "speculate_mask_inputs", "gluon_forward")
+         "speculate_mask_inputs", "gluon_forward", "gluon_backward")
 NUMBERS = ("min_train_attention_flops",)   # non-negative numbers
 PREFIX = "fa3."
 # Read when the op runs, not carried by a compile's sites: not a torch.compile option.
-RUNTIME_ONLY = ("gluon_forward",)
+RUNTIME_ONLY = ("gluon_forward", "gluon_backward")
 
 
 def check_value(name: str, val) -> None:

@@ -27,6 +27,9 @@ class MatchedSite:
     kernel: str = ""          # forward implementation dispatch picks for the example shapes
     # where kernel is "triton": "gluon" (the Gluon forward runs it) or "tl: <why not Gluon>"
     triton_forward: str = ""
+    # where kernel is "triton" or "cuda" (both backwards are triton_impl.backward): "gluon" (the
+    # Gluon backward runs it, if the site trains) or "tl: <why not Gluon>"
+    triton_backward: str = ""
 
 
 @dataclasses.dataclass
@@ -51,7 +54,8 @@ class ExplainReport:
                 where, code = _split_source(m.source)
                 shapes = f"{_fmt(m.q_shape)} {_fmt(m.k_shape)} {_fmt(m.v_shape)}"
                 kern = f"{m.kernel}, forward {m.triton_forward}" if m.triton_forward else m.kernel
-                extra = (f"  [kernel: {kern}]" if m.kernel else "") if m.rewritten_on_this_machine \
+                bwd = f" [backward {m.triton_backward}]" if m.triton_backward else ""
+                extra = (f"  [kernel: {kern}]{bwd}" if m.kernel else "") if m.rewritten_on_this_machine \
                     else f"  [not rewritten here: {m.note}]"
                 gqa = f" gqa={m.gqa_group}:1" if m.gqa_group > 1 else ""
                 lines.append(f"{i:>3}  {where:<32} {shapes:<40} {m.spec.describe()}{gqa}{extra}")
@@ -86,12 +90,15 @@ def _fmt(shape) -> str:
 
 
 def planned_kernel(site) -> tuple:
-    """(kernel, triton_forward).  kernel: the forward implementation (cuda / triton / fp8
-    (cuda|triton) / reference) that run-time dispatch picks for tensors shaped like the site's
-    example q, k, v (and bias): dtype, head dim, sequence lengths, strides and the measured
-    kernel table decide it; "decided per call" where the example has symbolic sizes or the
-    layout differs from the op's 4-D view.  triton_forward, where kernel is "triton": "gluon"
-    when the Gluon forward serves the call, else "tl: <reason>" (triton_impl.gluon_supports)."""
+    """(kernel, triton_forward, triton_backward).  kernel: the forward implementation (cuda /
+    triton / fp8 (cuda|triton) / reference) that run-time dispatch picks for tensors shaped like
+    the site's example q, k, v (and bias): dtype, head dim, sequence lengths, strides and the
+    measured kernel table decide it; "decided per call" where the example has symbolic sizes or
+    the layout differs from the op's 4-D view.  triton_forward, where kernel is "triton":
+    "gluon" when the Gluon forward serves the call, else "tl: <reason>"
+    (triton_impl.gluon_supports).  triton_backward, where kernel is "triton" or "cuda" (both run
+    triton_impl.backward): "gluon" or "tl: <reason>" (triton_impl.gluon_bwd_supports, for a
+    contiguous dout / out as autograd passes them)."""
     from .ops import dispatch
     from .patterns import nodes as N
 
@@ -117,8 +124,8 @@ def planned_kernel(site) -> tuple:
         if name == "fp8":  # which FP8 kernel: the CUDA template or the Triton one
             name = f"fp8 ({impl.kernel_for(q, k, v, bias, site.spec)})"
     except Exception:  # symbolic sizes, unusual layouts: the choice is made when the op runs
-        return "decided per call", ""
-    fwd = ""
+        return "decided per call", "", ""
+    fwd = bwd = ""
     if name == "triton":
         try:
             from .ops import triton_impl
@@ -127,7 +134,18 @@ def planned_kernel(site) -> tuple:
             fwd = "gluon" if why is None else f"tl: {why}"
         except Exception:  # noqa: BLE001 - a report, not a decision
             fwd = ""
-    return name, fwd
+    if name in ("triton", "cuda"):
+        try:
+            from .ops import triton_impl
+            B, Hq, Sq = q.shape[:3]
+            out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=site.spec.out_torch_dtype, device=q.device)
+            lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+            why = triton_impl.gluon_bwd_supports(out, q, k, v, out, lse, bias, None, None, None, site.spec,
+                                                 False, scale=site.static_scale())
+            bwd = "gluon" if why is None else f"tl: {why}"
+        except Exception:  # noqa: BLE001 - a report, not a decision
+            bwd = ""
+    return name, fwd, bwd
 
 
 def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
@@ -146,7 +164,7 @@ def explain(fn_or_module, *args, **kwargs) -> ExplainReport:
             would = why_not == ""
             matched.append(MatchedSite(site.source or site.anchor.name, site.spec, would, why_not,
                                        tuple(qs), tuple(ks), tuple(vs), group,
-                                       *(planned_kernel(site) if would else ("", ""))))
+                                       *(planned_kernel(site) if would else ("", "", ""))))
         for um in report.unmatched:
             unmatched.append(UnmatchedSoftmax(um.source or um.anchor.name, um.reason))
         return gm.forward

@@ -92,9 +92,36 @@ completed, so wait(parity=1) on it returns at once):
     next step's overwrite comes after every warp has waited on those wgmmas and passed the
     q_empty arrive's bar.sync.
 
+Speed variants (--variants a,b,c; see VARIANTS; the default kernel above is "base" and is
+unchanged -- same PTX -- when no variant is named):
+  * pipe (PIPE=1 at d128, 2 at d256): the dK_i wgmma stays in flight across the loop back edge;
+    step i+1 issues S^T_{i+1} right behind it (no tensor-core drain + refill between steps),
+    then retires dK_i (Q_i free) and issues dP^T_{i+1}.  dQ_i's atomics stay under dK_i, as in
+    base.  d256 peels step 0 (PIPE=2).  The more aggressive forms (S^T_{i+1} or dP^T_{i+1}
+    issued before step i's dQ atomics, or the atomics moved into step i+1) either do not fit
+    240 registers at d128 or are serialized by ptxas (C7512/C7514/C7515/C7517/C7518, details in
+    _consumer_v).
+  * pipe_ns3: pipe with 3-deep Q/dO rings (d64/d128: 178 KB), more slack for the Q_{i+1} load.
+  * dqw / dqw1 (d64/d128): dQ writer partition (DQW): consumers store dQ_i (fp32) to a shared
+    buffer (swizzled, conflict-free) and go on; a worker (2 warps / 1 warp, 24 registers, in the
+    producer's padding warpgroup) does v4 atomics over whole rows; dq_full / dq_empty mbarriers.
+    d256: no shared memory left for the 64 KB buffer.
+  * vec4 (d64/d128): base with --dq-vec4.
+  * wide (d256, opt-in: 36-44 B of spills): BLOCK_M 128 / BLOCK_N 64 / 1 stage, S^T and dP^T
+    as m64n64 per warpgroup (half the shared-memory operand traffic of base's m64n32), dQ in two
+    head-dim halves; 226 KB of shared memory.
+  * pipe_dqw (opt-in): serialized by ptxas, kept to show it.
+  All pipe / dqw / wide variants use a dQ accumulator padded to whole BLOCK_M blocks per head, so
+  their atomics carry no row mask (ptxas turns a masked atomic into a branch around each REDG,
+  and a branch with a wgmma in flight can serialize every wgmma).
+
 Usage:
   python scripts/gluon_bwd_proto.py --compile-only   # no GPU: AOT compile for sm_90a + ptxas -v
   python scripts/gluon_bwd_proto.py                  # GPU: check + time vs cuDNN (< 200 s)
+  python scripts/gluon_bwd_proto.py --compile-only --variants all    # ptxas figures per variant
+  python scripts/gluon_bwd_proto.py --variants all --quick --budget 240
+      # GPU: one child per (D, causal) checks every variant and times them interleaved on the
+      # same inputs (median of 3 rounds), then prints variant x (D, causal, S) TFLOP/s + ratio
 """
 from __future__ import annotations
 
@@ -118,6 +145,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import proto_child  # scripts/: the child-process runner both prototypes share
@@ -155,9 +183,58 @@ LIMITATIONS = """\
   protocol and split the dK/dV accumulators differently; not tried.
 - No named barriers: the dS^T (and P^T) shared buffers written by both consumer warpgroups
   rely on the compiler-inserted partition-wide bar.sync before the wgmma that reads them.
-- Not done: persistent scheduler, deterministic dQ, next-step S^T/dP^T overlapping this step's
-  dK GEMM (FA3 software-pipelines across steps), TMA store of dK/dV, GQA, Sq != Sk, fp8.
-  bf16 is supported by the kernel but only fp16 is checked."""
+- Not done: persistent scheduler, deterministic dQ, TMA store of dK/dV, GQA, Sq != Sk, fp8,
+  two consumer partitions.  Cross-step overlap only in the form ptxas keeps pipelined (the
+  "pipe" variant).  bf16 is supported by the kernel but only fp16 is checked."""
+
+
+# Speed variants (--variants a,b,c; "base" = the default kernel above).  Each entry: options
+#   pipe  : cross-step pipelining (_consumer_v, PIPE; True = 1 at WN 1, 2 = step 0 peeled at
+#           WN 2): dK_i stays in flight over the loop back edge, S^T_{i+1} queues behind it.
+#   dqw   : dQ writer worker partition (_dq_writer, DQW): consumers store dQ_i to a shared fp32
+#           buffer and go on; a worker (dqw_warps warps) does the v4 atomics over whole rows.
+#   wide  : d256 BLOCK_M 128 / BLOCK_N 64 / 1 stage, _consumer_wide (cfg: the tile override).
+#   vec4  : dQ re-laid out through shared memory for v4 atomics from the consumers (DQ_VEC4).
+#   ns    : NUM_STAGES override (Q and dO rings);  dims: head dims the variant applies to.
+#   pad   : (pipe/dqw, default on) fp32 dQ accumulator padded to whole BLOCK_M blocks per head, so
+#           the atomics carry no row mask (DQ_PAD; see _dq_out).
+#   dqw_warps / dqw_regs / dqw_rows: the writer's warps, setmaxnreg and rows per atomic chunk.
+VARIANTS = {
+    "base": dict(),
+    "vec4": dict(vec4=True, dims=(64, 128)),
+    "pipe": dict(pipe=True),
+    "pipe_ns3": dict(pipe=True, ns=3, dims=(64, 128)),
+    "dqw": dict(dqw=True, dqw_warps=2, dims=(64, 128)),
+    "dqw1": dict(dqw=True, dqw_warps=1, dims=(64, 128)),
+    # not in the default list: wide spills 36-44 B (scalars reloaded in the loop; dK, dV and a
+    # dQ half are 192 accumulator registers), pipe_dqw is serialized by ptxas (C7515)
+    "wide": dict(wide=True, cfg={256: (128, 64, 1, 2)}, dims=(256,)),
+    "pipe_dqw": dict(pipe=True, dqw=True, dqw_warps=2, dims=(64, 128)),
+}
+DEFAULT_VARIANTS = "base,pipe,pipe_ns3,dqw,vec4"
+
+
+def variant_config(D, name):
+    """(BLOCK_M, BLOCK_N, NUM_STAGES, WN, extra constexprs) of a variant at head dim D; raises
+    KeyError for an unknown name and ValueError where the variant does not apply to D."""
+    v = VARIANTS[name]
+    if D not in v.get("dims", (64, 128, 256)):
+        raise ValueError(f"variant {name} does not apply to d{D}")
+    BM, BN, NS, WN = v.get("cfg", {}).get(D, CONFIGS[D])
+    NS = v.get("ns", NS)
+    extra = dict(DQ_VEC4=bool(v.get("vec4", False)))
+    if v.get("pipe") or v.get("dqw"):
+        pipe = v.get("pipe", 0)
+        if pipe is True:             # the shape ptxas keeps pipelined (see _consumer_v)
+            pipe = 2 if CONFIGS[D][3] == 2 else 1
+        extra.update(PIPE=int(pipe), DQW=bool(v.get("dqw", False)),
+                     DQ_PAD=bool(v.get("pad", True)))
+    if v.get("wide"):
+        extra.update(WIDE=True, DQ_PAD=True)
+    if v.get("dqw"):
+        extra.update(DQW_WARPS=v.get("dqw_warps", 1), DQW_REGS=v.get("dqw_regs", 24),
+                     DQW_ROWS=v.get("dqw_rows", 8))
+    return BM, BN, NS, WN, extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,12 +385,383 @@ def _consumer(q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bu
     gl.store(dv_ptr + offs, dv.to(dtype), mask=kv_mask)
 
 
+# --------------------------------------------------------------------------------------------
+# Speed variants (--variants): a second consumer with the same math, selected by constexprs.
+# The default (no variant) kernel still runs _consumer above, unchanged.
+# --------------------------------------------------------------------------------------------
+@gluon.jit
+def _pt_of(st, lse_bufs, s, m0, n0, keys2, key_tail, seq_len, qk_scale,
+           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+           col_st: gl.constexpr, dtype: gl.constexpr):
+    """P^T = exp2(S^T * scale*log2e - LSE*log2e) (masked), rounded to the input type."""
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse2 = lse_bufs.index(s)._reinterpret(gl.float32, [BLOCK_M], vec_layout).load(col_st)
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    masked = key_tail
+    if CAUSAL:
+        masked = masked | (m0 < n0 + BLOCK_N)
+    if masked:
+        valid = keys2 < seq_len
+        if CAUSAL:
+            cols = m0 + gl.arange(0, BLOCK_M, layout=col_st)
+            valid = valid & (gl.expand_dims(cols, 0) >= keys2)
+        pt = gl.where(valid, pt, 0.0)
+    return pt.to(dtype)
+
+
+@gluon.jit
+def _ds_of(pt16, dpt, dlt_bufs, s, BLOCK_M: gl.constexpr, col_st: gl.constexpr, dtype: gl.constexpr):
+    """dS^T = P^T (dP^T - D), from the rounded P^T (as _consumer)."""
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    dlt = dlt_bufs.index(s)._reinterpret(gl.float32, [BLOCK_M], vec_layout).load(col_st)
+    return (pt16.to(gl.float32) * (dpt - gl.expand_dims(dlt, 0))).to(dtype)
+
+
+@gluon.jit
+def _dq_out(dq, j, m0, dq_ptr, dq_row0, seq_len, dq_smem, dq_full, dq_empty,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NW: gl.constexpr,
+            DQ_VEC4: gl.constexpr, DQW: gl.constexpr, DQ_PAD: gl.constexpr, dq_layout: gl.constexpr):
+    """dQ_j (fp32 [BLOCK_M, D] in registers) out: to the dQ writer's shared buffer (DQW) or by
+    fp32 atomics from here (wgmma layout: v2; DQ_VEC4: whole rows, v4).  DQ_PAD: the fp32
+    accumulator has num_m * BLOCK_M rows per head (dq_row0 = bh * that), so the atomics need no
+    row mask -- ptxas turns a masked atomic into a branch around each REDG, and a branch with a
+    wgmma in flight can make it serialize every wgmma (C7518)."""
+    if DQW:
+        # single buffer: wait until the writer has read dQ_{j-1} (fresh barrier: passes at j = 0)
+        mbarrier.wait(dq_empty, (j & 1) ^ 1)
+        dq_smem.store(dq)
+        # partition-wide bar.sync + one arrive (release): the writer's wait acquires the stores
+        mbarrier.arrive(dq_full)
+    elif DQ_VEC4:
+        dq_bl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])
+        dqb = gl.convert_layout(dq, dq_bl)
+        b_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_bl))
+        b_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_bl))
+        offs = gl.expand_dims((dq_row0 + b_rows) * HEAD_DIM, 1) + gl.expand_dims(b_cols, 0)
+        if DQ_PAD:
+            gl.atomic_add(dq_ptr + offs, dqb, sem="relaxed")
+        else:
+            gl.atomic_add(dq_ptr + offs, dqb, mask=gl.expand_dims(b_rows < seq_len, 1), sem="relaxed")
+    else:
+        dq_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+        offs = gl.expand_dims((dq_row0 + dq_rows) * HEAD_DIM, 1) + gl.expand_dims(dq_cols, 0)
+        if DQ_PAD:
+            gl.atomic_add(dq_ptr + offs, dq, sem="relaxed")
+        else:
+            gl.atomic_add(dq_ptr + offs, dq, mask=gl.expand_dims(dq_rows < seq_len, 1), sem="relaxed")
+
+
+@gluon.jit
+def _dq_writer(dq_smem, dq_full, dq_empty, dq_ptr, dq_row0, seq_len, m_start, n_steps,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr, WW: gl.constexpr,
+               DQ_PAD: gl.constexpr):
+    """DQW worker (WW warps): dQ_j from shared memory to the global fp32 accumulator with v4
+    atomics over whole rows, ROWS rows at a time; then frees the buffer for dQ_{j+1}."""
+    # ROWS x COLS chunks (COLS <= 128), full addresses per chunk.  (Tried: constant chunk
+    # offsets as immediates, padded rows, a runtime loop over row groups -- ptxas then hoists
+    # loads or keeps more addresses and spills at the writer's 24 registers.)
+    COLS: gl.constexpr = HEAD_DIM if HEAD_DIM < 128 else 128
+    TPC: gl.constexpr = COLS // 4 if COLS // 4 < 32 else 32
+    bl: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPC, TPC], [WW, 1], [1, 0])
+    rows0 = gl.arange(0, ROWS, layout=gl.SliceLayout(1, bl))
+    cols0 = gl.arange(0, COLS, layout=gl.SliceLayout(0, bl))
+    for j in range(n_steps):
+        mbarrier.wait(dq_full, j & 1)
+        m0 = (m_start + j) * BLOCK_M
+        for c in gl.static_range(BLOCK_M // ROWS):
+            for h in gl.static_range(HEAD_DIM // COLS):
+                x = dq_smem.slice(c * ROWS, ROWS, dim=0).slice(h * COLS, COLS, dim=1).load(bl)
+                r = m0 + c * ROWS + rows0
+                offs = gl.expand_dims((dq_row0 + r) * HEAD_DIM, 1) + gl.expand_dims(h * COLS + cols0, 0)
+                if DQ_PAD:
+                    gl.atomic_add(dq_ptr + offs, x, sem="relaxed")
+                else:
+                    gl.atomic_add(dq_ptr + offs, x, mask=gl.expand_dims(r < seq_len, 1), sem="relaxed")
+        mbarrier.arrive(dq_empty)
+
+
+@gluon.jit
+def _pipe_step(i, dk_in, ds_op, dv, q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs,
+               dlt_bufs, q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+               dq_ptr, dq_row0, seq_len, qk_scale, n0, m_start, keys2, key_tail,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WN: gl.constexpr,
+               DQ_VEC4: gl.constexpr, NW: gl.constexpr, DQW: gl.constexpr, DQ_PAD: gl.constexpr,
+               st_layout: gl.constexpr, dq_layout: gl.constexpr, a_layout: gl.constexpr,
+               FIRST: gl.constexpr):
+    """One step of _consumer_v's PIPE loop.  dk_in: the dK accumulator (FIRST) or the token of
+    dK_{i-1} still in flight; returns (token of dK_i, in flight; its register A operand; dV)."""
+    dtype: gl.constexpr = k_smem.dtype
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    s = i % NUM_STAGES
+    ph = (i // NUM_STAGES) & 1
+    m0 = (m_start + i) * BLOCK_M
+    q_buf = q_bufs.index(s)
+    do_buf = do_bufs.index(s)
+
+    mbarrier.wait(q_ready.index(s), ph)
+    st_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    if FIRST:
+        dk = dk_in
+    else:
+        # ---- dK_{i-1} done (S^T_i running): Q_{i-1} free ----
+        if WN == 1:
+            dk, ds_op = warpgroup_mma_wait(1, deps=[dk_in, ds_op])
+        else:
+            dk = warpgroup_mma_wait(1, deps=[dk_in])
+        # (its bar.sync also orders every warp's dQ_{i-1} / dK_{i-1} wgmmas, which read dS^T,
+        # before this step's dS^T (and P^T) stores)
+        mbarrier.arrive(q_empty.index((i + NUM_STAGES - 1) % NUM_STAGES), pred=i > 0)
+    # dP^T_i only now: with dK_{i-1}, its A operand, S^T_i and dP^T_i all live, causal d128 runs
+    # out of registers (C7512).  S^T_i still queues behind dK_{i-1}: no drain.
+    mbarrier.wait(do_ready.index(s), ph)
+    dpt_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(1, deps=[st_tok])
+
+    # ---- P^T (dP^T running) ----
+    pt16 = _pt_of(st, lse_bufs, s, m0, n0, keys2, key_tail, seq_len, qk_scale,
+                  BLOCK_M, BLOCK_N, CAUSAL, col_st, dtype)
+    if WN == 1:
+        p_op = gl.convert_layout(pt16, a_layout)
+        dv_tok = warpgroup_mma(p_op, do_buf, dv, is_async=True)
+    else:
+        p_smem.store(pt16)
+        fence_async_shared()
+        dv_tok = warpgroup_mma(p_smem, do_buf, dv, is_async=True)
+    # ---- dS^T (dV running) ----
+    dpt = warpgroup_mma_wait(1, deps=[dpt_tok])
+    ds16 = _ds_of(pt16, dpt, dlt_bufs, s, BLOCK_M, col_st, dtype)
+    ds_smem.store(ds16)
+    fence_async_shared()
+    dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
+    if WN == 1:
+        ds_op = gl.convert_layout(ds16, a_layout)
+        dk_tok = warpgroup_mma(ds_op, q_buf, dk, is_async=True)
+        dv, dq, p_op = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok, p_op])
+    else:
+        dk_tok = warpgroup_mma(ds_smem, q_buf, dk, is_async=True)
+        dv, dq = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok])
+    mbarrier.arrive(do_empty.index(s))
+    # ---- dQ_i out (dK_i running, and stays in flight into step i+1) ----
+    _dq_out(dq, i, m0, dq_ptr, dq_row0, seq_len, dq_smem, dq_full, dq_empty,
+            HEAD_DIM, BLOCK_M, NW, DQ_VEC4, DQW, DQ_PAD, dq_layout)
+    return dk_tok, ds_op, dv
+
+
+@gluon.jit
+def _consumer_v(q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+                dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                row0, n0, m_start, n_steps,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WN: gl.constexpr,
+                DQ_VEC4: gl.constexpr, NW: gl.constexpr, PIPE: gl.constexpr, DQW: gl.constexpr,
+                DQ_PAD: gl.constexpr, dq_row0):
+    dtype: gl.constexpr = k_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // WN, WN], instr_shape=[16, BLOCK_M // WN, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // WN, WN], instr_shape=[16, HEAD_DIM // WN, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, NW // 4], instr_shape=[16, HEAD_DIM // (NW // 4), 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    row_st: gl.constexpr = gl.SliceLayout(1, st_layout)
+
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    keys2 = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=row_st), 1)
+    key_tail = n0 + BLOCK_N > seq_len
+
+    mbarrier.wait(kv_bar, 0)
+    if PIPE:
+        # dK_i stays in flight across the loop back edge: step i+1 issues S^T_{i+1} right behind
+        # it (no drain + refill of the tensor cores between steps), then retires dK_i (Q_i free)
+        # and issues dP^T_{i+1}.  dQ_i leaves at the end of step i, under dK_i, as in _consumer.
+        # Commit groups: ... dK_{i-1} | S^T_i dP^T_i dV_i dQ_i dK_i | S^T_{i+1} ...
+        # PIPE == 1 (d64/d128): a zero dK "token" enters the loop.  PIPE == 2 (d256): step 0 is
+        # peeled, so that both edges into the loop carry a dK wgmma in flight -- unpeeled, ptxas
+        # serializes every wgmma at d256 (C7515); peeled, d128 runs out of registers (C7512).
+        # With DQW neither form stays pipelined (pipe_dqw).  Shapes tried and dropped: S^T_{i+1}
+        # in flight over the back edge (C7514: LLVM duplicates the loop body, ptxas sees the
+        # accumulators read), dQ_{i-1}'s atomics in step i (C7517/C7515/C7518), S^T_{i+1} under
+        # the dQ_i atomics inside one step (C7512 at d128: out of registers).
+        if WN == 1:
+            ds_op = gl.zeros([BLOCK_N, BLOCK_M], dtype, a_layout)
+        else:
+            ds_op = 0
+        if PIPE == 2:
+            dk_tok, ds_op, dv = _pipe_step(
+                0, dk, ds_op, dv, q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs,
+                q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+                dq_ptr, dq_row0, seq_len, qk_scale, n0, m_start, keys2, key_tail,
+                HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, NW, DQW, DQ_PAD,
+                st_layout, dq_layout, a_layout, True)
+            i_start = 1
+        else:
+            dk_tok = warpgroup_mma_init(dk)
+            i_start = 0
+        for i in range(i_start, n_steps):
+            dk_tok, ds_op, dv = _pipe_step(
+                i, dk_tok, ds_op, dv, q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs,
+                dlt_bufs, q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+                dq_ptr, dq_row0, seq_len, qk_scale, n0, m_start, keys2, key_tail,
+                HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, NW, DQW, DQ_PAD,
+                st_layout, dq_layout, a_layout, False)
+        if WN == 1:
+            dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+        else:
+            dk = warpgroup_mma_wait(0, deps=[dk_tok])
+    else:
+        # _consumer's schedule, dQ output through _dq_out (for DQW without PIPE)
+        for i in range(n_steps):
+            s = i % NUM_STAGES
+            ph = (i // NUM_STAGES) & 1
+            m0 = (m_start + i) * BLOCK_M
+            q_buf = q_bufs.index(s)
+            do_buf = do_bufs.index(s)
+            mbarrier.wait(q_ready.index(s), ph)
+            st_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(s), ph)
+            dpt_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=[st_tok])
+            pt16 = _pt_of(st, lse_bufs, s, m0, n0, keys2, key_tail, seq_len, qk_scale,
+                          BLOCK_M, BLOCK_N, CAUSAL, col_st, dtype)
+            if WN == 1:
+                p_op = gl.convert_layout(pt16, a_layout)
+                dv_tok = warpgroup_mma(p_op, do_buf, dv, is_async=True)
+            else:
+                p_smem.store(pt16)
+                fence_async_shared()
+                dv_tok = warpgroup_mma(p_smem, do_buf, dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=[dpt_tok])
+            ds16 = _ds_of(pt16, dpt, dlt_bufs, s, BLOCK_M, col_st, dtype)
+            ds_smem.store(ds16)
+            fence_async_shared()
+            dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
+            if WN == 1:
+                ds_op = gl.convert_layout(ds16, a_layout)
+                dk_tok = warpgroup_mma(ds_op, q_buf, dk, is_async=True)
+                dv, dq, p_op = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok, p_op])
+            else:
+                dk_tok = warpgroup_mma(ds_smem, q_buf, dk, is_async=True)
+                dv, dq = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok])
+            mbarrier.arrive(do_empty.index(s))
+            _dq_out(dq, i, m0, dq_ptr, dq_row0, seq_len, dq_smem, dq_full, dq_empty,
+                    HEAD_DIM, BLOCK_M, NW, DQ_VEC4, DQW, DQ_PAD, dq_layout)
+            if WN == 1:
+                dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+            else:
+                dk = warpgroup_mma_wait(0, deps=[dk_tok])
+            mbarrier.arrive(q_empty.index(s))
+
+    kv_rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    kv_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    offs = gl.expand_dims((row0 + kv_rows) * HEAD_DIM, 1) + gl.expand_dims(kv_cols, 0)
+    kv_mask = gl.expand_dims(kv_rows < seq_len, 1)
+    gl.store(dk_ptr + offs, (dk * sm_scale).to(dtype), mask=kv_mask)
+    gl.store(dv_ptr + offs, dv.to(dtype), mask=kv_mask)
+
+
+@gluon.jit
+def _consumer_wide(q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                   q_ready, q_empty, do_ready, do_empty,
+                   dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                   row0, n0, m_start, n_steps, dq_row0,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, NW: gl.constexpr):
+    """WIDE (d256): BLOCK_M = 128 query rows a step, BLOCK_N = 64 keys, both warpgroups own all
+    keys and split the queries of S^T / dP^T (m64n64 per warpgroup instead of m64n32: half
+    the shared-memory operand traffic per FLOP of those GEMMs) and the head dim of dK / dV
+    (as the smem mode).  dQ_i [128, 256] fp32 would take 128 registers a thread: it is done in
+    two head-dim halves [128, 128] with warps [8, 1] (each warpgroup its own 64 queries),
+    the first half's atomics under the dK GEMM, the second's after it.  Shared memory (Q, dO
+    64 KB a stage) allows one stage: Q_{i+1} loads under dQ_i, dO_{i+1} under dK_i / dQ_i.
+    Needs the padded dQ accumulator (no row masks)."""
+    dtype: gl.constexpr = k_smem.dtype
+    HALF: gl.constexpr = HEAD_DIM // 2
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // 2, 2], instr_shape=[16, BLOCK_M // 2, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW // 2, 2], instr_shape=[16, HEAD_DIM // 2, 16])
+    dqh_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, HALF, 16])
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    row_st: gl.constexpr = gl.SliceLayout(1, st_layout)
+
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dqh_zero = gl.zeros([BLOCK_M, HALF], gl.float32, dqh_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    keys2 = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=row_st), 1)
+    key_tail = n0 + BLOCK_N > seq_len
+    k_lo = k_smem.slice(0, HALF, dim=1)
+    k_hi = k_smem.slice(HALF, HALF, dim=1)
+
+    mbarrier.wait(kv_bar, 0)
+    for i in range(n_steps):
+        s = i % NUM_STAGES
+        ph = (i // NUM_STAGES) & 1
+        m0 = (m_start + i) * BLOCK_M
+        q_buf = q_bufs.index(s)
+        do_buf = do_bufs.index(s)
+        # (offsets built here, not hoisted: a loop-invariant [128, 128] int32 tensor would hold
+        # 64 registers a thread)
+        dq_rows = dq_row0 + m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dqh_layout))
+        dq_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, dqh_layout))
+        dq_offs = gl.expand_dims(dq_rows * HEAD_DIM, 1) + gl.expand_dims(dq_cols, 0)
+
+        mbarrier.wait(q_ready.index(s), ph)
+        st_tok = warpgroup_mma(k_smem, q_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), ph)
+        dpt_tok = warpgroup_mma(v_smem, do_buf.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(1, deps=[st_tok])
+        pt16 = _pt_of(st, lse_bufs, s, m0, n0, keys2, key_tail, seq_len, qk_scale,
+                      BLOCK_M, BLOCK_N, CAUSAL, col_st, dtype)
+        p_smem.store(pt16)
+        fence_async_shared()
+        dv_tok = warpgroup_mma(p_smem, do_buf, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=[dpt_tok])
+        ds16 = _ds_of(pt16, dpt, dlt_bufs, s, BLOCK_M, col_st, dtype)
+        ds_smem.store(ds16)
+        fence_async_shared()
+        dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_lo, dqh_zero, use_acc=False, is_async=True)
+        dk_tok = warpgroup_mma(ds_smem, q_buf, dk, is_async=True)
+        # ---- dV, dQ[:, :D/2] done (dK running): dO free, first half's atomics ----
+        dv, dq = warpgroup_mma_wait(1, deps=[dv_tok, dq_tok])
+        mbarrier.arrive(do_empty.index(s))
+        gl.atomic_add(dq_ptr + dq_offs, dq, sem="relaxed")
+        dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_hi, dqh_zero, use_acc=False, is_async=True)
+        # ---- dK done (dQ[:, D/2:] running): Q free, so Q_{i+1} loads under it ----
+        dk = warpgroup_mma_wait(1, deps=[dk_tok])
+        mbarrier.arrive(q_empty.index(s))
+        dq = warpgroup_mma_wait(0, deps=[dq_tok])
+        # every warp is past its waits on the wgmmas reading dS^T before the next step's stores
+        gl.thread_barrier()
+        gl.atomic_add(dq_ptr + HALF + dq_offs, dq, sem="relaxed")
+
+    kv_rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    kv_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    offs = gl.expand_dims((row0 + kv_rows) * HEAD_DIM, 1) + gl.expand_dims(kv_cols, 0)
+    kv_mask = gl.expand_dims(kv_rows < seq_len, 1)
+    gl.store(dk_ptr + offs, (dk * sm_scale).to(dtype), mask=kv_mask)
+    gl.store(dv_ptr + offs, dv.to(dtype), mask=kv_mask)
+
+
 @gluon.jit(do_not_specialize=["seq_len"])
 def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse_desc, dlt_desc, dq_ptr, dk_ptr, dv_ptr,
                     sm_scale, qk_scale, seq_len,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WN: gl.constexpr,
-                    DQ_VEC4: gl.constexpr, num_warps: gl.constexpr):
+                    DQ_VEC4: gl.constexpr, num_warps: gl.constexpr,
+                    PIPE: gl.constexpr = 0, DQW: gl.constexpr = False,
+                    DQW_WARPS: gl.constexpr = 1, DQW_REGS: gl.constexpr = 24, DQW_ROWS: gl.constexpr = 8,
+                    DQ_PAD: gl.constexpr = False, WIDE: gl.constexpr = False):
     n0 = gl.program_id(0) * BLOCK_N        # pid 0 = key block 0 = heaviest when causal
     bh = gl.program_id(1)
     row0 = bh * seq_len
@@ -350,17 +798,78 @@ def attn_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse_desc, dlt_desc, dq_ptr,
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(do_empty.index(i), count=1)
 
-    gl.warp_specialize([
-        (_consumer, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
-                     q_ready, q_empty, do_ready, do_empty,
-                     dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
-                     row0, n0, m_start, n_steps,
-                     HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, num_warps)),
-        (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
-                     k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready, do_empty,
-                     row0, vrow0, n0, m_start, n_steps,
-                     BLOCK_M, NUM_STAGES)),
-    ], [PRODUCER_WARPS], [PRODUCER_REGS])
+    if WIDE:
+        gl.warp_specialize([
+            (_consumer_wide, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                              q_ready, q_empty, do_ready, do_empty,
+                              dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                              row0, n0, m_start, n_steps, bh * (num_m * BLOCK_M),
+                              HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, num_warps)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
+                         k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                         row0, vrow0, n0, m_start, n_steps,
+                         BLOCK_M, NUM_STAGES)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
+    elif PIPE or DQW:
+        if DQ_PAD:
+            dq_row0 = bh * (num_m * BLOCK_M)   # padded fp32 dQ accumulator: no row masks
+        else:
+            dq_row0 = row0
+        if DQW:
+            # 16-B units swizzled over 8-row periods: the consumers' v2 stores (8 rows x 32 B a
+            # warp) and the writer's v4 row loads are both conflict-free
+            dq_layout_s: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+            dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout_s)
+            dq_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(dq_full, count=1)
+            mbarrier.init(dq_empty, count=1)
+        else:
+            dq_smem = ds_smem              # unused
+            dq_full = kv_bar
+            dq_empty = kv_bar
+        # (argument tuples written out in each call: a tuple held in a variable turns the
+        # constexprs in it into tensors)
+        if DQW:
+            gl.warp_specialize([
+                (_consumer_v, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                               q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+                               dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                               row0, n0, m_start, n_steps,
+                               HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, num_warps,
+                               PIPE, DQW, DQ_PAD, dq_row0)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
+                             k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready,
+                             do_empty, row0, vrow0, n0, m_start, n_steps,
+                             BLOCK_M, NUM_STAGES)),
+                (_dq_writer, (dq_smem, dq_full, dq_empty, dq_ptr, dq_row0, seq_len, m_start, n_steps,
+                              HEAD_DIM, BLOCK_M, DQW_ROWS, DQW_WARPS, DQ_PAD)),
+            ], [PRODUCER_WARPS, DQW_WARPS], [PRODUCER_REGS, DQW_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer_v, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                               q_ready, q_empty, do_ready, do_empty, dq_smem, dq_full, dq_empty,
+                               dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                               row0, n0, m_start, n_steps,
+                               HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, num_warps,
+                               PIPE, DQW, DQ_PAD, dq_row0)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
+                             k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready,
+                             do_empty, row0, vrow0, n0, m_start, n_steps,
+                             BLOCK_M, NUM_STAGES)),
+            ], [PRODUCER_WARPS], [PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_bufs, do_bufs, k_smem, v_smem, ds_smem, p_smem, lse_bufs, dlt_bufs, kv_bar,
+                         q_ready, q_empty, do_ready, do_empty,
+                         dq_ptr, dk_ptr, dv_ptr, sm_scale, qk_scale, seq_len,
+                         row0, n0, m_start, n_steps,
+                         HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, CAUSAL, WN, DQ_VEC4, num_warps)),
+            (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, dlt_desc, q_bufs, do_bufs,
+                         k_smem, v_smem, lse_bufs, dlt_bufs, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                         row0, vrow0, n0, m_start, n_steps,
+                         BLOCK_M, NUM_STAGES)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +894,18 @@ def _bwd_preprocess(o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr, seq_len, seq_pa
     tl.store(delta_ptr + dst, tl.sum(o * do, axis=1), mask=pmask)
     lse = tl.load(lse_ptr + src, mask=valid, other=float("inf"))
     tl.store(lse2_ptr + dst, lse * 1.4426950408889634, mask=pmask)
+
+
+@triton.jit
+def _dq_cast_pad(dq_acc_ptr, dq_ptr, seq_len, seq_pad, scale, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    # DQ_PAD variants: the fp32 accumulator has seq_pad rows per head
+    bh = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    c = tl.arange(0, HEAD_DIM)
+    m = (r < seq_len)[:, None]
+    x = tl.load(dq_acc_ptr + (bh * seq_pad + r)[:, None] * HEAD_DIM + c[None, :], mask=m, other=0.0)
+    tl.store(dq_ptr + (bh * seq_len + r)[:, None] * HEAD_DIM + c[None, :],
+             (x * scale).to(dq_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -414,24 +935,34 @@ def _layouts(D, BM, BN, gdt):
             gl.NVMMASharedLayout.get_default_for([BN, D], gdt))
 
 
-def make_gluon_attention_bwd(q, k, v, o, do, lse, causal=False, sm_scale=None, dq_vec4=False):
+def make_gluon_attention_bwd(q, k, v, o, do, lse, causal=False, sm_scale=None, dq_vec4=False,
+                             variant=None):
     """q, k, v, o, do: [B, H, S, D] contiguous fp16/bf16; lse [B, H, S] fp32 natural log.
     Returns (launch, dq, dk, dv); launch() runs the whole backward (zero dQ accumulator,
-    preprocess, main kernel, dQ cast) into dq, dk, dv."""
+    preprocess, main kernel, dQ cast) into dq, dk, dv.  variant: a VARIANTS name (None: the
+    default kernel, as before; dq_vec4 only applies then)."""
     import torch
     B, H, S, D = q.shape
     assert all(t.shape == q.shape and t.is_contiguous() for t in (k, v, o, do)), "Sq == Sk, no GQA"
     assert D in CONFIGS, D
     assert B * H * S * D < 2 ** 31, "int32 offsets in the prototype"
-    BM, BN, NS, WN = CONFIGS[D]
+    if variant is None or variant == "base":
+        BM, BN, NS, WN = CONFIGS[D]
+        extra = {}
+        dq_pad = False
+    else:
+        BM, BN, NS, WN, extra = variant_config(D, variant)
+        dq_vec4 = extra.pop("DQ_VEC4")
+        dq_pad = bool(extra.get("DQ_PAD", False))
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     dev = q.device
     n_rows = B * H * S
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dq_acc = torch.empty((n_rows, D), device=dev, dtype=torch.float32)
     num_m = triton.cdiv(S, BM)
+    # DQ_PAD: num_m * BM rows per head, so that the kernel's dQ atomics need no row mask
+    dq_acc = torch.empty((B * H * num_m * BM if dq_pad else n_rows, D), device=dev, dtype=torch.float32)
     delta = torch.empty(B * H * num_m * BM, device=dev, dtype=torch.float32)
     lse2 = torch.empty(B * H * num_m * BM, device=dev, dtype=torch.float32)
     lse_c = lse.contiguous()
@@ -447,6 +978,7 @@ def make_gluon_attention_bwd(q, k, v, o, do, lse, causal=False, sm_scale=None, d
     grid = (triton.cdiv(S, BN), B * H)
     PB = 32
     n_el = n_rows * D
+    CR = max(1, 4096 // D)                 # rows per program of the padded cast
 
     def launch():
         dq_acc.zero_()
@@ -455,8 +987,12 @@ def make_gluon_attention_bwd(q, k, v, o, do, lse, causal=False, sm_scale=None, d
         attn_bwd_kernel[grid](q_desc, k_desc, v_desc, do_desc, lse_desc, dlt_desc, dq_acc, dk, dv,
                               sm_scale, sm_scale * LOG2E, S,
                               D, BM, BN, NS, bool(causal), WN, bool(dq_vec4),
-                              num_warps=NUM_WARPS, maxnreg=MAXNREG)
-        _dq_cast[(triton.cdiv(n_el, 4096),)](dq_acc, dq, n_el, sm_scale, BLOCK=4096, num_warps=8)
+                              num_warps=NUM_WARPS, maxnreg=MAXNREG, **extra)
+        if dq_pad:
+            _dq_cast_pad[(triton.cdiv(S, CR), B * H)](dq_acc, dq, S, num_m * BM, sm_scale,
+                                                      HEAD_DIM=D, ROWS=CR, num_warps=8)
+        else:
+            _dq_cast[(triton.cdiv(n_el, 4096),)](dq_acc, dq, n_el, sm_scale, BLOCK=4096, num_warps=8)
 
     return launch, dq, dk, dv
 
@@ -558,8 +1094,12 @@ def emulate_check():
 # --------------------------------------------------------------------------------------------
 # AOT compile check (no GPU needed)
 # --------------------------------------------------------------------------------------------
-def _compile(D, causal, dtype_str="fp16", dq_vec4=False):
-    BM, BN, NS, WN = CONFIGS[D]
+def _compile(D, causal, dtype_str="fp16", dq_vec4=False, variant=None):
+    if variant is not None:
+        BM, BN, NS, WN, extra = variant_config(D, variant)
+    else:
+        BM, BN, NS, WN = CONFIGS[D]
+        extra = dict(DQ_VEC4=bool(dq_vec4))
     gdt = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype_str]
     q_layout, kv_layout = _layouts(D, BM, BN, gdt)
     fn = attn_bwd_kernel
@@ -570,7 +1110,7 @@ def _compile(D, causal, dtype_str="fp16", dq_vec4=False):
            "dq_ptr": "*fp32", "dk_ptr": f"*{dtype_str}", "dv_ptr": f"*{dtype_str}",
            "sm_scale": "fp32", "qk_scale": "fp32", "seq_len": "i32"}
     consts = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=NS, CAUSAL=bool(causal), WN=WN,
-                  DQ_VEC4=bool(dq_vec4), num_warps=NUM_WARPS)
+                  num_warps=NUM_WARPS, **extra)
     for name in consts:
         sig[name] = "constexpr"
     constexprs = {(fn.arg_names.index(n),): v for n, v in consts.items()}
@@ -670,6 +1210,66 @@ def compile_check(dump_dir=None, dims=(64, 128, 256), causals=(False, True), ext
           "in the PTX." % MAXNREG)
     print("Limitations:\n" + LIMITATIONS)
     return ok_required
+
+
+def compile_check_variants(names, dims=(128, 256), dump_dir=None) -> bool:
+    """--compile-only --variants: AOT-compile every applicable (variant, D, causal) for sm_90a and
+    print its ptxas figures.  True when every one compiled with no spills and no serialized
+    wgmma (ptxas C75xx)."""
+    ok_all = True
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+    print(f"Gluon FA3-style backward variants, AOT for sm_90a (triton {triton.__version__})")
+    print(f"{'variant':>12} {'D':>4} {'c':>2} {'BM/BN/st/WN':>12} {'flags':>22} {'regs':>5} {'spill st/ld':>11} "
+          f"{'SASS regs':>9} {'smem KB':>8} {'wgmma':>6} {'waits':>6} {'SASS dQ red':>12} {'bar':>4} {'serialized':>10}")
+    for name in names:
+        for D in dims:
+            try:
+                BM, BN, NS, WN, extra = variant_config(D, name)
+            except ValueError:
+                continue
+            flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in extra.items()
+                             if k in ("PIPE", "DQW", "DQ_VEC4", "DQW_WARPS", "WIDE") and v)
+            for causal in (False, True):
+                t0 = time.time()
+                try:
+                    ck = _compile(D, causal, variant=name)
+                except Exception as e:  # noqa: BLE001
+                    root = e
+                    while root.__cause__ is not None or root.__context__ is not None:
+                        root = root.__cause__ or root.__context__
+                    lines = str(root).strip().splitlines()
+                    print(f"{name:>12} {D:>4} {int(causal):>2} COMPILE ERROR: {type(root).__name__}: "
+                          f"{(lines[-1] if lines else '')[:200]}")
+                    ok_all = False
+                    continue
+                ptx = ck.asm["ptx"]
+                if dump_dir:
+                    for ext in ("ptx", "ttgir"):
+                        with open(os.path.join(dump_dir, f"{name}_d{D}_c{int(causal)}.{ext}"), "w") as f:
+                            f.write(ck.asm[ext])
+                pa = gluon_fwd.ptxas_report(ptx)
+                ev = _ptx_evidence(ptx)
+                codes = sorted(set(re.findall(r"\((C75\d\d)\)", pa["log"])))
+                sass_red = re.findall(r"\bREDG\.\S*?(F32x\d|F32)\b", pa["sass"])
+                good = pa["ok"] and not pa["serialized_wgmma"] and not codes and \
+                    not pa["spill_stores"] and not pa["spill_loads"]
+                ok_all &= good
+                sass_regs = "?" if pa["sass_max_reg"] is None else f"{pa['sass_max_reg']}" + (
+                    f" L{pa['sass_local']}" if pa["sass_local"] else "")
+                spill = f"{pa['spill_stores']}/{pa['spill_loads']}"
+                print(f"{name:>12} {D:>4} {int(causal):>2} {f'{BM}/{BN}/{NS}/{WN}':>12} {flags:>22} "
+                      f"{pa['regs']!s:>5} {spill:>11} "
+                      f"{sass_regs:>9} {ck.metadata.shared / 1024:>8.1f} {ev['wgmma']:>6} "
+                      f"{','.join(ev['wait_args']):>6} "
+                      f"{(str(len(sass_red)) + 'x' + ','.join(sorted(set(sass_red)))):>12} {ev['bar_sync']:>4} "
+                      f"{(','.join(codes) or 'no'):>10}  ({time.time() - t0:.0f}s)"
+                      + ("" if pa["ok"] else "  PTXAS FAILED: " + pa["log"][-300:]))
+    print("regs: ptxas's kernel-level count (launch bound, maxnreg %d; setmaxnreg gives the consumers "
+          "240, the producer (and DQW writer) 24).  SASS regs: highest register + 1 ('L<n>': "
+          "local-memory instructions).  serialized: ptxas 'wgmma serialized' diagnostics (C7510-C7519): "
+          "such a build runs every wgmma synchronously." % MAXNREG)
+    return ok_all
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,33 +1426,300 @@ def run_gpu(dims=(128, 64, 256), budget_s=200.0, first_call_timeout=60.0, quick=
     print(f"total {time.time() - t_start:.0f}s")
 
 
+# --------------------------------------------------------------------------------------------
+# Speed variants on the GPU: one child per (D, causal) checks every variant and times them all,
+# interleaved, on the same inputs (--variants a,b,c)
+# --------------------------------------------------------------------------------------------
+def variants_for(D, names):
+    """The names of `names` that apply to head dim D (unknown names raise KeyError)."""
+    out = []
+    for n in names:
+        try:
+            variant_config(D, n)
+        except ValueError:
+            continue
+        out.append(n)
+    return out
+
+
+def _variants_child(D, causal, names, sizes, time_sizes, deadline, rounds, warmup, rep):
+    """Child process: gradient check of every variant (B=2, H=4, float64 reference, torch's fp16
+    eager error as the yardstick, as _one_instantiation), then timings: per S, `rounds` rounds
+    of do_bench over cuDNN and every variant that passed, in an order rotated each round; the
+    medians are reported.  One 'RESULT {json}' a line; kind="begin" marks the variant whose
+    first call / timing is under way, so that the parent can name the one that hung."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt = "cuda", torch.float16
+    emit = proto_child.emit
+
+    def attn(q, k, v, scale, upcast_softmax):
+        s = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            S = q.shape[-2]
+            s = s.masked_fill(~torch.ones(S, S, device=dev, dtype=torch.bool).tril(), float("-inf"))
+        p = torch.softmax(s.float(), -1).to(q.dtype) if upcast_softmax else torch.softmax(s, -1)
+        return p @ v, s
+
+    def guarded(name, launch, what):
+        emit(kind="begin", variant=name, what=what)
+        proto_child.guarded_first_call(launch, f"{name} D={D} causal={int(causal)} {what}")
+        torch.cuda.synchronize()
+
+    def context_alive():
+        """After a variant's exception: a sticky CUDA error (illegal address...) would fail every
+        later variant, so exit and let the parent rerun the others without this one."""
+        try:
+            torch.cuda.synchronize()
+            torch.zeros(1, device=dev).add_(1).item()
+        except Exception:  # noqa: BLE001
+            print("CUDA context unusable after the error above: exiting", flush=True)
+            os._exit(4)
+
+    torch.manual_seed(0)
+    alive = list(names)
+    for S in sizes:
+        if time.time() > deadline:
+            print(f"check D={D} causal={int(causal)} S={S}: SKIPPED (time budget)", flush=True)
+            continue
+        B, H = 2, 4
+        scale = 1.0 / math.sqrt(D)
+        q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(4))
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        o64, s64 = attn(q64, k64, v64, scale, False)
+        lse = torch.logsumexp(s64.detach(), -1).float()
+        ref = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+        o = o64.detach().to(dt).contiguous()
+        del o64, s64, q64, k64, v64
+        qh, kh, vh = (t.clone().requires_grad_() for t in (q, k, v))
+        oh, _ = attn(qh, kh, vh, scale, True)
+        eager = torch.autograd.grad(oh, (qh, kh, vh), do)
+        del oh, qh, kh, vh
+        for name in list(alive):
+            try:
+                launch, dq, dk, dv = make_gluon_attention_bwd(q, k, v, o, do, lse, causal, scale, variant=name)
+                guarded(name, launch, f"check S={S}")
+            except Exception as e:  # noqa: BLE001 -- compile error etc.: this variant only
+                msg = str(e).strip().splitlines()
+                emit(kind="error", variant=name, D=D, causal=causal, S=S,
+                     msg=f"{type(e).__name__}: {msg[-1][:200] if msg else ''}")
+                context_alive()
+                alive.remove(name)
+                continue
+            res = dict(kind="check", variant=name, D=D, causal=causal, S=S)
+            ok = True
+            for gname, ours, r, e16 in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, eager):
+                mag = r.abs().max().item()
+                err = (ours.double() - r).abs().max().item()
+                err16 = (e16.double() - r).abs().max().item()
+                nan = bool(torch.isnan(ours).any().item() or torch.isinf(ours).any().item())
+                tol = 2 * err16 + 1e-3 * mag
+                good = (not nan) and err <= tol
+                ok &= good
+                res[gname] = dict(err=err, eager=err16, mag=mag, tol=tol, nan=nan, ok=good)
+            res["ok"] = ok
+            emit(**res)
+            if not ok:
+                alive.remove(name)
+            del launch, dq, dk, dv
+        del ref, eager, q, k, v, do, o, lse
+        torch.cuda.empty_cache()
+
+    H = 2048 // D
+    for S in time_sizes:
+        if time.time() > deadline:
+            print(f"time D={D} causal={int(causal)} S={S}: SKIPPED (time budget)", flush=True)
+            continue
+        B = 16384 // S
+        scale = 1.0 / math.sqrt(D)
+        q, k, v, do = (torch.randn(B, H, S, D, device=dev, dtype=dt) for _ in range(4))
+        flops = kernel_grid.flops(B, H, S, D, causal, "bwd")
+        fns = {}
+        try:
+            qc, kc, vc = (t.clone().requires_grad_() for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=causal, scale=scale)
+            fns["cudnn"] = (lambda out=out, qc=qc, kc=kc, vc=vc, do=do: torch.autograd.grad(
+                out, (qc, kc, vc), do, retain_graph=True))
+            o = out.detach().contiguous()
+        except Exception as e:  # noqa: BLE001
+            print(f"cuDNN SDPA failed at S={S}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            o = torch.randn_like(q)
+        # the kernel does the same work for any finite LSE (see _one_instantiation)
+        lse = torch.full((B, H, S), math.log(S), device=dev, dtype=torch.float32)
+        for name in list(alive):
+            try:
+                launch, _, _, _ = make_gluon_attention_bwd(q, k, v, o, do, lse, causal, scale, variant=name)
+                guarded(name, launch, f"time S={S}")
+                fns[name] = launch
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).strip().splitlines()
+                emit(kind="error", variant=name, D=D, causal=causal, S=S,
+                     msg=f"{type(e).__name__}: {msg[-1][:200] if msg else ''}")
+                context_alive()
+                alive.remove(name)
+        emit(kind="begin", variant="(timing)", what=f"time S={S}")
+        times = {n: [] for n in fns}
+        order = list(fns)
+        for r in range(rounds):
+            if time.time() > deadline and r > 0:
+                break
+            rot = order[r % len(order):] + order[:r % len(order)]
+            for n in rot:
+                times[n].append(triton.testing.do_bench(fns[n], warmup=warmup, rep=rep))
+        for n, ts in times.items():
+            ts = sorted(ts)
+            med = ts[len(ts) // 2]
+            emit(kind="time", variant=n, D=D, causal=causal, S=S, tflops=flops / med * 1e-9,
+                 spread=(ts[-1] - ts[0]) / med, rounds=len(ts))
+        del fns, q, k, v, do, o, lse
+        torch.cuda.empty_cache()
+
+
+def run_gpu_variants(names, dims=(128, 256), budget_s=240.0, quick=False, rounds=None):
+    """One child per (D, causal), all applicable variants in it; a child that hangs or dies is
+    rerun without the variant it was busy with (while the budget allows).  Prints a per-variant
+    check summary and a table variant x (D, causal, S) -> TFLOP/s and ratio to cuDNN."""
+    t_start = time.time()
+    insts = [(D, c) for D in dims for c in (False, True)]
+    weights = [len(variants_for(D, names)) + 2 for D, _ in insts]
+    rows = {}          # (D, causal) -> {variant: {S: tflops}}
+    checks = {}        # (D, causal, variant) -> "PASS" / "FAIL ..." / "ERROR ..." / "HANG ..."
+    for idx, (D, causal) in enumerate(insts):
+        todo = variants_for(D, names)
+        key = (D, causal)
+        rows[key] = {}
+        while todo:
+            left = budget_s - (time.time() - t_start)
+            w_left = sum(weights[idx:])
+            if left < 20:
+                print(f"D={D} causal={int(causal)}: SKIPPED (time budget spent) {todo}")
+                for n in todo:
+                    checks.setdefault((D, causal, n), "SKIPPED (budget)")
+                break
+            timeout = min(left - 2, max(40.0, left * weights[idx] / w_left), 150.0)
+            cmd = [sys.executable, os.path.abspath(__file__), "--vchild", str(D), str(int(causal)),
+                   "--variants", ",".join(todo), "--child-budget", str(timeout - 10),
+                   "--rounds", str(rounds)] + (["--quick"] if quick else [])
+            results, out, err, rc = proto_child.run(cmd, timeout)
+            busy = None
+            for res in results:
+                kind = res["kind"]
+                n = res.get("variant")
+                if kind == "begin":
+                    busy = n
+                elif kind == "check":
+                    parts = " ".join(f"{g} {res[g]['err']:.1e}/{res[g]['eager']:.1e}" for g in ("dq", "dk", "dv"))
+                    print(f"check D={D} c={int(causal)} S={res['S']:>5} {n:>12}: ours/eager {parts} "
+                          f"-> {'PASS' if res['ok'] else 'FAIL'}")
+                    prev = checks.get((D, causal, n), "PASS")
+                    checks[(D, causal, n)] = prev if res["ok"] else f"FAIL S={res['S']}"
+                elif kind == "error":
+                    print(f"D={D} c={int(causal)} {n}: ERROR at S={res['S']}: {res['msg']}")
+                    checks[(D, causal, n)] = "ERROR " + res["msg"][:60]
+                elif kind == "hang":
+                    print(f"HANG: {res['what']} did not finish in {res['seconds']:.0f}s (mbarrier deadlock?)")
+                elif kind == "time":
+                    rows[key].setdefault(n, {})[res["S"]] = res["tflops"]
+            proto_child.report_end(D, causal, results, out, err, rc, timeout)
+            if rc in (0,):
+                break
+            # the child died: blame the variant it was busy with, rerun the others
+            if busy is None or busy == "(timing)" or busy not in todo:
+                print(f"D={D} causal={int(causal)}: child failed (rc={rc}) outside a variant's first call; "
+                      f"not rerun")
+                break
+            checks[(D, causal, busy)] = "HANG/CRASH" if rc in ("timeout", 3) else f"CRASH rc={rc}"
+            todo = [n for n in todo if n != busy]
+            rows[key] = {}          # timings only from one process: rerun the rest together
+            print(f"D={D} causal={int(causal)}: dropping {busy}, rerunning {todo}")
+
+    print("\nbackward TFLOP/s (2.5 x 4*B*H*S^2*D, /2 causal; b*s = 16k, hidden 2048), median of the "
+          "rounds, and (ratio to cuDNN).  ours = dQ zero + preprocess + main + dQ cast")
+    all_names = [n for n in names]
+    for (D, causal), per in rows.items():
+        sizes = sorted({S for d in per.values() for S in d})
+        if not sizes:
+            continue
+        ref = per.get("cudnn", {})
+        print(f"\nD={D} causal={int(causal)}")
+        print(f"{'variant':>12} {'check':>10} " + " ".join(f"{f'S={S}':>16}" for S in sizes))
+        for n in ["cudnn"] + [n for n in all_names if n in per or (D, causal, n) in checks]:
+            d = per.get(n, {})
+            cells = []
+            for S in sizes:
+                if S in d:
+                    r = d[S] / ref[S] if S in ref and ref[S] > 0 else float("nan")
+                    cells.append(f"{d[S]:>8.1f} ({r:4.2f})" if n != "cudnn" else f"{d[S]:>8.1f}       ")
+                else:
+                    cells.append(f"{'-':>16}")
+            chk = "" if n == "cudnn" else checks.get((D, causal, n), "?")
+            print(f"{n:>12} {chk[:10]:>10} " + " ".join(cells))
+    print(f"total {time.time() - t_start:.0f}s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--emulate", action="store_true", help="CPU emulation of the blocking/masks")
-    ap.add_argument("--dims", default="64,128,256", help="head dims (comma list)")
+    ap.add_argument("--dims", default=None, help="head dims (comma list; default 64,128,256, "
+                    "with --variants 128,256)")
     ap.add_argument("--dump", default=None, help="with --compile-only: write PTX/TTGIR here")
-    ap.add_argument("--quick", action="store_true", help="check S=128,1000 only, time S=2048,16384")
+    ap.add_argument("--quick", action="store_true",
+                    help="check S=128,1000 only; time S=2048,16384 (with --variants: 2048,8192)")
     ap.add_argument("--dq-vec4", action="store_true",
                     help="GPU mode: dQ atomics as v4 over whole rows (smem re-layout; not d256)")
+    ap.add_argument("--variants", default=None,
+                    help="speed variants to check + time side by side (comma list of %s; 'all' = "
+                         "%s, e.g. all,wide); with --compile-only: their ptxas figures" % (",".join(VARIANTS), DEFAULT_VARIANTS))
+    ap.add_argument("--rounds", type=int, default=None, help="--variants: timing rounds (3 quick, 5)")
     ap.add_argument("--one", nargs=2, type=int, metavar=("D", "CAUSAL"), help=argparse.SUPPRESS)
+    ap.add_argument("--vchild", nargs=2, type=int, metavar=("D", "CAUSAL"), help=argparse.SUPPRESS)
     ap.add_argument("--child-budget", type=float, default=50.0, help=argparse.SUPPRESS)
-    ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole GPU run")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole GPU run "
+                    "(default 200; with --variants 240)")
     args = ap.parse_args()
-    dims = tuple(int(x) for x in args.dims.split(",") if x)
+    names = None
+    if args.variants:
+        names = []
+        for n in args.variants.split(","):
+            for m in (DEFAULT_VARIANTS.split(",") if n == "all" else [n]):
+                if m and m not in names:
+                    names.append(m)
+        for n in names:
+            if n not in VARIANTS:
+                ap.error(f"unknown variant {n!r} (known: {', '.join(VARIANTS)})")
+    dims = tuple(int(x) for x in (args.dims or ("128,256" if names else "64,128,256")).split(",") if x)
     if args.emulate:
         sys.exit(0 if emulate_check() else 1)
     if args.compile_only:
+        if names:
+            sys.exit(0 if compile_check_variants(names, dims, args.dump) else 1)
         sys.exit(0 if compile_check(args.dump, dims) else 1)
+    if args.vchild:
+        sizes = (128, 1000) if args.quick else (128, 1000, 4097)
+        tsizes = (2048, 8192) if args.quick else (2048, 4096, 8192, 16384)
+        rounds = args.rounds or (3 if args.quick else 5)
+        _variants_child(args.vchild[0], bool(args.vchild[1]), names, sizes, tsizes,
+                        time.time() + args.child_budget, rounds,
+                        warmup=5 if args.quick else 10, rep=20 if args.quick else 40)
+        return
     if args.one:
         sizes = (128, 1000) if args.quick else (128, 1000, 4097)
         tsizes = (2048, 16384) if args.quick else (2048, 4096, 8192, 16384)
         _one_instantiation(args.one[0], bool(args.one[1]), sizes, tsizes, time.time() + args.child_budget,
                            dq_vec4=args.dq_vec4)
         return
+    if names:
+        run_gpu_variants(names, dims=tuple(sorted(dims, key=lambda d: (d != 128, d))),
+                         budget_s=args.budget or 240.0, quick=args.quick,
+                         rounds=args.rounds or (3 if args.quick else 5))
+        return
     # d128 first (the one that matters), then d64, then d256
-    run_gpu(dims=tuple(sorted(dims, key=lambda d: (d != 128, d))), budget_s=args.budget, quick=args.quick,
-            dq_vec4=args.dq_vec4)
+    run_gpu(dims=tuple(sorted(dims, key=lambda d: (d != 128, d))), budget_s=args.budget or 200.0,
+            quick=args.quick, dq_vec4=args.dq_vec4)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # CUDA and FP8 kernels, the kernel grid (ours next to cuDNN, flash SDPA, FlexAttention) and,
 # with MODELS=1, the model grid (backend="fa3" next to "inductor" and eager).
 # Only 8 files come back from the device, so every log lands in one tarball plus run.log.
-#   PARTS="ddp cudaforced triton cuda fp8 gpumodels diag tune cudadiag against schedules ablation ncu ncusrc compiletime models bench" bash scripts/gpu_all.sh
+#   PARTS="ddp cudaforced triton gluon bwdproto fwdproto cuda fp8 gpumodels diag tune cudadiag against schedules ablation ncu ncusrc compiletime models bench" bash scripts/gpu_all.sh
 # PACK_CACHE=1 returns the kernel cache (cat the parts into .carry/fa3_cache.tgz).
 # NO_FP8ROWS=1 skips the FP8 throughput rows; CUDA_ROWS="--decode --split" picks other CUDA rows,
 # CUDA_ROWS=none none (default: the forward grid next to SDPA, with the ablation table).
@@ -193,6 +193,21 @@ if has compiletime; then
   say "== first-use build time, one instantiation at a time, empty cache"
   timeout ${T_COMPILETIME:-200} python3 scripts/compile_time.py ${COMPILETIME_ARGS:-} > "$W/compile_time.log" 2>&1
   say "compiletime rc=$?"; tail -6 "$W/compile_time.log" | tee -a "$LOG"
+fi
+if has gluon; then
+  say "== Gluon GPU tests (backward, persistent forward)"
+  timeout ${T_GLUON:-200} python3 -m pytest -m gpu -q -p no:cacheprovider ${GLUON_TESTS:-tests/gpu/test_gluon_bwd_gpu.py tests/gpu/test_gluon_fwd_persistent_gpu.py} > "$W/pytest_gluon.log" 2>&1
+  say "gluon tests rc=$?"; tail -25 "$W/pytest_gluon.log" | tee -a "$LOG"
+fi
+if has bwdproto; then
+  say "== Gluon backward prototype variants"
+  timeout ${T_BWDPROTO:-270} python3 scripts/gluon_bwd_proto.py ${BWDPROTO_ARGS:---quick} > "$W/bwdproto.log" 2>&1
+  say "bwdproto rc=$?"; tail -40 "$W/bwdproto.log" | tee -a "$LOG"
+fi
+if has fwdproto; then
+  say "== Gluon forward: persistent vs one CTA per tile"
+  timeout ${T_FWDPROTO:-200} python3 scripts/gluon_fwd_proto.py ${FWDPROTO_ARGS:---quick} > "$W/fwdproto.log" 2>&1
+  say "fwdproto rc=$?"; tail -40 "$W/fwdproto.log" | tee -a "$LOG"
 fi
 if has models; then
   say "== model grid"

@@ -13,7 +13,7 @@ from fa3_inductor import backend as _backend  # noqa: E402
 
 _CONFIG_NAMES = ("force_rewrite", "kernel", "fp8", "fp8_training", "sdpa_rewrite", "log_rewrites",
                  "deterministic_backward", "speculate_mask_inputs", "min_train_attention_flops",
-                 "gluon_forward")
+                 "gluon_forward", "gluon_backward")
 
 
 @pytest.fixture(autouse=True)

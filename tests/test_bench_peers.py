@@ -162,3 +162,30 @@ def test_fp8_variant_rows_quantise_once_per_tile_and_share_the_row_format(monkey
     assert r["tflops_attn"] == flops / 0.5 / 1e9 and r["vs_cudnn_fp8"] == 2.0
     assert r["cudnn_bf16_tflops"] == flops / 2.0 / 1e9 and r["tflops_attn_earlier"] is None
     assert "cuda persistent" in fp8_rows.table(rows)
+
+
+def test_kernel_grid_providers_agree_and_bad_names_are_refused(capsys):
+    import pytest
+    from fa3_inductor.bench import __main__ as bench_main, kernels
+    assert bench_main.KERNEL_PROVIDERS == kernels.PROVIDERS
+    assert set(kernels.PROVIDERS) <= set(kernels._makers())
+    with pytest.raises(SystemExit):
+        bench_main.main(["--kernels", "--providers", "ours,cudnnx"])
+    err = capsys.readouterr().err
+    assert "--providers: unknown cudnnx" in err and "ours_atomic" in err
+
+
+def test_kernel_grid_atomic_provider_skips_the_forward(monkeypatch):
+    """ours_atomic only times the backward (its forward is "ours"): n/a, and no maker call."""
+    from fa3_inductor.bench import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "_makers", lambda: {p: (lambda *a, p=p: calls.append((p, a[-1])) or (lambda: None))
+                                                    for p in kernels.PROVIDERS})
+    monkeypatch.setattr(kernels, "grid", lambda quick: iter([(64, False, 16, 1, 1)]))
+    monkeypatch.setattr(kernels, "_bench", lambda fn: 1.0)
+    import torch
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: torch.zeros(a, dtype=kw.get("dtype")))
+    rows = kernels.run(providers=("ours", "ours_atomic"), passes=("fwd", "bwd"))
+    assert ("ours_atomic", "fwd") not in calls and ("ours_atomic", "bwd") in calls
+    import math
+    assert math.isnan(rows[0].tflops["ours_atomic"]) and rows[1].tflops["ours_atomic"] > 0

@@ -174,3 +174,292 @@ def test_aot_compile_sm90a(D, causal, dtype):
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0 and not rep["stack"], rep["log"]
     assert rep["sass_local"] == 0 and not rep["serialized_wgmma"], rep
     assert rep["sass_max_reg"] is not None and rep["sass_max_reg"] <= 240, rep
+
+
+# ---- the persistent variant (PERSISTENT: one CTA per SM looping over a static tile list) ----
+
+def _work(num_m, m_blk, causal):
+    """Key blocks of query tile m_blk of a square top-left head (BLOCK_M = BLOCK_N)."""
+    return m_blk + 1 if causal else num_m
+
+
+@pytest.mark.parametrize("sched", [gluon_fwd.SCHED_HEAD, gluon_fwd.SCHED_PAIRS, gluon_fwd.SCHED_LPT])
+@pytest.mark.parametrize("num_m,num_bh,n_progs", [
+    (1, 1, 1), (1, 1, 132), (8, 256, 132), (9, 7, 4), (33, 3, 5), (33, 4, 132), (128, 16, 132),
+    (2, 3, 1), (5, 1, 3), (7, 2, 14), (64, 8, 133),
+])
+def test_tile_schedule_runs_every_tile_once(sched, num_m, num_bh, n_progs):
+    """tile_schedule (the kernel's _sched_iters / _sched_tile): across the CTAs every
+    (m_blk, bh) exactly once, whatever the grid (smaller than the tile count: CTAs loop;
+    larger: some CTAs idle)."""
+    lists = gluon_fwd.tile_schedule(num_m, num_bh, n_progs, sched)
+    assert len(lists) == n_progs
+    seen = [t for tiles in lists for t in tiles]
+    assert sorted(seen) == [(m, bh) for m in range(num_m) for bh in range(num_bh)]
+    if n_progs <= num_m * num_bh and sched != gluon_fwd.SCHED_PAIRS:
+        assert all(lists), "a CTA without a tile although there are enough"
+
+
+@pytest.mark.parametrize("num_m,num_bh,n_progs", [(128, 16, 132), (64, 32, 132), (33, 3, 5), (8, 2, 3)])
+def test_tile_schedule_lpt_is_longest_first(num_m, num_bh, n_progs):
+    """SCHED_LPT: the i-th tiles of all CTAs (wave i) are never lighter than any tile of wave
+    i + 1 (causal work decreases with the query tile's distance from the end), the first wave
+    is the n_progs heaviest tiles, heads vary fastest within a query block, and the snake gives
+    every CTA a total within one heaviest tile of any other."""
+    lists = gluon_fwd.tile_schedule(num_m, num_bh, n_progs, gluon_fwd.SCHED_LPT)
+    waves = max(len(t) for t in lists)
+    for i in range(waves - 1):
+        now = [t[i][0] for t in lists if len(t) > i]
+        nxt = [t[i + 1][0] for t in lists if len(t) > i + 1]
+        assert min(now) >= max(nxt), (i, now, nxt)
+    first = sorted(t[0][0] for t in lists if t)
+    heaviest = sorted(m for m in range(num_m) for _ in range(num_bh))[-n_progs:]
+    assert first == heaviest
+    assert [t[0] for t in lists[:min(n_progs, num_bh)]] == [(num_m - 1, bh) for bh in range(min(n_progs, num_bh))]
+    loads = [sum(_work(num_m, m, True) for m, _ in t) for t in lists]
+    assert max(loads) - min(loads) <= num_m, loads
+
+
+@pytest.mark.parametrize("num_m,num_bh,n_progs", [(8, 256, 132), (16, 128, 132), (32, 64, 132), (9, 40, 7)])
+def test_tile_schedule_pairs_balance_and_order(num_m, num_bh, n_progs):
+    """SCHED_PAIRS: each CTA visit runs a head's heavy tile num_m - 1 - i, then its light tile i
+    (one tile for the middle of an odd num_m), units head-major; every CTA's causal work is
+    within one unit (num_m + 1 key blocks) of the mean, where longest first with static round
+    robin across heads would not be."""
+    lists = gluon_fwd.tile_schedule(num_m, num_bh, n_progs, gluon_fwd.SCHED_PAIRS)
+    for tiles in lists:
+        i = 0
+        while i < len(tiles):
+            m, bh = tiles[i]
+            assert m >= num_m - 1 - m, tiles        # a unit starts with its heavy tile
+            if m != num_m - 1 - m:
+                assert tiles[i + 1] == (num_m - 1 - m, bh), tiles
+                i += 2
+            else:
+                i += 1
+    loads = [sum(_work(num_m, m, True) for m, _ in t) for t in lists]
+    mean = sum(loads) / len(loads)
+    assert max(loads) - mean <= num_m + 1 and mean - min(loads) <= num_m + 1, loads
+    if num_m % 2 == 0:   # the benchmark shapes: head-major round robin is far worse there
+        head = [sum(_work(num_m, m, True) for m, _ in t)
+                for t in gluon_fwd.tile_schedule(num_m, num_bh, n_progs, gluon_fwd.SCHED_HEAD)]
+        assert max(loads) < max(head)
+
+
+def test_choose_schedule():
+    """Non-causal: head-major.  Causal: longest first where each wave still holds several
+    tiles of every KV head (or K/V fits L2), else balanced pairs.  Never more CTAs than tiles."""
+    S, D = gluon_fwd.SCHED_HEAD, 128
+    assert gluon_fwd.choose_schedule(16, 16, 16, 1024, 1024, D, False, 2, 132) == (S, 132)
+    assert gluon_fwd.choose_schedule(1, 2, 2, 100, 100, D, True, 2, 132) == (gluon_fwd.SCHED_LPT, 2)
+    # the benchmark grid: b*s = 16k, hidden 2048
+    want = {1024: "pairs", 2048: "pairs", 4096: "pairs", 8192: "lpt", 16384: "lpt"}
+    for seq, name in want.items():
+        B, H = 16384 // seq, 2048 // D
+        sched, n = gluon_fwd.choose_schedule(B, H, H, seq, seq, D, True, 2, 132)
+        assert (gluon_fwd.SCHED_NAMES[sched], n) == (name, 132), seq
+    # GQA 8:1 at 1k: 32 KV heads hold 64 MB of K/V but a wave still has 4 tiles of each
+    sched, _ = gluon_fwd.choose_schedule(16, 16, 2, 1024, 1024, D, True, 2, 132)
+    assert sched == gluon_fwd.SCHED_LPT
+    # small K/V (fits L2): longest first whatever the head count
+    sched, _ = gluon_fwd.choose_schedule(8, 16, 16, 256, 256, D, True, 2, 132)
+    assert sched == gluon_fwd.SCHED_LPT
+
+
+def test_prepare_persistent_grid_and_default():
+    """prepare() builds the persistent launch (grid = CTAs, the schedule) when asked, the tile
+    grid otherwise; untold, the measured rule: persistent for causal calls with >= 2048 query
+    rows (gluon_fwd.persistent_default).  No launch."""
+    assert gluon_fwd.PERSISTENT_CAUSAL_MIN_SQ == 2048
+    assert gluon_fwd.persistent_default(True, 2048) and gluon_fwd.persistent_default(True, 16384)
+    assert not gluon_fwd.persistent_default(True, 2047) and not gluon_fwd.persistent_default(False, 16384)
+    q, k, v = _qkv(B=2, Hq=8, Hk=2, Sq=1000, Sk=1000)
+    launch, out, lse = gluon_fwd.prepare(q, k, v, 0.1, True, False)
+    assert launch.grid == (8, 16) and not launch.persistent
+    q2, k2, v2 = _qkv(B=1, Hq=2, Hk=2, Sq=2048, Sk=2048)
+    assert gluon_fwd.prepare(q2, k2, v2, 0.1, True, False, num_ctas=132)[0].persistent
+    assert not gluon_fwd.prepare(q2, k2, v2, 0.1, False, False)[0].persistent
+    launch, out, lse = gluon_fwd.prepare(q, k, v, 0.1, True, False, persistent=True, num_ctas=7)
+    assert launch.grid == (7,) and launch.persistent and launch.sched == gluon_fwd.SCHED_LPT
+    assert out.shape == (2, 8, 1000, 128) and lse.shape == (2, 8, 1000)
+    launch, _, _ = gluon_fwd.prepare(q, k, v, 0.1, False, False, persistent=True, num_ctas=500)
+    assert launch.grid == (8 * 16,) and launch.sched == gluon_fwd.SCHED_HEAD
+    launch, _, _ = gluon_fwd.prepare(q, k, v, 0.1, True, False, persistent=True, num_ctas=3,
+                                     sched=gluon_fwd.SCHED_PAIRS)
+    assert launch.grid == (3,) and launch.sched == gluon_fwd.SCHED_PAIRS
+
+
+@pytest.mark.parametrize("D,causal,dtype", [(128, False, "fp16"), (128, True, "bf16"),
+                                            (256, False, "bf16"), (256, True, "fp16")])
+def test_aot_compile_persistent_sm90a(D, causal, dtype):
+    """The persistent instantiations for sm_90a: the same FA3 structure (register budgets,
+    register-A wgmma, two groups in flight, 4-D TMA) and no spills or local memory, with the
+    tile loop's extra state inside the consumers' 240 registers."""
+    ck = gluon_fwd.aot_compile(D, causal, dtype, persistent=True, num_sms=132)
+    assert ck.persistent_grid == 132
+    ptx = ck.asm["ptx"]
+    ev = gluon_fwd.ptx_evidence(ptx)
+    assert ("dec", "24") in ev["setmaxnreg"] and ("inc", "240") in ev["setmaxnreg"], ev
+    assert ev["wgmma_reg_a"] > 0 and ev["two_groups_in_flight"] and ev["tma_4d"], ev
+    assert "%nctaid.x" in ptx and ".local" not in ptx
+    assert ck.metadata.shared <= 227 * 1024
+    rep = gluon_fwd.ptxas_report(ptx)
+    assert rep["ok"], rep["log"][-2000:]
+    assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0 and not rep["stack"], rep["log"]
+    assert rep["sass_local"] == 0 and not rep["serialized_wgmma"], rep
+    assert rep["sass_max_reg"] is not None and rep["sass_max_reg"] <= 240, rep
+    assert "SETMAXREG" in rep["sass"] and "HGMMA" in rep["sass"]
+
+
+class _Bar:
+    """An mbarrier: `phase` completed phases; wait(parity) passes once the phase of that parity
+    has completed (a fresh barrier passes parity 1); expect() is arrive.expect_tx of one TMA."""
+
+    def __init__(self, count):
+        self.count, self.arrived, self.tx, self.phase = count, 0, 0, 0
+
+    def done(self, parity):
+        return (self.phase & 1) != parity
+
+    def _flip(self):
+        if self.arrived == self.count and self.tx == 0:
+            self.arrived, self.phase = 0, self.phase + 1
+
+    def arrive(self):
+        self.arrived += 1
+        assert self.arrived <= self.count
+        self._flip()
+
+    def expect(self):
+        self.tx, self.arrived = self.tx + 1, self.arrived + 1
+
+    def landed(self):
+        self.tx -= 1
+        self._flip()
+
+
+def _run_protocol(tiles, n_blocks, NS, seed):
+    """One CTA of the persistent kernel as three coroutines transliterated from the template
+    (_producer_persistent, _consumer_persistent / _attend: the same waits, parities, arrivals
+    and running counters), run in a random interleaving with TMA copies landing at random later
+    times.  Checks: no deadlock, every wgmma reads the data of its own use (Q of its tile, K/V of
+    its block) and nothing lands in a buffer a wgmma is reading, GEMM rounds strictly alternate
+    WG0, WG1 across tile boundaries.  Returns the number of GEMM rounds."""
+    import random
+    rnd = random.Random(seed)
+    q_ready, q_empty, turn = [_Bar(1), _Bar(1)], [_Bar(1), _Bar(1)], [_Bar(1), _Bar(1)]
+    k_ready, v_ready = [_Bar(1) for _ in range(NS)], [_Bar(1) for _ in range(NS)]
+    k_empty, v_empty = [_Bar(2) for _ in range(NS)], [_Bar(2) for _ in range(NS)]
+    buf = {("q", i): None for i in range(2)} | {(x, s): None for x in "kv" for s in range(NS)}
+    reading = dict.fromkeys(buf, 0)
+    landing, rounds = [], []
+
+    def tma(key, val, bar):
+        assert reading[key] == 0, f"TMA into {key} while a wgmma reads it"
+        bar.expect()
+        landing.append((key, val, bar))
+
+    def producer():
+        kv = c = 0
+        for t in tiles:
+            for wg in range(2):
+                yield q_empty[wg], (c & 1) ^ 1
+                tma(("q", wg), (c, wg), q_ready[wg])
+            for j in range(n_blocks(t)):
+                g = kv + j
+                s, ph = g % NS, ((g // NS) & 1) ^ 1
+                yield k_empty[s], ph
+                tma(("k", s), g, k_ready[s])
+                yield v_empty[s], ph
+                tma(("v", s), g, v_ready[s])
+            kv, c = kv + n_blocks(t), c + 1
+
+    def gemm(WG, r, reads):      # issue: check the operands, hand over the turn
+        for key, want in reads:
+            assert buf[key] == want, (WG, key, buf[key], want)
+            reading[key] += 1
+        rounds.append((WG, r))
+        turn[1 - WG].arrive()
+
+    def done(reads):             # wgmma wait: the operands were stable throughout
+        for key, want in reads:
+            assert buf[key] == want
+            reading[key] -= 1
+
+    def consumer(WG):
+        flip = 1 - WG
+        kv = c = 0
+        for t in tiles:
+            n = n_blocks(t)
+            yield q_ready[WG], c & 1
+            r0, q = kv + c, (("q", WG), (c, WG))
+            s0 = kv % NS
+            yield k_ready[s0], (kv // NS) & 1
+            yield turn[WG], (r0 & 1) ^ flip
+            gemm(WG, r0, [q, (("k", s0), kv)])
+            yield None
+            done([q, (("k", s0), kv)])
+            k_empty[s0].arrive()
+            for j in range(1, n):
+                g = kv + j
+                sk, sv = g % NS, (g - 1) % NS
+                yield k_ready[sk], (g // NS) & 1
+                yield v_ready[sv], ((g - 1) // NS) & 1
+                yield turn[WG], ((r0 + j) & 1) ^ flip
+                gemm(WG, r0 + j, [q, (("k", sk), g), (("v", sv), g - 1)])
+                yield None
+                done([q, (("k", sk), g)])
+                k_empty[sk].arrive()
+                yield None
+                done([(("v", sv), g - 1)])
+                v_empty[sv].arrive()
+            q_empty[WG].arrive()       # every S GEMM of the tile waited for
+            g = kv + n - 1
+            sv = g % NS
+            yield v_ready[sv], (g // NS) & 1
+            yield turn[WG], ((r0 + n) & 1) ^ flip
+            gemm(WG, r0 + n, [(("v", sv), g)])
+            yield None
+            done([(("v", sv), g)])
+            v_empty[sv].arrive()
+            kv, c = kv + n, c + 1
+
+    procs = {"producer": producer(), "wg0": consumer(0), "wg1": consumer(1)}
+    waits = {}
+    for name in list(procs):
+        waits[name] = next(procs[name], "end")
+    while True:
+        live = [p for p, w in waits.items() if w != "end"]
+        ready = [p for p in live if waits[p] is None or waits[p][0].done(waits[p][1])]
+        if not ready and not landing:
+            assert not live, f"deadlock: {live} wait"
+            break
+        pick = rnd.randrange(len(ready) + (1 if landing else 0))
+        if pick == len(ready):
+            key, val, bar = landing.pop(rnd.randrange(len(landing)))
+            assert reading[key] == 0, f"TMA lands in {key} while a wgmma reads it"
+            buf[key] = val
+            bar.landed()
+        else:
+            p = ready[pick]
+            waits[p] = next(procs[p], "end")
+    assert rounds == [(i % 2, i // 2) for i in range(len(rounds))], rounds[:12]
+    return len(rounds)
+
+
+def test_persistent_protocol_model():
+    """The persistent kernel's mbarrier protocol (see _run_protocol) over random tile lists of
+    all three orders, causal and not, 2 and 3 stages: deadlock free, data correct, pingpong
+    order kept across tiles.  The same model fails when the Q handshake or the running turn
+    parity is removed."""
+    import random
+    rnd = random.Random(0)
+    total = 0
+    for case in range(60):
+        num_m, num_bh, n_progs = rnd.randint(1, 9), rnd.randint(1, 4), rnd.randint(1, 4)
+        sched, n_kv, causal = rnd.randint(0, 2), rnd.randint(1, 6), rnd.random() < 0.5
+        lists = gluon_fwd.tile_schedule(num_m, num_bh, n_progs, sched)
+        for pid, tiles in enumerate(lists):
+            total += _run_protocol(tiles, lambda t: min(n_kv, t[0] + 1) if causal else n_kv,
+                                   rnd.choice((2, 3)), seed=case * 10 + pid)
+    assert total > 1000

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# kernels.PROVIDERS, spelled out so that --help does not import torch (a test checks they agree)
+KERNEL_PROVIDERS = ("ours", "ours_atomic", "cudnn", "flash", "flex")
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fa3_inductor.bench")
@@ -12,7 +15,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", action="store_true", help="end-to-end model benchmark")
     ap.add_argument("--quick", action="store_true", help="smaller grids (kernels: seqlen 1k/4k/16k; models: seqlen 4k)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--providers", default="ours,cudnn,flash,flex")
+    ap.add_argument("--providers", default=",".join(KERNEL_PROVIDERS),
+                    help="comma-separated subset of " + ",".join(KERNEL_PROVIDERS))
     ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="after this many seconds only 'ours' is still measured (keeps runs bounded)")
@@ -20,6 +24,9 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     if not (args.kernels or args.models):
         ap.error("choose --kernels and/or --models")
+    bad = [p for p in args.providers.split(",") if p not in KERNEL_PROVIDERS]
+    if bad:
+        ap.error(f"--providers: unknown {','.join(bad)}; allowed: {','.join(KERNEL_PROVIDERS)}")
     if args.kernels:
         import torch
         if not torch.cuda.is_available():

@@ -19,7 +19,9 @@ import time
 
 import torch
 
-PROVIDERS = ("ours", "cudnn", "flash", "flex")
+# "ours_atomic": our backward with deterministic_backward=False (dQ summed by fp32 atomics, the
+# way cuDNN and FlashAttention sum it); its forward rows are the same kernel as "ours" and read n/a.
+PROVIDERS = ("ours", "ours_atomic", "cudnn", "flash", "flex")
 
 
 @dataclasses.dataclass
@@ -55,10 +57,11 @@ def _bench(fn):
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def _ours(q, k, v, causal, pass_):
+def _ours(q, k, v, causal, pass_, deterministic=None):
     from ..ops import triton_impl
     from ..spec import AttentionSpec
-    spec = AttentionSpec(window_right=0 if causal else None, out_dtype=str(q.dtype).split(".")[-1])
+    spec = AttentionSpec(window_right=0 if causal else None, out_dtype=str(q.dtype).split(".")[-1],
+                         deterministic_backward=deterministic)
     scale = q.shape[-1] ** -0.5
     if pass_ == "fwd":
         return lambda: triton_impl.forward(q, k, v, None, None, None, None, scale, spec)
@@ -113,9 +116,16 @@ def _flex(q, k, v, causal, pass_):
     return lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
 
 
+def _ours_atomic(q, k, v, causal, pass_):
+    return _ours(q, k, v, causal, pass_, deterministic=False)
+
+
+BWD_ONLY = ("ours_atomic",)
+
+
 def _makers():
     from torch.nn.attention import SDPBackend
-    return {"ours": _ours, "cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+    return {"ours": _ours, "ours_atomic": _ours_atomic, "cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
             "flash": _sdpa(SDPBackend.FLASH_ATTENTION), "flex": _flex}
 
 
@@ -133,6 +143,9 @@ def run(quick=False, dtype="float16", providers=PROVIDERS, passes=("fwd", "bwd")
             n += 1
             res = {}
             for prov in providers:
+                if prov in BWD_ONLY and pass_ == "fwd":
+                    res[prov] = float("nan")
+                    continue
                 if budget_s is not None and time.time() - t0 > budget_s and prov != "ours":
                     res[prov] = float("nan")  # out of time: keep measuring ours only
                     continue

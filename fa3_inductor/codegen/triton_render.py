@@ -12,8 +12,9 @@ Rendered modules are written to an on-disk cache (``$FA3_INDUCTOR_CACHE/triton``
 options, triton version), and imported with importlib: Triton's JIT needs a real source file
 (it reads the function source through inspect/linecache).  An in-process memo avoids re-reading.
 
-"gluon_fwd" (kernels/triton/gluon_fwd.py.tmpl, the Gluon forward of ops/gluon_fwd.py) is used as
-written: no spec, keyed by its source and the triton version.
+"gluon_fwd" (kernels/triton/gluon_fwd.py.tmpl, the Gluon forward of ops/gluon_fwd.py) and "gluon_bwd"
+(kernels/triton/gluon_bwd.py.tmpl, the Gluon backward of ops/gluon_bwd.py) are used as written: no
+spec, keyed by their source and the triton version.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from ..kernels_path import read_template
 from ..spec import AttentionSpec
 
 _TEMPLATES = {"fwd": "triton/attn_fwd.py.tmpl", "bwd": "triton/attn_bwd.py.tmpl",
-              "gluon_fwd": "triton/gluon_fwd.py.tmpl"}
+              "gluon_fwd": "triton/gluon_fwd.py.tmpl", "gluon_bwd": "triton/gluon_bwd.py.tmpl"}
 _COMMON = "triton/attn_common.py.tmpl"
 # Kinds used as written (no per-spec rendering): their key is the source and the triton version.
-_PLAIN = ("gluon_fwd",)
+_PLAIN = ("gluon_fwd", "gluon_bwd")
 _memo: dict = {}
 _lock = threading.Lock()
 
@@ -182,7 +183,8 @@ def _key(kind: str, spec: AttentionSpec | None, dbias: bool) -> str:
 
 def load(kind: str, spec: AttentionSpec | None = None, *, dbias: bool = False):
     """The rendered module for (kind, spec): has attn_fwd, or attn_bwd_{preprocess,dkdv,dq};
-    "gluon_fwd" (no spec) has the Gluon forward's attn_fwd_kernel (ops/gluon_fwd.py)."""
+    "gluon_fwd" (no spec) has the Gluon forward's attn_fwd_kernel (ops/gluon_fwd.py), "gluon_bwd" the
+    Gluon backward's attn_bwd_kernel, attn_bwd_preprocess and attn_bwd_dq_finish (ops/gluon_bwd.py)."""
     if kind in _PLAIN:
         spec, dbias = None, False
     memo_key = (kind, spec, bool(dbias and spec is not None and spec.mask_kind == "additive"))

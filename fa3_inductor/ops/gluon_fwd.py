@@ -5,6 +5,11 @@ The kernel (an FA3-style warp-specialised forward: TMA producer warp, two consum
 in pingpong, async wgmma with the softmax under the PV GEMM) is described in its template.
 Here: tiles, shared layouts, the 4-D TMA descriptors over the tensors' own strides, the launch,
 and an AOT compile for sm_90a that needs no GPU (tests, scripts/gluon_fwd_proto.py).
+
+Persistent variant (PERSISTENT constexpr; `persistent=` on prepare / forward / aot_compile; by
+default for causal calls of >= 2048 query rows, persistent_default()): one CTA per SM, each looping over a static list of
+tiles; tile_schedule() is the kernel's tile order in Python and choose_schedule() picks the
+order and grid for a call (the reasons are in the template's header).
 """
 from __future__ import annotations
 
@@ -25,6 +30,26 @@ HEAD_DIMS = tuple(CONFIGS)
 NUM_WARPS = 4
 MAXNREG = 168
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The persistent grid (one CTA per SM, looping over tiles) instead of one CTA per query tile:
+# by default for causal calls with at least this many query rows.  Measured on the H100 (session
+# 10 device run 3, scripts/gluon_fwd_proto.py, fp16, b*s = 16k, persistent / tile grid, medians
+# of three interleaved rounds): causal +2..+7% at d128 1k-16k and +2..+9% at d256 2k-16k, but
+# -6% at d256 causal 1k; non-causal -3..+3% at d128 and -2..-8% at d256 (no imbalance to win
+# back, and the register stores of O cost more than the boundary overlap saves).
+PERSISTENT_CAUSAL_MIN_SQ = 2048
+
+
+def persistent_default(causal: bool, Sq: int) -> bool:
+    """Whether prepare() takes the persistent grid when not told (the measured rule above)."""
+    return bool(causal) and Sq >= PERSISTENT_CAUSAL_MIN_SQ
+
+# Tile orders of the persistent kernel (its `sched` argument; the template's SCHED_*).
+SCHED_HEAD, SCHED_PAIRS, SCHED_LPT = 0, 1, 2
+SCHED_NAMES = {SCHED_HEAD: "head", SCHED_PAIRS: "pairs", SCHED_LPT: "lpt"}
+# Causal LPT needs this many query tiles of one KV head in every wave of CTAs (they stream the
+# same K/V blocks in lockstep, so L2 serves all but one), unless all of K and V fits L2 anyway.
+LPT_MIN_TILES_PER_KV_HEAD = 4
+L2_KV_BYTES = 24 << 20
 
 
 def kernel_module():
@@ -72,13 +97,97 @@ def _desc(t: torch.Tensor, rows: int, layout):
     return TensorDescriptor(t, list(t.shape), tma_strides(t), [1, 1, rows, t.shape[-1]], layout)
 
 
-def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, lse=None):
+def tile_schedule(num_m: int, num_bh: int, n_progs: int, sched: int):
+    """The persistent kernel's tile order (_sched_iters / _sched_tile of the template, the same
+    integer arithmetic): for each CTA pid < n_progs the list of (m_blk, bh) it runs, in order.
+    Tiles are the num_m query tiles of each of the num_bh (batch, head) pairs; every tile appears
+    exactly once over all CTAs (tests/test_gluon_fwd.py).
+
+      SCHED_HEAD:  tile t = pid + i * n_progs, head-major (t // num_m is bh), the heavy end of a
+                   head first.  Non-causal: every tile costs the same, so round robin is
+                   balanced, and a wave of CTAs holds all tiles of a few heads, which stream the
+                   same K/V blocks in lockstep (one DRAM read serves them all from L2).
+      SCHED_PAIRS: unit u = pid + i * n_progs is (bh = u // P, i = u % P), P = ceil(num_m / 2);
+                   a CTA runs the unit's heavy tile num_m - 1 - i, then its light tile i (absent
+                   when they coincide, num_m odd).  Causal: a pair costs about the same as any
+                   other (n + 1 key blocks of a square top-left head), so the static round robin
+                   stays balanced, and units are head-major as above (K/V shared in L2).
+      SCHED_LPT:   longest first over all heads: wave w holds tiles t = w * n_progs + pos,
+                   m_blk = num_m - 1 - t // num_bh, bh = t % num_bh fastest, and the CTA at
+                   position pos is pid on even waves, n_progs - 1 - pid on odd ones (snake: a
+                   CTA that got one of the heavier tiles of a wave gets one of the lighter ones
+                   of the next).  Best balance, but a wave holds every head: used when a wave
+                   still keeps several tiles of each KV head together (choose_schedule)."""
+    out = []
+    n_tiles = num_m * num_bh
+    for pid in range(n_progs):
+        tiles = []
+        if sched == SCHED_PAIRS:
+            n_pairs = (num_m + 1) // 2
+            n_units = num_bh * n_pairs
+            n_iter = 2 * (-(-max(n_units - pid, 0) // n_progs))
+        elif sched == SCHED_LPT:
+            n_iter = -(-n_tiles // n_progs)
+        else:
+            n_iter = -(-max(n_tiles - pid, 0) // n_progs)
+        for it in range(n_iter):
+            if sched == SCHED_PAIRS:
+                u = pid + (it // 2) * n_progs
+                bh, i = divmod(u, n_pairs)
+                heavy = num_m - 1 - i
+                half = it % 2
+                m_blk = heavy - half * (heavy - i)
+                valid = i < heavy or half == 0
+            elif sched == SCHED_LPT:
+                pos = pid + (it % 2) * (n_progs - 1 - 2 * pid)
+                t = it * n_progs + pos
+                valid = t < n_tiles
+                m_blk, bh = num_m - 1 - t // num_bh, t % num_bh
+            else:
+                t = pid + it * n_progs
+                bh, m_blk = t // num_m, num_m - 1 - t % num_m
+                valid = t < n_tiles
+            if valid:
+                tiles.append((m_blk, bh))
+        out.append(tiles)
+    return out
+
+
+def choose_schedule(B: int, Hq: int, Hk: int, Sq: int, Sk: int, D: int, causal: bool,
+                    elem_bytes: int, num_sms: int):
+    """(sched, n_progs) of the persistent launch.  Never more CTAs than tiles (then each runs
+    one).  Non-causal: SCHED_HEAD.  Causal: SCHED_LPT (longest first, snake) where it keeps L2
+    reuse: each wave of n_progs tiles still holds >= LPT_MIN_TILES_PER_KV_HEAD tiles of every
+    KV head, or all of K and V fits L2; else SCHED_PAIRS (balanced pairs, head-major)."""
+    BM = CONFIGS[D][0]
+    n_tiles = -(-Sq // BM) * B * Hq
+    n_progs = max(1, min(int(num_sms), n_tiles))
+    if not causal:
+        return SCHED_HEAD, n_progs
+    kv_bytes = B * Hk * Sk * D * elem_bytes * 2
+    if n_tiles <= n_progs or B * Hk * LPT_MIN_TILES_PER_KV_HEAD <= n_progs or kv_bytes <= L2_KV_BYTES:
+        return SCHED_LPT, n_progs
+    return SCHED_PAIRS, n_progs
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, lse=None,
+            persistent=None, num_ctas=None, sched=None):
     """Descriptors and outputs for one call (the caller has checked gluon_supports).  Returns
     (launch, out, lse): launch() runs the kernel into out [B, Hq, Sq, D] (contiguous, q's dtype)
-    and lse [B, Hq, Sq] (fp32, natural log).  Built once, launched many times by benchmarks."""
+    and lse [B, Hq, Sq] (fp32, natural log).  Built once, launched many times by benchmarks.
+    persistent: None -> persistent_default(causal, Sq).  num_ctas / sched (persistent only, tests and
+    benchmarks): the grid (default: the device's SM count, at most the tile count) and the
+    tile order (default: choose_schedule)."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     BM, BN, NS = CONFIGS[D]
+    if persistent is None:
+        persistent = persistent_default(causal, Sq)
     if out is None:
         out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
     if lse is None:
@@ -86,28 +195,48 @@ def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, l
     ql, kl = layouts(D, DTYPES[q.dtype])
     descs = (_desc(q, BM // 2, ql), _desc(k, BN, kl), _desc(v, BN, kl), _desc(out, BM // 2, ql))
     off = (Sk - Sq) if (causal and bottom_right) else 0
-    grid = ((Sq + BM - 1) // BM, B * Hq)
+    # O's strides in units of 8 elements (16 bytes: tma_strides() guarantees the multiple), for
+    # the persistent kernel's register stores of O.
+    o_strides8 = [st // 8 for st in tma_strides(out)[:3]]
+    if persistent:
+        if num_ctas is None:
+            dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            num_ctas = _num_sms(dev)
+        auto_sched, n_progs = choose_schedule(B, Hq, Hk, Sq, Sk, D, causal, q.element_size(), num_ctas)
+        sched = auto_sched if sched is None else int(sched)
+        grid = (n_progs,)
+    else:
+        sched = SCHED_HEAD
+        grid = ((Sq + BM - 1) // BM, B * Hq)
     kern = kernel_module().attn_fwd_kernel
     qk_scale = float(scale) * LOG2E
 
     def launch():
         kern[grid](*descs, lse, qk_scale, Sq, Sk, Hq, Hq // Hk, off,
-                   D, BM, BN, NS, bool(causal), num_warps=NUM_WARPS, maxnreg=MAXNREG)
+                   out, o_strides8[0], o_strides8[1], o_strides8[2], B * Hq, sched,
+                   D, BM, BN, NS, bool(causal), bool(persistent), num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
+    launch.grid, launch.sched, launch.persistent = grid, sched, bool(persistent)
     return launch, out, lse
 
 
-def forward(q, k, v, scale: float, spec):
-    """out, lse of the contract for a call gluon_supports() accepted."""
-    launch, out, lse = prepare(q, k, v, scale, spec.causal, spec.align == "bottom_right")
+def forward(q, k, v, scale: float, spec, persistent=None):
+    """out, lse of the contract for a call gluon_supports() accepted (persistent: None ->
+    persistent_default(causal, Sq))."""
+    launch, out, lse = prepare(q, k, v, scale, spec.causal, spec.align == "bottom_right",
+                               persistent=persistent)
     launch()
     return out, lse
 
 
-def aot_compile(D: int, causal: bool, dtype_name: str = "fp16"):
+def aot_compile(D: int, causal: bool, dtype_name: str = "fp16", persistent: bool = False, num_sms: int = 132):
     """Compile one instantiation for sm_90a without a GPU: the Gluon AST source built by hand (a
     Gluon tensor descriptor's signature string carries its NVMMASharedLayout) and
-    triton.compile with an explicit GPUTarget.  The signature is the one the JIT launches."""
+    triton.compile with an explicit GPUTarget.  The signature is the one the JIT launches.
+    persistent: the persistent kernel (PERSISTENT constexpr).  num_sms: the persistent grid the launch would use
+    (132 on an H100 SXM); the kernel reads its grid through gl.num_programs, so the binary does
+    not depend on it and one compile serves any SM count: it is recorded on the result as
+    `persistent_grid` (None for the tile grid) for reports."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -118,16 +247,20 @@ def aot_compile(D: int, causal: bool, dtype_name: str = "fp16"):
     kd = f"tensordesc<{dtype_name}[1, 1, {BN}, {D}],{kl!r}>"
     sig = {"q_desc": qd, "k_desc": kd, "v_desc": kd, "o_desc": qd, "lse_ptr": "*fp32",
            "qk_scale": "fp32", "seq_q": "i32", "seq_k": "i32", "num_heads": "i32", "group": "i32",
-           "causal_off": "i32"}
+           "causal_off": "i32", "o_ptr": f"*{dtype_name}", "o_stride_b8": "i32", "o_stride_h8": "i32",
+           "o_stride_m8": "i32", "num_bh": "i32", "sched": "i32"}
     consts = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=NS, CAUSAL=bool(causal),
-                  num_warps=NUM_WARPS)
+                  PERSISTENT=bool(persistent), num_warps=NUM_WARPS)
     for name in consts:
         sig[name] = "constexpr"
     constexprs = {(fn.arg_names.index(n),): val for n, val in consts.items()}
-    attrs = {(fn.arg_names.index("lse_ptr"),): [["tt.divisibility", 16]]}
+    # the JIT's specialisation of the two pointers (torch allocations are 16-byte aligned)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("lse_ptr", "o_ptr")}
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
+    ck.persistent_grid = int(num_sms) if persistent else None
+    return ck
 
 
 def ptxas_report(ptx: str) -> dict:

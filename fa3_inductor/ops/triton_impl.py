@@ -10,7 +10,11 @@ be contiguous; otherwise a contiguous copy is made here (one extra pass over tha
 Forward on sm_90: the Gluon kernel (ops/gluon_fwd.py, kernels/triton/gluon_fwd.py.tmpl) runs
 every call gluon_supports() accepts (head dim 128 or 256, fp16/bf16, no mask or causal, no
 bias / padding / ALiBi / softcap / dropout, TMA-readable strides, default tiles); everything
-else runs the tl-level template (attn_fwd.py.tmpl).  The backward is always the tl templates.
+else runs the tl-level template (attn_fwd.py.tmpl).  Backward on sm_90: the Gluon kernel (ops/gluon_bwd.py,
+kernels/triton/gluon_bwd.py.tmpl) runs every call gluon_bwd_supports() accepts: head dims 64, 128,
+256 with deterministic_backward=False (atomic dQ); deterministic (the default) only where it
+measured faster (deterministic_tl_reason); the same rules otherwise.  Everything else runs the tl
+templates (attn_bwd.py.tmpl).
 """
 from __future__ import annotations
 
@@ -118,6 +122,113 @@ def gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec: Attenti
     if scale is not None and not float(scale) > 0:
         return f"scale {float(scale)} <= 0"
     return None
+
+
+# Deterministic dQ (the default) runs the Gluon kernel's ordered-turns mode only where the H100
+# measured it faster than the tl kernels (session 10, device runs 4-5, fp16, b*s = 16k; ratio to
+# cuDNN, turns / tl): non-causal 16k 0.89 / 0.83 (d128) and 0.91 / 0.81 (d64), but 1k-4k
+# 0.75-0.76 / 0.79-0.93 and causal 0.44-0.57 / 0.65-0.95.  In the turns mode key block n adds its
+# dQ tile of query block m after key block n - 1 has: CTAs that reach m together wait in a chain
+# (n tiles' adds), which long key ranges amortise and causal's diagonal start makes worse.  d256
+# has no dQ writer, so no turns mode.  Elsewhere: the tl kernels (deterministic_backward=False
+# runs the Gluon kernel with atomic dQ in every head dim).
+DETERMINISTIC_GLUON_MIN_SK = 16384
+
+
+def deterministic_tl_reason(D: int, causal: bool, Sk: int) -> str | None:
+    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns)."""
+    from . import gluon_bwd
+    if D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS:
+        return f"deterministic dQ at head dim {D} (no dQ writer there): the tl kernels"
+    if causal:
+        return "deterministic dQ, causal: the tl kernels (the Gluon turns measured slower)"
+    if Sk < DETERMINISTIC_GLUON_MIN_SK:
+        return (f"deterministic dQ, {Sk} keys < {DETERMINISTIC_GLUON_MIN_SK}: the tl kernels "
+                "(the Gluon turns measured slower)")
+    return None
+
+
+def deterministic_backward(spec: AttentionSpec) -> bool:
+    """The site's compile setting (AttentionSpec.deterministic_backward), else the config's."""
+    return (spec.deterministic_backward if spec.deterministic_backward is not None
+            else fa3_config.deterministic_backward)
+
+
+def gluon_bwd_supports(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec: AttentionSpec,
+                       bias_requires_grad, *, scale=None, config=None) -> str | None:
+    """None when the Gluon backward (ops/gluon_bwd.py) runs this call, else the reason it runs the
+    tl-level kernels instead (explain() shows it).  config: the backward's tile config, if given."""
+    return _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec,
+                            bias_requires_grad, scale=scale, config=config)[0]
+
+
+def _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec, bias_requires_grad,
+                     *, scale=None, config=None):
+    """(reason or None, the TMA strides of q, k, v, dout when None): each tensor's strides are
+    worked out once per call, here, and handed to the launch."""
+    from .. import autotune
+    from . import gluon_bwd
+    if not fa3_config.gluon_backward:
+        return "fa3_inductor.config.gluon_backward is False", None
+    if config is not None or triton_configs._override.get("bwd") is not None:
+        return "an explicit tile config (the tl kernel's tiles)", None
+    if spec.autotune or autotune.enabled():
+        return "autotune (max-autotune times the tl kernel's tiles)", None
+    why = _gluon_device(q, k, v)
+    if why:
+        return why, None
+    if bias is not None or spec.mask_kind is not None:
+        return f"a {spec.mask_kind or 'bias'} mask/bias tensor", None
+    if bias_requires_grad:
+        return "a bias gradient", None
+    if key_padding is not None or spec.key_padding:
+        return "key padding", None
+    if alibi_slopes is not None or spec.alibi:
+        return "ALiBi", None
+    if spec.softcap:
+        return "softcap", None
+    if seed is not None or spec.dropout_p > 0:
+        return "dropout", None
+    if spec.window_left is not None or spec.window_right not in (None, 0):
+        return f"window (left={spec.window_left}, right={spec.window_right}): only causal or none", None
+    if q.dtype not in gluon_bwd.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)", None
+    if dout.dtype != q.dtype or out.dtype != q.dtype:
+        return f"out/dout dtype {out.dtype}/{dout.dtype} (needs the input's {q.dtype})", None
+    if lse.dtype != torch.float32:
+        return f"lse dtype {lse.dtype} (needs float32)", None
+    D, Dk, Dv = q.shape[-1], k.shape[-1], v.shape[-1]
+    if not (D == Dk == Dv and D in gluon_bwd.BWD_HEAD_DIMS):
+        dims = " or ".join(str(d) for d in gluon_bwd.BWD_HEAD_DIMS)
+        return f"head dims q/k {D}/{Dk}, v {Dv} (needs all {dims})", None
+    B, Hq, Sq = q.shape[:3]
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        return "q/k/v batch or k/v heads/lengths differ", None
+    if tuple(dout.shape) != (B, Hq, Sq, Dv) or tuple(out.shape) != (B, Hq, Sq, Dv) or tuple(lse.shape) != (B, Hq, Sq):
+        return f"out/dout/lse shapes {tuple(out.shape)}/{tuple(dout.shape)}/{tuple(lse.shape)}", None
+    Hk, Sk = k.shape[1], k.shape[2]
+    if B * Hq * Sq == 0 or Sk == 0:
+        return "empty tensors", None
+    if Hq % Hk:
+        return "query heads not a multiple of kv heads", None
+    if Hq != Hk and spec.gqa_mapping != "div":
+        return f"GQA mapping {spec.gqa_mapping!r} (needs 'div': kv head h // group)", None
+    if B * Hq > 65535:
+        return f"B*Hq = {B * Hq} > 65535 (grid of the preprocess / dQ kernels)", None
+    if deterministic_backward(spec):
+        why = deterministic_tl_reason(D, spec.causal, k.shape[2])
+        if why:
+            return why, None
+    strides = []
+    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        st = gluon_bwd.tma_strides(t)
+        if st is None:
+            return (f"{name} strides {tuple(t.stride())} / alignment not TMA-readable (needs the last dim "
+                    "contiguous, other strides 16-byte multiples, a 16-byte aligned base)"), None
+        strides.append(st)
+    if out.stride(-1) != 1:
+        return "out's last dim is not contiguous", None
+    return None, tuple(strides)
 
 
 def _head_contig(x: torch.Tensor) -> torch.Tensor:
@@ -238,6 +349,13 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
              bias_requires_grad, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
     dout, out = _head_contig(dout), _head_contig(out)
+    why, strides = _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec,
+                                    bias_requires_grad, scale=scale, config=config)
+    if why is None:
+        from . import gluon_bwd
+        dq, dk, dv = gluon_bwd.backward(dout, q, k, v, out, lse, float(scale), spec, deterministic_backward(spec),
+                                        strides=strides)
+        return dq, dk, dv, torch.empty(0, dtype=torch.float32, device=q.device)
     B, H, Sq, D = q.shape
     HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
@@ -262,9 +380,7 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     # deterministic_backward = False (the site's compile setting, else config's): dQ from atomics
     # inside the dK/dV kernel (no dQ kernel).  dBias needs the dQ kernel's per-tile dS, so it
     # keeps the deterministic path.
-    deterministic = (spec.deterministic_backward if spec.deterministic_backward is not None
-                     else fa3_config.deterministic_backward)
-    atomic_dq = not deterministic and not want_dbias
+    atomic_dq = not deterministic_backward(spec) and not want_dbias
     dq_acc = torch.zeros(B, H, Sq, d_pad, dtype=torch.float32, device=dev) if atomic_dq else None
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
     pre_m = 64 if dv_pad <= 128 else 32
