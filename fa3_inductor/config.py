@@ -61,7 +61,7 @@ gluon_forward: bool = True
 # 128 or 256, fp16/bf16, no mask or causal, no bias / key padding / ALiBi / softcap / dropout, GQA
 # "div", default tiles (triton_impl.gluon_bwd_supports says why not, explain() shows it).  With
 # deterministic_backward (the default) only where its ordered-dQ mode measured faster than the tl
-# kernels (triton_impl.deterministic_tl_reason: non-causal, >= 16k keys, d64/d128); with it off,
+# kernels (triton_impl.deterministic_tl_reason: >= 16k keys, d64/d128); with it off,
 # dQ summed by atomics, every head dim.  False: always the tl-level kernels.  Read when the op
 # runs (not a per-compile "fa3." option: config_check rejects it there).
 gluon_backward: bool = True
@@ -71,8 +71,8 @@ log_rewrites: bool = True
 
 # True (the rule: deterministic unless a flag allows atomics): bit-identical gradients
 # run to run.  False: dQ summed with fp32 atomics (the order varies), in the Gluon backward where
-# it applies (0.89-0.99x cuDNN at head dims 64/128, 0.67-0.76x at 256 on the H100, against the
-# deterministic 0.55-0.95x; docs/perf.md, session 10), else inside the tl dK/dV kernel (slower
+# it applies (0.89-0.99x cuDNN at head dims 64/128, 0.68-0.80x at 256 on the H100, against the
+# deterministic 0.58-0.95x; docs/perf.md, session 10), else inside the tl dK/dV kernel (slower
 # than the tl default there).  Calls with a bias gradient keep the deterministic path.
 deterministic_backward: bool = True
 

@@ -66,7 +66,7 @@ def test_accepts_the_supported_calls(sm90):
     args = _args(Sq=77, Sk=77, transposed=True)
     assert not args[1].is_contiguous() and _why(args) is None
     # the deterministic default (and a site compiled with it): the Gluon turns only where they
-    # measured faster (non-causal, >= 16k keys, d64 / d128); elsewhere the tl kernels, with why
+    # measured faster (>= 16k keys, d64 / d128, causal or not); elsewhere the tl kernels, with why
     assert gluon_bwd.DETERMINISTIC_HEAD_DIMS == (64, 128)
     assert triton_impl.DETERMINISTIC_GLUON_MIN_SK == 16384
     FULL = AttentionSpec()
@@ -81,8 +81,7 @@ def test_accepts_the_supported_calls(sm90):
         if D != 256:
             why = triton_impl.gluon_bwd_supports(*_args(D=D, Sk=16383), None, None, None, None, FULL, False)
             assert "16383 keys < 16384" in why, why
-            why = triton_impl.gluon_bwd_supports(*long_keys, None, None, None, None, CAUSAL, False)
-            assert "causal" in why and "tl kernels" in why, why
+            assert triton_impl.gluon_bwd_supports(*long_keys, None, None, None, None, CAUSAL, False) is None
         with fa3_inductor.config.patch(deterministic_backward=False):
             dout, q, k, v, out, lse = _args(D=D)
             assert triton_impl.gluon_bwd_supports(dout, q, k, v, out, lse, None, None, None, None, CAUSAL, False) is None
@@ -262,17 +261,20 @@ def test_query_blocks_start_at_the_first_query_that_sees_the_key():
 # ---- the kernel's blocking, emulated ----------------------------------------------------------
 
 def _emulate(dout, q, k, v, out, lse, scale, causal, bottom_right, deterministic, slots=3, seed=0,
-             acc=torch.float64):
+             acc=torch.float64, lockstep=False):
     """The kernel step by step, the math in float64: the preprocess (LSE -inf -> +inf, padded
-    rows), TMA-like zero-filled tiles per head, one CTA per (key block n, b, kvh), the group's
-    query heads x query blocks from the causal start block, the kernel's masks, dK / dV per
-    CTA.  The dQ tiles are added into one `acc`-typed buffer under a simulated schedule: CTAs
+    rows), TMA-like zero-filled tiles per head, one CTA per (key block n, b, kvh), the kernel's
+    visit order (query blocks from num_m - 1 DOWN to the causal start block, outer; the group's
+    query heads, inner: every CTA of a kv head adds (hq, m) at the same step, checked), the
+    kernel's masks, dK / dV per CTA.  The dQ tiles are added into one `acc`-typed buffer under a simulated schedule: CTAs
     dispatched in the grid's linear order (key block fastest) onto `slots` SMs, a random
     resident CTA (rng `seed`) advancing by one tile add at a time; deterministic: a tile of
     (b, hq, m) may be added only when turn[b, hq, m] == n, and adding it passes the turn (the
     kernel counts 32 * DQW_WARPS thread releases per tile; one here).  A schedule where every
-    resident CTA waits is a deadlock (AssertionError).  Returns dq, dk, dv, the order of the
-    adds per (b, hq, m) and the number of CTAs."""
+    resident CTA waits is a deadlock (AssertionError).  lockstep: instead of one random add at
+    a time, every resident CTA that may add does so in each round (all SMs at one speed), and
+    the rounds each CTA spent waiting are counted.  Returns dq, dk, dv, the order of the adds
+    per (b, hq, m), the number of CTAs and [(n, rounds waited)] per CTA (lockstep)."""
     f = torch.float64
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
@@ -304,8 +306,10 @@ def _emulate(dout, q, k, v, out, lse, scale, causal, bottom_right, deterministic
             dK = torch.zeros(BN, D, dtype=f)
             dV = torch.zeros(BN, D, dtype=f)
             adds = []                        # the writer's tiles, in step order
-            for h in range(kvh * group, kvh * group + group):
-                for mb in range(m_start, num_m):
+            for mb in range(num_m - 1, m_start - 1, -1):          # descending (outer)
+                for h in range(kvh * group, kvh * group + group):  # the group's heads (inner)
+                    # the same step for (h, mb) in every CTA of the kv head, whatever m_start
+                    assert len(adds) == (num_m - 1 - mb) * group + (h - kvh * group)
                     m0 = mb * BM
                     Q, dO = tile(q, b, h, m0, BM), tile(dout, b, h, m0, BM)
                     s2 = K @ Q.T * (scale * math.log2(math.e)) - lse2[b, h, m0:m0 + BM]
@@ -329,6 +333,7 @@ def _emulate(dout, q, k, v, out, lse, scale, causal, bottom_right, deterministic
     order = {}
     rng = torch.Generator().manual_seed(seed)
     resident, nxt = [], 0                    # [cta index, next add]
+    waited = [0] * len(ctas)
     while resident or nxt < len(ctas):
         while len(resident) < slots and nxt < len(ctas):
             resident.append([nxt, 0])
@@ -343,18 +348,23 @@ def _emulate(dout, q, k, v, out, lse, scale, causal, bottom_right, deterministic
             if not deterministic or turn[b, h, mb] == nb:
                 runnable.append(r)
         assert runnable, f"deadlock: resident CTAs {[(ctas[r[0]][0], r[1]) for r in resident]} all wait"
-        r = runnable[int(torch.randint(len(runnable), (1,), generator=rng))]
-        nb, adds = ctas[r[0]]
-        if r[1] == len(adds):
-            resident.remove(r)
-            continue
-        b, h, mb, x = adds[r[1]]
-        buf[b, h, mb * BM:(mb + 1) * BM] += x
-        turn[b, h, mb] += 1
-        order.setdefault((b, h, mb), []).append(nb)
-        r[1] += 1
+        if lockstep:                         # turns read at the start of the round
+            for r in resident:
+                waited[r[0]] += all(r is not x for x in runnable)
+        else:
+            runnable = [runnable[int(torch.randint(len(runnable), (1,), generator=rng))]]
+        for r in runnable:
+            nb, adds = ctas[r[0]]
+            if r[1] == len(adds):
+                resident.remove(r)
+                continue
+            b, h, mb, x = adds[r[1]]
+            buf[b, h, mb * BM:(mb + 1) * BM] += x
+            turn[b, h, mb] += 1
+            order.setdefault((b, h, mb), []).append(nb)
+            r[1] += 1
     dq = buf[:, :, :Sq].to(f) * scale
-    return dq, dk, dv, order, len(ctas)
+    return dq, dk, dv, order, len(ctas), [(c[0], w) for c, w in zip(ctas, waited)]
 
 
 def _problem64(D, shape, align):
@@ -421,6 +431,28 @@ def test_emulated_turns_give_one_sum_order(D, shape, align):
     assert max(len(ranks) for ranks in runs[0][3].values()) >= 3
     free = [_emulate(*args, False, slots=64, seed=seed, acc=torch.float32)[3] for seed in range(3)]
     assert any(ranks != sorted(ranks) for f in free for ranks in f.values()), "the atomic schedules never reordered"
+
+
+@pytest.mark.parametrize("D,shape,align", [
+    (64, (1, 1, 1, 1000, 1000), "top_left"),       # 8 key blocks, 16 query blocks
+    (64, (1, 4, 2, 700, 1000), "bottom_right"),     # GQA 2:1: the steps of every head aligned too
+    (128, (1, 3, 1, 600, 450), "top_left"),         # GQA 3:1, Sq > Sk
+    (64, (1, 2, 1, 500, 500), "none"),
+])
+def test_descending_visit_waits_only_for_the_rank_chain(D, shape, align):
+    """All CTAs resident, one tile add per CTA and round: with the descending visit order every
+    CTA of a kv head reaches each (hq, m) at the same step, so key block n waits only while the
+    chain of ranks fills (n rounds, at the start), never for the lower ranks to reach its
+    diagonal block (the ascending order made causal CTA n wait ~m_start(n) * group rounds
+    more).  The sums still come in rank order and match the reference."""
+    args, want = _problem64(D, shape, align)
+    got = _emulate(*args, True, slots=1 << 20, lockstep=True)
+    assert max(nb for nb, _ in got[5]) >= 3
+    for nb, waited in got[5]:
+        assert waited <= nb, ("waited past the rank chain", nb, waited)
+    assert all(ranks == list(range(len(ranks))) for ranks in got[3].values())
+    for g, w in zip(got[:3], want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
 
 
 # ---- the tl helper kernels, interpreted ------------------------------------------------------

@@ -125,23 +125,23 @@ def gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec: Attenti
 
 
 # Deterministic dQ (the default) runs the Gluon kernel's ordered-turns mode only where the H100
-# measured it faster than the tl kernels (session 10, device runs 4-5, fp16, b*s = 16k; ratio to
-# cuDNN, turns / tl): non-causal 16k 0.89 / 0.83 (d128) and 0.91 / 0.81 (d64), but 1k-4k
-# 0.75-0.76 / 0.79-0.93 and causal 0.44-0.57 / 0.65-0.95.  In the turns mode key block n adds its
-# dQ tile of query block m after key block n - 1 has: CTAs that reach m together wait in a chain
-# (n tiles' adds), which long key ranges amortise and causal's diagonal start makes worse.  d256
-# has no dQ writer, so no turns mode.  Elsewhere: the tl kernels (deterministic_backward=False
+# measured it faster than the tl kernels: 16k keys (session 10, device runs 4, 5 and 8; fp16,
+# b*s = 16k; ratio to cuDNN, turns / tl): d128 0.83-0.89 / 0.83 non-causal and 0.76 / 0.65 causal,
+# d64 0.88-0.91 / 0.81 and 0.83 / 0.79; at 1k-4k the tl kernels lead (turns 0.68-0.77, tl
+# 0.72-0.95).  In the turns mode key block n adds its dQ tile of a query block after key block
+# n - 1 has: the CTAs of a head reach each block at the same step (query blocks visited in
+# descending order), so CTA n waits about n tile-adds once, which long key ranges amortise.
+# d256 has no dQ writer, so no turns mode.  Elsewhere: the tl kernels (deterministic_backward=False
 # runs the Gluon kernel with atomic dQ in every head dim).
 DETERMINISTIC_GLUON_MIN_SK = 16384
 
 
 def deterministic_tl_reason(D: int, causal: bool, Sk: int) -> str | None:
-    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns)."""
+    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns).
+    causal: the measured rule does not depend on it (kept for the call sites' clarity)."""
     from . import gluon_bwd
     if D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS:
         return f"deterministic dQ at head dim {D} (no dQ writer there): the tl kernels"
-    if causal:
-        return "deterministic dQ, causal: the tl kernels (the Gluon turns measured slower)"
     if Sk < DETERMINISTIC_GLUON_MIN_SK:
         return (f"deterministic dQ, {Sk} keys < {DETERMINISTIC_GLUON_MIN_SK}: the tl kernels "
                 "(the Gluon turns measured slower)")

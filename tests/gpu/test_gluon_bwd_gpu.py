@@ -8,7 +8,7 @@ fp16 / bf16 (softmax in the input dtype, as test_triton_gpu._eager_lowp).  Rows 
 all (bottom-right causal, Sq > Sk) are kept out of the softmax in both (their p is 0), so they
 contribute nothing and their reference dq is 0, as the kernel contract says.  No NaN anywhere
 (the reference has none).  Deterministic cases (ordered dQ turns, d64 / d128 only) call
-gluon_bwd.backward directly (the route takes the turns only for non-causal >= 16k keys); d256 ones
+gluon_bwd.backward directly (the route takes the turns only from 16k keys); d256 ones
 check the refusal and run non-deterministic.  Compile cost dominates the run: the cases share
 about 9 instantiations (head dim x causal x dtype x deterministic).
 
