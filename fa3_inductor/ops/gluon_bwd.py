@@ -21,7 +21,7 @@ from .gluon_fwd import DTYPES, ptx_evidence, ptxas_report, tma_strides
 
 # ptx_evidence / ptxas_report: the forward's compile evidence, used on aot_compile's output.
 __all__ = ["CONFIGS", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
-           "dq32_bytes", "turn_bytes", "layouts", "prepare", "backward", "aot_compile", "ptx_evidence", "ptxas_report",
+           "layouts", "prepare", "backward", "aot_compile", "ptx_evidence", "ptxas_report",
            "tma_strides"]
 
 LOG2E = 1.4426950408889634
@@ -59,17 +59,6 @@ DETERMINISTIC_HEAD_DIMS = (64, 128)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def dq32_bytes(B: int, Hq: int, Sq: int, D: int) -> int:
-    """Bytes of the fp32 dQ buffer [B, Hq, Sq_pad, D] (Sq padded to BLOCK_M)."""
-    BM = CONFIGS[D][0]
-    return B * Hq * _cdiv(Sq, BM) * BM * D * 4
-
-
-def turn_bytes(B: int, Hq: int, Sq: int, D: int) -> int:
-    """Bytes of the deterministic mode's int32 turn counters [B, Hq, num_m]."""
-    return B * Hq * _cdiv(Sq, CONFIGS[D][0]) * 4
 
 
 def _check_deterministic(D: int, deterministic: bool) -> None:
