@@ -463,3 +463,24 @@ def test_persistent_protocol_model():
             total += _run_protocol(tiles, lambda t: min(n_kv, t[0] + 1) if causal else n_kv,
                                    rnd.choice((2, 3)), seed=case * 10 + pid)
     assert total > 1000
+
+
+def test_forward_routes_with_strides_computed_once(monkeypatch):
+    """triton_impl.forward hands an accepted call to gluon_fwd.forward with the TMA strides its
+    check computed: tma_strides runs once per q, k, v (it ran twice before: in the check and
+    again in prepare)."""
+    from fa3_inductor.ops import gluon_fwd
+    monkeypatch.setattr(triton_impl, "_gluon_device", lambda q, k, v: None)
+    calls, seen = [], []
+    real = gluon_fwd.tma_strides
+    monkeypatch.setattr(gluon_fwd, "tma_strides", lambda t: calls.append(1) or real(t))
+
+    def fake(q, k, v, scale, spec, persistent=None, strides=None):
+        seen.append(strides)
+        return torch.zeros_like(q), torch.zeros(q.shape[:3])
+    monkeypatch.setattr(gluon_fwd, "forward", fake)
+    q, k, v = _qkv(Hq=8, Hk=2, Sq=40, Sk=70)
+    triton_impl.forward(q, k, v, None, None, None, None, 0.1, AttentionSpec(window_right=0, out_dtype="float16"))
+    assert len(calls) == 3 and seen == [tuple(real(t) for t in (q, k, v))]
+    monkeypatch.setattr(gluon_fwd, "tma_strides", lambda t: None)   # not TMA-readable: the reason, no launch
+    assert "not TMA-readable" in triton_impl.gluon_supports(q, k, v, None, None, None, None, AttentionSpec())

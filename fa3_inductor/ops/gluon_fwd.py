@@ -92,9 +92,11 @@ def tma_strides(t: torch.Tensor):
     return out
 
 
-def _desc(t: torch.Tensor, rows: int, layout):
+def _desc(t: torch.Tensor, rows: int, layout, strides=None):
+    """A 4-D TMA descriptor over t (strides: tma_strides(t), when the caller has them)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), tma_strides(t), [1, 1, rows, t.shape[-1]], layout)
+    st = strides if strides is not None else tma_strides(t)
+    return TensorDescriptor(t, list(t.shape), st, [1, 1, rows, t.shape[-1]], layout)
 
 
 def tile_schedule(num_m: int, num_bh: int, n_progs: int, sched: int):
@@ -176,13 +178,14 @@ def _num_sms(index: int) -> int:
 
 
 def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, lse=None,
-            persistent=None, num_ctas=None, sched=None):
+            persistent=None, num_ctas=None, sched=None, strides=None):
     """Descriptors and outputs for one call (the caller has checked gluon_supports).  Returns
     (launch, out, lse): launch() runs the kernel into out [B, Hq, Sq, D] (contiguous, q's dtype)
     and lse [B, Hq, Sq] (fp32, natural log).  Built once, launched many times by benchmarks.
     persistent: None -> persistent_default(causal, Sq).  num_ctas / sched (persistent only, tests and
     benchmarks): the grid (default: the device's SM count, at most the tile count) and the
-    tile order (default: choose_schedule)."""
+    tile order (default: choose_schedule).  strides: tma_strides of (q, k, v) when the caller
+    has them (triton_impl's check works them out once per call)."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     BM, BN, NS = CONFIGS[D]
@@ -193,7 +196,8 @@ def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, l
     if lse is None:
         lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     ql, kl = layouts(D, DTYPES[q.dtype])
-    descs = (_desc(q, BM // 2, ql), _desc(k, BN, kl), _desc(v, BN, kl), _desc(out, BM // 2, ql))
+    qs, ks, vs = strides if strides is not None else (None, None, None)
+    descs = (_desc(q, BM // 2, ql, qs), _desc(k, BN, kl, ks), _desc(v, BN, kl, vs), _desc(out, BM // 2, ql))
     off = (Sk - Sq) if (causal and bottom_right) else 0
     # O's strides in units of 8 elements (16 bytes: tma_strides() guarantees the multiple), for
     # the persistent kernel's register stores of O.
@@ -220,11 +224,11 @@ def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, l
     return launch, out, lse
 
 
-def forward(q, k, v, scale: float, spec, persistent=None):
+def forward(q, k, v, scale: float, spec, persistent=None, strides=None):
     """out, lse of the contract for a call gluon_supports() accepted (persistent: None ->
     persistent_default(causal, Sq))."""
     launch, out, lse = prepare(q, k, v, scale, spec.causal, spec.align == "bottom_right",
-                               persistent=persistent)
+                               persistent=persistent, strides=strides)
     launch()
     return out, lse
 

@@ -73,6 +73,30 @@ def gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec: Attenti
                    scale=None, config=None) -> str | None:
     """None when the Gluon forward (ops/gluon_fwd.py) runs this call, else the reason it runs the
     tl-level kernel instead (explain() shows it).  scale / config: the forward's, when known."""
+    return _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale, config=config)[0]
+
+
+def _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, *, scale=None, config=None):
+    """(reason or None, the TMA strides of q, k, v when None): each tensor's strides are worked
+    out once per call, here, and handed to the launch (as the backward's _gluon_bwd_check)."""
+    why = _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config)
+    if why:
+        return why, None
+    from . import gluon_fwd
+    strides = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        st = gluon_fwd.tma_strides(t)
+        if st is None:
+            return (f"{name} strides {tuple(t.stride())} / alignment not TMA-readable (needs the last dim "
+                    "contiguous, other strides 16-byte multiples, a 16-byte aligned base)"), None
+        strides.append(st)
+    if scale is not None and not float(scale) > 0:
+        return f"scale {float(scale)} <= 0", None
+    return None, tuple(strides)
+
+
+def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config):
+    """The shape / dtype / spec rules of the Gluon forward (strides aside): a reason or None."""
     from .. import autotune
     from . import gluon_fwd
     if not fa3_config.gluon_forward:
@@ -115,12 +139,6 @@ def gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec: Attenti
         return f"GQA mapping {spec.gqa_mapping!r} (needs 'div': kv head h // group)"
     if B * Hq > 65535:
         return f"B*Hq = {B * Hq} > 65535 (grid)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if gluon_fwd.tma_strides(t) is None:
-            return (f"{name} strides {tuple(t.stride())} / alignment not TMA-readable (needs the last dim "
-                    "contiguous, other strides 16-byte multiples, a 16-byte aligned base)")
-    if scale is not None and not float(scale) > 0:
-        return f"scale {float(scale)} <= 0"
     return None
 
 
@@ -273,9 +291,10 @@ def _bwd_config(q, k, v, spec):
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
-    if gluon_supports(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale, config=config) is None:
+    why, strides = _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale, config=config)
+    if why is None:
         from . import gluon_fwd
-        return gluon_fwd.forward(q, k, v, float(scale), spec)
+        return gluon_fwd.forward(q, k, v, float(scale), spec, strides=strides)
     B, H, Sq, D = q.shape
     HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, Dv, dtype=spec.out_torch_dtype, device=q.device)
