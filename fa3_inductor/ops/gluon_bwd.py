@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .gluon_fwd import DTYPES, ptx_evidence, ptxas_report, tma_strides
+from .gluon_fwd import DTYPES, _desc, _gl_dtype, ptx_evidence, ptxas_report, tma_strides
 
 # ptx_evidence / ptxas_report: the forward's compile evidence, used on aot_compile's output.
 __all__ = ["CONFIGS", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
@@ -80,11 +80,6 @@ def kernel_module():
     return triton_render.load("gluon_bwd")
 
 
-def _gl_dtype(name: str):
-    from triton.experimental.gluon import language as gl
-    return {"fp16": gl.float16, "bf16": gl.bfloat16}[name]
-
-
 @functools.lru_cache(maxsize=None)
 def layouts(D: int, dtype_name: str):
     """(Q/dO layout, K/V layout, LSE/D vector layout): NVMMA shared layouts of the 4-D boxes
@@ -97,11 +92,6 @@ def layouts(D: int, dtype_name: str):
     return (gl.NVMMASharedLayout.get_default_for([1, 1, BM, D], gdt),
             gl.NVMMASharedLayout.get_default_for([1, 1, BN, D], gdt),
             gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
-
-
-def _desc(t: torch.Tensor, strides, rows: int, layout):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(strides), [1, 1, rows, t.shape[-1]], layout)
 
 
 def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: bool,
@@ -139,7 +129,7 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
     if strides is None:
         strides = tuple(tma_strides(t) for t in (q, k, v, dout))
     sq, sk, sv, sd = strides
-    descs = (_desc(q, sq, BM, ql), _desc(k, sk, BN, kl), _desc(v, sv, BN, kl), _desc(dout, sd, BM, ql),
+    descs = (_desc(q, BM, ql, sq), _desc(k, BN, kl, sk), _desc(v, BN, kl, sv), _desc(dout, BM, ql, sd),
              TensorDescriptor.from_tensor(lse2.view(B, Hq, sq_pad), [1, 1, BM], vl),
              TensorDescriptor.from_tensor(delta.view(B, Hq, sq_pad), [1, 1, BM], vl))
     off = (Sk - Sq) if (causal and bottom_right) else 0

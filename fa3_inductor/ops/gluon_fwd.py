@@ -96,7 +96,7 @@ def _desc(t: torch.Tensor, rows: int, layout, strides=None):
     """A 4-D TMA descriptor over t (strides: tma_strides(t), when the caller has them)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     st = strides if strides is not None else tma_strides(t)
-    return TensorDescriptor(t, list(t.shape), st, [1, 1, rows, t.shape[-1]], layout)
+    return TensorDescriptor(t, list(t.shape), list(st), [1, 1, rows, t.shape[-1]], layout)
 
 
 def tile_schedule(num_m: int, num_bh: int, n_progs: int, sched: int):

@@ -95,13 +95,14 @@ def _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, *, sc
     return None, tuple(strides)
 
 
-def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config):
-    """The shape / dtype / spec rules of the Gluon forward (strides aside): a reason or None."""
+def _gluon_common_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config, which: str):
+    """The rules the Gluon forward and backward share, in this order: the switch
+    (config.gluon_forward / gluon_backward), tiles, autotune, the device, then the spec's features
+    (only none or causal).  which: "forward" or "backward"."""
     from .. import autotune
-    from . import gluon_fwd
-    if not fa3_config.gluon_forward:
-        return "fa3_inductor.config.gluon_forward is False"
-    if config is not None or triton_configs._override.get("fwd") is not None:
+    if not getattr(fa3_config, f"gluon_{which}"):
+        return f"fa3_inductor.config.gluon_{which} is False"
+    if config is not None or triton_configs._override.get("fwd" if which == "forward" else "bwd") is not None:
         return "an explicit tile config (the tl kernel's tiles)"
     if spec.autotune or autotune.enabled():
         return "autotune (max-autotune times the tl kernel's tiles)"
@@ -120,13 +121,11 @@ def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, conf
         return "dropout"
     if spec.window_left is not None or spec.window_right not in (None, 0):
         return f"window (left={spec.window_left}, right={spec.window_right}): only causal or none"
-    if q.dtype not in gluon_fwd.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)"
-    D, Dk, Dv = q.shape[-1], k.shape[-1], v.shape[-1]
-    if not (D == Dk == Dv and D in gluon_fwd.HEAD_DIMS):
-        return f"head dims q/k {D}/{Dk}, v {Dv} (needs all 128 or all 256)"
-    if spec.out_torch_dtype != q.dtype:
-        return f"out dtype {spec.out_dtype} (needs the input's {q.dtype})"
+    return None
+
+
+def _gluon_heads_reason(q, k, v, spec) -> str | None:
+    """The batch / head / length rules both Gluon kernels share (GQA "div" only)."""
     B, Hq, Sq = q.shape[:3]
     if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         return "q/k/v batch or k/v heads/lengths differ"
@@ -137,8 +136,27 @@ def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, conf
         return "query heads not a multiple of kv heads"
     if Hq != Hk and spec.gqa_mapping != "div":
         return f"GQA mapping {spec.gqa_mapping!r} (needs 'div': kv head h // group)"
-    if B * Hq > 65535:
-        return f"B*Hq = {B * Hq} > 65535 (grid)"
+    return None
+
+
+def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config):
+    """The shape / dtype / spec rules of the Gluon forward (strides aside): a reason or None."""
+    from . import gluon_fwd
+    why = _gluon_common_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config, "forward")
+    if why:
+        return why
+    if q.dtype not in gluon_fwd.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)"
+    D, Dk, Dv = q.shape[-1], k.shape[-1], v.shape[-1]
+    if not (D == Dk == Dv and D in gluon_fwd.HEAD_DIMS):
+        return f"head dims q/k {D}/{Dk}, v {Dv} (needs all 128 or all 256)"
+    if spec.out_torch_dtype != q.dtype:
+        return f"out dtype {spec.out_dtype} (needs the input's {q.dtype})"
+    why = _gluon_heads_reason(q, k, v, spec)
+    if why:
+        return why
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"B*Hq = {q.shape[0] * q.shape[1]} > 65535 (grid)"
     return None
 
 
@@ -154,9 +172,9 @@ def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, conf
 DETERMINISTIC_GLUON_MIN_SK = 16384
 
 
-def deterministic_tl_reason(D: int, causal: bool, Sk: int) -> str | None:
-    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns).
-    causal: the measured rule does not depend on it (kept for the call sites' clarity)."""
+def deterministic_tl_reason(D: int, Sk: int) -> str | None:
+    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns);
+    the measured rule holds causal or not."""
     from . import gluon_bwd
     if D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS:
         return f"deterministic dQ at head dim {D} (no dQ writer there): the tl kernels"
@@ -184,31 +202,12 @@ def _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, s
                      *, scale=None, config=None):
     """(reason or None, the TMA strides of q, k, v, dout when None): each tensor's strides are
     worked out once per call, here, and handed to the launch."""
-    from .. import autotune
     from . import gluon_bwd
-    if not fa3_config.gluon_backward:
-        return "fa3_inductor.config.gluon_backward is False", None
-    if config is not None or triton_configs._override.get("bwd") is not None:
-        return "an explicit tile config (the tl kernel's tiles)", None
-    if spec.autotune or autotune.enabled():
-        return "autotune (max-autotune times the tl kernel's tiles)", None
-    why = _gluon_device(q, k, v)
+    why = _gluon_common_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, config, "backward")
     if why:
         return why, None
-    if bias is not None or spec.mask_kind is not None:
-        return f"a {spec.mask_kind or 'bias'} mask/bias tensor", None
     if bias_requires_grad:
         return "a bias gradient", None
-    if key_padding is not None or spec.key_padding:
-        return "key padding", None
-    if alibi_slopes is not None or spec.alibi:
-        return "ALiBi", None
-    if spec.softcap:
-        return "softcap", None
-    if seed is not None or spec.dropout_p > 0:
-        return "dropout", None
-    if spec.window_left is not None or spec.window_right not in (None, 0):
-        return f"window (left={spec.window_left}, right={spec.window_right}): only causal or none", None
     if q.dtype not in gluon_bwd.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (needs fp16 or bf16, all the same)", None
     if dout.dtype != q.dtype or out.dtype != q.dtype:
@@ -219,22 +218,16 @@ def _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, s
     if not (D == Dk == Dv and D in gluon_bwd.BWD_HEAD_DIMS):
         dims = " or ".join(str(d) for d in gluon_bwd.BWD_HEAD_DIMS)
         return f"head dims q/k {D}/{Dk}, v {Dv} (needs all {dims})", None
+    why = _gluon_heads_reason(q, k, v, spec)
+    if why:
+        return why, None
     B, Hq, Sq = q.shape[:3]
-    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        return "q/k/v batch or k/v heads/lengths differ", None
     if tuple(dout.shape) != (B, Hq, Sq, Dv) or tuple(out.shape) != (B, Hq, Sq, Dv) or tuple(lse.shape) != (B, Hq, Sq):
         return f"out/dout/lse shapes {tuple(out.shape)}/{tuple(dout.shape)}/{tuple(lse.shape)}", None
-    Hk, Sk = k.shape[1], k.shape[2]
-    if B * Hq * Sq == 0 or Sk == 0:
-        return "empty tensors", None
-    if Hq % Hk:
-        return "query heads not a multiple of kv heads", None
-    if Hq != Hk and spec.gqa_mapping != "div":
-        return f"GQA mapping {spec.gqa_mapping!r} (needs 'div': kv head h // group)", None
     if B * Hq > 65535:
         return f"B*Hq = {B * Hq} > 65535 (grid of the preprocess / dQ kernels)", None
     if deterministic_backward(spec):
-        why = deterministic_tl_reason(D, spec.causal, k.shape[2])
+        why = deterministic_tl_reason(D, k.shape[2])
         if why:
             return why, None
     strides = []
