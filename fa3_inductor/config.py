@@ -57,11 +57,11 @@ gluon_forward: bool = True
 
 # The Triton implementation's backward (also the CUDA template's backward) on sm_90 runs the Gluon
 # kernel (warp-specialised FA3-style: TMA producer warp, two consumer warpgroups with dK/dV in
-# registers, a dQ-writer warp pair at d64/d128; ops/gluon_bwd.py) wherever it applies: head dim 64,
+# registers, dQ-writer warps; ops/gluon_bwd.py) wherever it applies: head dim 64,
 # 128 or 256, fp16/bf16, no mask or causal, no bias / key padding / ALiBi / softcap / dropout, GQA
 # "div", default tiles (triton_impl.gluon_bwd_supports says why not, explain() shows it).  With
 # deterministic_backward (the default) only where its ordered-dQ mode measured faster than the tl
-# kernels (triton_impl.deterministic_tl_reason: >= 16k keys, d64/d128); with it off,
+# kernels (triton_impl.deterministic_tl_reason: from 4k keys, d128 causal from 1k); with it off,
 # dQ summed by atomics, every head dim.  False: always the tl-level kernels.  Read when the op
 # runs (not a per-compile "fa3." option: config_check rejects it there).
 gluon_backward: bool = True

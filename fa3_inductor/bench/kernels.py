@@ -6,7 +6,7 @@ Timing: triton.testing.do_bench, median.  FLOPs: fwd 4*b*h*sq*sk*d (halved if ca
 bwd 2.5x fwd.  "ours" is triton_impl.forward / backward as the op calls them (no tile config, no
 autotune), so its forward rows time the Gluon kernel where triton_impl.gluon_supports() accepts
 the case (d128 and d256 here) and the tl-level kernel elsewhere (d64); its backward rows the
-deterministic default (the Gluon turns from 16k keys at d64 / d128, the tl kernels elsewhere).
+deterministic default (the Gluon turns from 4k keys, d128 causal from 1k; the tl kernels below).
 "ours_atomic" is the backward with deterministic_backward=False (the Gluon kernel, atomic dQ).
 Output: a table on stdout (progress on stderr), CSV and PNGs under --out.
 """

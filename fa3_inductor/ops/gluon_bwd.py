@@ -2,14 +2,16 @@
 implementation's backward on sm_90 where triton_impl.gluon_bwd_supports() accepts the call.
 
 The kernel (FA3-style, warp specialised: a TMA producer warp, two consumer warpgroups with the
-dK/dV accumulators in registers, async wgmma, at d64 / d128 a 2-warp dQ writer doing the fp32
-dQ atomics from a shared tile; one CTA per (key block, kv head), one shared fp32 dQ buffer) is
-described in its template, with the barrier protocol and the deterministic mode (d64 / d128:
-the writers add the tiles of each (b, query head, query block) in key-block order, passing a
-per-tile turn counter; FA3's ordered accumulation).  Here: tiles, shared layouts, the 4-D TMA
-descriptors over the tensors' own strides, the three launches (preprocess, main kernel, dQ
-finish), and an AOT compile for sm_90a that needs no GPU (tests).  ptxas_report / ptx_evidence
-/ tma_strides are the forward's (ops/gluon_fwd.py).
+dK/dV accumulators in registers, async wgmma, dQ writer partitions doing the fp32 dQ atomics
+from shared tiles (d64 / d128: two 1-warp writers on alternate steps' tiles; d256: one 2-warp
+writer on a half tile, handed over twice per step); one CTA per (key block, kv head), one
+shared fp32 dQ buffer) is described in its template, with the barrier protocol and the
+deterministic mode (every head dim: the writers add the tiles of each (b, query head, query
+block) in key-block order within 2-3 chains of key blocks, passing a per-tile turn counter;
+FA3's ordered accumulation).  Here: tiles, shared layouts, the 4-D TMA descriptors over the tensors' own
+strides, the three launches (preprocess, main kernel, dQ finish), and an AOT compile for
+sm_90a that needs no GPU (tests).  ptxas_report / ptx_evidence / tma_strides are the
+forward's (ops/gluon_fwd.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from .gluon_fwd import DTYPES, _desc, _gl_dtype, ptx_evidence, ptxas_report, tma_strides
 
 # ptx_evidence / ptxas_report: the forward's compile evidence, used on aot_compile's output.
-__all__ = ["CONFIGS", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
+__all__ = ["CONFIGS", "DO_STAGES", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
            "layouts", "prepare", "backward", "aot_compile", "ptx_evidence", "ptxas_report",
            "tma_strides"]
 
@@ -29,19 +31,25 @@ LOG2E = 1.4426950408889634
 # Per head dim: (BLOCK_M query rows per step, BLOCK_N keys per key block, NUM_STAGES, WN);
 # WN = 1: "rs" mode (warps [8, 1], P^T / dS^T from registers), WN = 2: "smem" mode (warps
 # [4, 2], P^T / dS^T through shared memory).  Shared memory (16-bit types):
-#   d64 : K 16K + V 16K + Q 2x8K  + dO 2x8K  + dS 16K + dQ tile 16K  =  96 KB
-#   d128: K 32K + V 32K + Q 2x16K + dO 2x16K + dS 16K + dQ tile 32K  = 176 KB
-#   d256: K 32K + V 32K + Q 2x32K + dO 2x32K + dS 8K + P 8K          = 208 KB
-# (+ 4 x 256 B of LSE / D vectors and the barriers; metadata.shared: 97.5 / 177.5 / 209.4 KB
-# of 227).
-# The dQ tile (fp32 [BLOCK_M, D]) is the input of the dQ writer partition at d64 / d128 (rs
-# mode, WN = 1); d256 has no room for its 64 KB and keeps the consumers' dQ atomics.
+#   d64 : K 16K + V 16K + Q 2x8K  + dO 2x8K  + dS 16K + dQ tiles 2x16K = 112 KB
+#   d128: K 32K + V 32K + Q 2x16K + dO 2x16K + dS 16K + dQ tiles 2x32K = 208 KB
+#   d256: K 32K + V 32K + Q 2x32K + dO 1x32K + dS 8K + P 8K + dQ half tile 32K = 208 KB
+# (+ the LSE / D vectors (256 B a stage), the barriers and at d256 deterministic 8 B of writer
+# constants; metadata.shared: 113.5 / 209.5 / 209.2-209.4 KB of 227).
+# The dQ tiles (fp32) are the input of the dQ writer partitions: two [BLOCK_M, D] at d64 / d128
+# (rs mode, WN = 1), one per writer; at d256 the whole 64 KB has no room (with two dO stages: 208 KB without it),
+# so dO gets one stage (DO_STAGES) and the writer one column half [64, 128] of 32 KB, which
+# the consumers fill twice per step (dQ = dS K as two GEMMs over the halves of K's columns).
 CONFIGS = {64: (64, 128, 2, 1), 128: (64, 128, 2, 1), 256: (64, 64, 2, 2)}
+# Stages of the dO ring (NUM_STAGES above is the Q ring's): one at d256, as FA3 runs its d256
+# backward, which frees the 32 KB of the dQ writer's half tile (the producer refills dO while
+# the step's dQ / dK GEMMs run: the consumers release it after the dV wait).
+DO_STAGES = {64: 2, 128: 2, 256: 1}
 # Head dims the Gluon backward takes (q, k, v alike); all three AOT-compile for sm_90a with no
-# spills (tests/test_gluon_bwd.py).
+# spills but 8 bytes at d128 causal deterministic (tests/test_gluon_bwd.py).
 BWD_HEAD_DIMS = tuple(CONFIGS)
-# Default (consumer) partition warps; the CTA has 12: the workers (the 1-warp producer, and at
-# d64 / d128 the 2-warp dQ writer) are padded to one warpgroup (reqntid 384 either way):
+# Default (consumer) partition warps; the CTA has 12: the workers (the 1-warp producer and the
+# dQ writers: 2 x 1 warp, or 2 warps at d256) are padded to one warpgroup (reqntid 384):
 # 168 * 384 threads fills the 64K register file (so one CTA per SM), setmaxnreg (per
 # warpgroup, so the producer and the writer share one value) then gives the consumers 240 and
 # the workers 24 ((168 * 12 - 24 * 4) / 8 = 240).
@@ -52,9 +60,23 @@ PRE_BLOCK = 32
 FIN_BLOCK = 32
 
 # Head dims with a deterministic mode: the ordered ("turns") dQ adds are done by the dQ writer
-# partition, which d256 lacks (no shared memory for its tile); backward(..., deterministic=True)
-# at d256 raises (triton_impl routes those calls to the tl backward).
-DETERMINISTIC_HEAD_DIMS = (64, 128)
+# partition, which every head dim has (d256 since its dO ring went to one stage, freeing the
+# shared memory for a half tile).  Outside this set backward(..., deterministic=True) raises.
+DETERMINISTIC_HEAD_DIMS = (64, 128, 256)
+# Head dims whose deterministic dQ writers STORE a chain's tile at rank 0 (its first
+# contributor) instead of adding it, so the fp32 buffers need no zeroing (only the turns); the
+# d256 writer (two half tiles a step, at its register limit) adds, into a zeroed buffer.
+FIRST_RANK_STORES = (64, 128)
+# Chains of the deterministic dQ: key block n adds into fp32 buffer n % chains, ranked n //
+# chains there, and the finish kernel sums the buffers in order (bit-identical still).  With one
+# chain CTA n waits for CTA n - 1 on every tile, so the CTAs of a kv head form a pipeline that
+# fills once (~n_kv hand-offs of idling per head); c chains are c pipelines of n_kv / c ranks,
+# for c - 1 more buffers for the finish to read (and, at d256, to zero).  Measured on the H100
+# (docs/perf-notes.md "Session 11", device run 3): 2 chains over 1 +5..+26%, 3 over 2 up to +7%
+# from 4k keys and -4..+1% at 1k.
+CHAINS_SHORT, CHAINS_LONG = 2, 3
+CHAINS_LONG_KEY_BLOCKS = 32                  # 4k keys at d64 / d128, 2k at d256
+CHAINS_MAX = 8
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -64,8 +86,8 @@ def _cdiv(a: int, b: int) -> int:
 def _check_deterministic(D: int, deterministic: bool) -> None:
     if deterministic and D not in DETERMINISTIC_HEAD_DIMS:
         raise ValueError(f"the Gluon backward has no deterministic mode at head dim {D} (only "
-                         f"{DETERMINISTIC_HEAD_DIMS}: the ordered dQ adds live in the dQ writer partition, "
-                         "which d256 has no shared memory for); use the tl backward")
+                         f"{DETERMINISTIC_HEAD_DIMS}: the ordered dQ adds live in the dQ writer partition); "
+                         "use the tl backward")
 
 
 def query_blocks(n0: int, num_m: int, causal_off: int, block_m: int, causal: bool) -> tuple:
@@ -94,13 +116,29 @@ def layouts(D: int, dtype_name: str):
             gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
 
 
+def deterministic_chains(n_kv: int) -> int:
+    """Chains of the deterministic dQ for a call with n_kv key blocks (one key block: one)."""
+    if n_kv < 2:
+        return 1
+    return CHAINS_LONG if n_kv >= CHAINS_LONG_KEY_BLOCKS else CHAINS_SHORT
+
+
+def _check_chains(chains) -> int:
+    if isinstance(chains, bool) or not isinstance(chains, int) or not 1 <= chains <= CHAINS_MAX:
+        raise ValueError(f"chains must be an int in 1..{CHAINS_MAX} (deterministic dQ buffers), got {chains!r}")
+    return chains
+
+
 def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: bool,
-            deterministic: bool = True, *, strides=None):
+            deterministic: bool = True, *, strides=None, chains=None):
     """Buffers, descriptors and launches for one call (the caller has checked
     gluon_bwd_supports; deterministic=True needs D in DETERMINISTIC_HEAD_DIMS, else ValueError).
-    strides: tma_strides of (q, k, v, dout) when the caller has them.  Returns
-    (launch, dq, dk, dv): launch() zeroes the fp32 dQ buffer (and, deterministic, the turn
-    counters behind it: one memset) and runs the preprocess, the main kernel (grid
+    strides: tma_strides of (q, k, v, dout) when the caller has them.  chains (deterministic
+    only; None: deterministic_chains): key block n adds its dQ tiles into buffer n % chains in
+    the order n // chains, and the finish sums the buffers in a fixed order.  Returns
+    (launch, dq, dk, dv): launch() zeroes the fp32 dQ buffer (deterministic: the turn
+    counters behind the buffers, and the buffers too at d256; one memset) and runs the
+    preprocess, the main kernel (grid
     launch.grid = (key blocks, B * Hk)) and the dQ finish into dq [B, Hq, Sq, D], dk, dv
     [B, Hk, Sk, D] (contiguous, the inputs' dtype).  Built once, launched many times by
     benchmarks."""
@@ -112,9 +150,16 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
     num_m = _cdiv(Sq, BM)
     sq_pad = num_m * BM
     n_kv = _cdiv(Sk, BN)
-    buf = B * Hq * sq_pad * D
-    # fp32 dQ buffer [B, Hq, Sq_pad, D], then (deterministic) the int32 turns [B, Hq, num_m]
-    n_turns = B * Hq * num_m if deterministic else 0
+    if not deterministic:
+        if chains not in (None, 1):
+            raise ValueError(f"chains={chains!r} needs deterministic=True (the atomic mode has one dQ buffer)")
+        chains = 1
+    else:
+        chains = deterministic_chains(n_kv) if chains is None else _check_chains(chains)
+    buf = chains * B * Hq * sq_pad * D
+    # fp32 dQ buffers [chains, B, Hq, Sq_pad, D], then (deterministic) the int32 turns
+    # [chains, B, Hq, num_m]
+    n_turns = chains * B * Hq * num_m if deterministic else 0
     dq_acc = torch.empty(buf + n_turns, dtype=torch.float32, device=dev)
     turns = dq_acc[buf:].view(torch.int32) if deterministic else dq_acc   # unused when not deterministic
     delta = torch.empty(B * Hq * sq_pad, dtype=torch.float32, device=dev)
@@ -142,26 +187,32 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
     helper_warps = 4 if D <= 128 else 8      # preprocess / finish: 32 rows x D fp32 per program
 
     def launch():
-        dq_acc.zero_()
+        # deterministic at FIRST_RANK_STORES: only the turns (the first rank of each chain
+        # stores its tiles, the finish skips tiles whose turn never moved); otherwise the
+        # buffer the adds go into (and the turns behind it)
+        (turns if deterministic and D in FIRST_RANK_STORES else dq_acc).zero_()
         pre[(sq_pad // PRE_BLOCK, B * Hq)](
             out, dout, lse_c, delta, lse2, Sq, sq_pad, out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2), Hq, HEAD_DIM=D, BLOCK=PRE_BLOCK, num_warps=helper_warps)
-        kern[grid](*descs, dq_acc, turns, dk, dv, scale, scale * LOG2E, Sq, Sk, B, Hq, Hk, off,
-                   D, BM, BN, NS, bool(causal), WN, bool(deterministic),
+        # (p_num_m, p_gn = num_m, group * num_m: for the d256 dQ writer, template)
+        kern[grid](*descs, dq_acc, turns, dk, dv, scale, scale * LOG2E, Sq, Sk, B, Hq, Hk, off, chains,
+                   num_m, Hq // Hk * num_m, D, BM, BN, NS, DO_STAGES[D], bool(causal), WN, bool(deterministic),
                    num_warps=NUM_WARPS, maxnreg=MAXNREG)
-        fin[(_cdiv(Sq, FIN_BLOCK), B * Hq)](dq_acc, dq, Sq, sq_pad, scale,
-                                            HEAD_DIM=D, BLOCK=FIN_BLOCK, num_warps=helper_warps)
+        fin[(_cdiv(Sq, FIN_BLOCK), B * Hq)](dq_acc, turns, dq, Sq, sq_pad, scale, buf // chains, chains, B * Hq,
+                                            HEAD_DIM=D, BLOCK=FIN_BLOCK, TILE_M=BM,
+                                            DETERMINISTIC=bool(deterministic), num_warps=helper_warps)
 
     launch.grid = grid
+    launch.chains = chains
     return launch, dq, dk, dv
 
 
-def backward(dout, q, k, v, out, lse, scale: float, spec, deterministic: bool, *, strides=None):
+def backward(dout, q, k, v, out, lse, scale: float, spec, deterministic: bool, *, strides=None, chains=None):
     """dq, dk, dv of the contract for a call gluon_bwd_supports() accepted.  deterministic=True
-    (ordered dQ adds, bit-identical dq run to run) only at DETERMINISTIC_HEAD_DIMS: ValueError
-    at d256."""
+    (ordered dQ adds, bit-identical dq run to run) at DETERMINISTIC_HEAD_DIMS (every head dim
+    the kernel takes), else ValueError."""
     launch, dq, dk, dv = prepare(dout, q, k, v, out, lse, scale, spec.causal, spec.align == "bottom_right",
-                                 deterministic, strides=strides)
+                                 deterministic, strides=strides, chains=chains)
     launch()
     return dq, dk, dv
 
@@ -185,9 +236,10 @@ def aot_compile(D: int, causal: bool, dtype_name: str = "fp16", deterministic: b
     sig = {"q_desc": qd, "k_desc": kd, "v_desc": kd, "do_desc": qd, "lse_desc": vd, "dlt_desc": vd,
            "dq_ptr": "*fp32", "turn_ptr": "*i32", "dk_ptr": f"*{dtype_name}", "dv_ptr": f"*{dtype_name}",
            "sm_scale": "fp32", "qk_scale": "fp32", "seq_q": "i32", "seq_k": "i32", "batch": "i32",
-           "num_heads": "i32", "kv_heads": "i32", "causal_off": "i32"}
-    consts = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=NS, CAUSAL=bool(causal), WN=WN,
-                  DETERMINISTIC=bool(deterministic), num_warps=NUM_WARPS)
+           "num_heads": "i32", "kv_heads": "i32", "causal_off": "i32", "chains": "i32",
+           "p_num_m": "i32", "p_gn": "i32"}
+    consts = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, NUM_STAGES=NS, DO_STAGES=DO_STAGES[D], CAUSAL=bool(causal),
+                  WN=WN, DETERMINISTIC=bool(deterministic), num_warps=NUM_WARPS)
     for name in consts:
         sig[name] = "constexpr"
     constexprs = {(fn.arg_names.index(n),): val for n, val in consts.items()}

@@ -161,26 +161,28 @@ def _gluon_fwd_reason(q, k, v, bias, key_padding, alibi_slopes, seed, spec, conf
 
 
 # Deterministic dQ (the default) runs the Gluon kernel's ordered-turns mode only where the H100
-# measured it faster than the tl kernels: 16k keys (session 10, device runs 4, 5 and 8; fp16,
-# b*s = 16k; ratio to cuDNN, turns / tl): d128 0.83-0.89 / 0.83 non-causal and 0.76 / 0.65 causal,
-# d64 0.88-0.91 / 0.81 and 0.83 / 0.79; at 1k-4k the tl kernels lead (turns 0.68-0.77, tl
-# 0.72-0.95).  In the turns mode key block n adds its dQ tile of a query block after key block
-# n - 1 has: the CTAs of a head reach each block at the same step (query blocks visited in
-# descending order), so CTA n waits about n tile-adds once, which long key ranges amortise.
-# d256 has no dQ writer, so no turns mode.  Elsewhere: the tl kernels (deterministic_backward=False
-# runs the Gluon kernel with atomic dQ in every head dim).
-DETERMINISTIC_GLUON_MIN_SK = 16384
+# measured it faster than the tl kernels (session 11, device run 3: d64 / d128 with two 1-warp
+# dQ writers on alternate tiles, d256 with its half-tile writer; 2-3 chains; fp16, b*s = 16k;
+# ratio to cuDNN, turns / tl): from 4k keys at d64 (0.81-0.95 / 0.77-0.85), d128 non-causal
+# (0.84-0.92 / 0.79-0.88) and d256 (0.66-0.86 / 0.58-0.62), from 1k at d128 causal (0.80-0.93
+# / 0.74-0.76).  At 1k the tl kernels led elsewhere (d64 0.84-0.86 / 0.94-0.96, d128
+# non-causal 0.81 / 0.86, d256 0.59-0.64 / 0.64-0.66).  In the turns mode key block n adds its
+# dQ tile of a query block after the lower ranks of its chain (ops/gluon_bwd.deterministic_chains).
+# Elsewhere: the tl kernels (deterministic_backward=False runs the Gluon kernel with atomic dQ).
+# (head dim, causal) -> fewest keys for the turns
+DETERMINISTIC_GLUON_MIN_SK = {(64, False): 4096, (64, True): 4096, (128, False): 4096, (128, True): 1024,
+                              (256, False): 4096, (256, True): 4096}
 
 
-def deterministic_tl_reason(D: int, Sk: int) -> str | None:
-    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns);
-    the measured rule holds causal or not."""
+def deterministic_tl_reason(D: int, Sk: int, causal: bool) -> str | None:
+    """Why a deterministic backward of this shape runs the tl kernels, or None (Gluon turns)."""
     from . import gluon_bwd
-    if D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS:
-        return f"deterministic dQ at head dim {D} (no dQ writer there): the tl kernels"
-    if Sk < DETERMINISTIC_GLUON_MIN_SK:
-        return (f"deterministic dQ, {Sk} keys < {DETERMINISTIC_GLUON_MIN_SK}: the tl kernels "
-                "(the Gluon turns measured slower)")
+    least = DETERMINISTIC_GLUON_MIN_SK.get((D, bool(causal)))
+    if D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS or least is None:
+        return f"deterministic dQ at head dim {D}: the tl kernels"
+    if Sk < least:
+        return (f"deterministic dQ, {Sk} keys < {least} ({'causal' if causal else 'no mask'}, d{D}): "
+                "the tl kernels (the Gluon turns measured slower)")
     return None
 
 
@@ -227,7 +229,7 @@ def _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, s
     if B * Hq > 65535:
         return f"B*Hq = {B * Hq} > 65535 (grid of the preprocess / dQ kernels)", None
     if deterministic_backward(spec):
-        why = deterministic_tl_reason(D, k.shape[2])
+        why = deterministic_tl_reason(D, k.shape[2], spec.causal)
         if why:
             return why, None
     strides = []

@@ -7,10 +7,10 @@ is torch autograd through plain attention on the GPU; the eager yardstick is the
 fp16 / bf16 (softmax in the input dtype, as test_triton_gpu._eager_lowp).  Rows with no key at
 all (bottom-right causal, Sq > Sk) are kept out of the softmax in both (their p is 0), so they
 contribute nothing and their reference dq is 0, as the kernel contract says.  No NaN anywhere
-(the reference has none).  Deterministic cases (ordered dQ turns, d64 / d128 only) call
-gluon_bwd.backward directly (the route takes the turns only from 16k keys); d256 ones
-check the refusal and run non-deterministic.  Compile cost dominates the run: the cases share
-about 9 instantiations (head dim x causal x dtype x deterministic).
+(the reference has none).  Deterministic cases (ordered dQ turns, every head dim; d256 hands
+dQ to the writer in two column halves) call gluon_bwd.backward directly (the route takes the
+turns only from 16k keys).  Compile cost dominates the run: the cases share about 11
+instantiations (head dim x causal x dtype x deterministic).
 
 Run: python -m pytest -m gpu -x -q tests/gpu/test_gluon_bwd_gpu.py
 """
@@ -141,6 +141,8 @@ _CASES = [  # D, dtype, align, (B, Hq, Hk, Sq, Sk), transposed, deterministic
     (256, "bf16", "br", (1, 8, 8, 1000, 113), True, True),
     (256, "bf16", "tl", (1, 2, 2, 1, 1), False, True),
     (256, "bf16", "br", (1, 8, 1, 17, 1000), False, True),     # GQA 8:1
+    (256, "fp16", "tl", (2, 4, 2, 1000, 1000), True, False),   # the atomic mode of the same cases
+    (256, "bf16", "br", (1, 8, 8, 1000, 113), True, False),
     (64, "fp16", "tl", (1, 4, 2, 1000, 1000), False, True),
     (64, "fp16", "br", (2, 4, 1, 113, 1000), True, True),      # GQA 4:1
 ]
@@ -151,13 +153,10 @@ _CASES = [  # D, dtype, align, (B, Hq, Hk, Sq, Sk), transposed, deterministic
 def test_gluon_backward(D, dt, align, shape, transposed, det, monkeypatch):
     """Against float64 autograd (the module's bar).  Non-deterministic: through
     triton_impl.backward's Gluon route.  Deterministic (ordered dQ turns, gluon_bwd.backward
-    directly): d64 / d128 only; the d256 cases marked deterministic check that the kernel
-    refuses (ValueError) and then run non-deterministic."""
+    directly): every head dim (d256: the turn waited for before the tile's lo half, passed
+    after its hi half)."""
     q, k, v, dout, out, lse, scale, ref, lse64 = _problem(D, dt, align, shape, transposed, seed=sum(shape) + D)
-    if det and D not in gluon_bwd.DETERMINISTIC_HEAD_DIMS:
-        with pytest.raises(ValueError, match="no deterministic mode"):
-            gluon_bwd.backward(dout, q, k, v, out, lse, scale, _spec(align, dt, True), True)
-        det = False
+    assert not det or D in gluon_bwd.DETERMINISTIC_HEAD_DIMS
     spec = _spec(align, dt, det)
     if det:   # the turns mode, asked for directly (the route takes it only where it measured faster)
         got = gluon_bwd.backward(dout, q, k, v, out, lse, scale, spec, True)
@@ -191,11 +190,12 @@ def test_many_more_ctas_than_sms(D, align):
            align == "br", scale, lse64)
 
 
-@pytest.mark.parametrize("D,align", [(128, "none"), (128, "tl"), (128, "br"), (64, "br")])
+@pytest.mark.parametrize("D,align", [(128, "none"), (128, "tl"), (128, "br"), (64, "br"), (256, "none"),
+                                     (256, "br")])
 def test_deterministic_is_bit_identical_and_matches_atomic(D, align):
     """The kernel's deterministic mode: three runs give bit-identical dq, dk, dv.  The shape
-    gives many key blocks per head (4096 keys: 32 key blocks, so up to 32 ranks per query
-    block) and GQA 2:1; the causal variants (top-left, and bottom-right with Sq < Sk, where
+    gives many key blocks per head (4096 keys: 32 key blocks, d256 64, so up to 32 / 64 ranks
+    per query block) and GQA 2:1; the causal variants (top-left, and bottom-right with Sq < Sk, where
     the ranks start mid-sequence) exercise prefix chains of different lengths.  The
     non-deterministic run (the same tiles, added in any order) agrees up to summation order."""
     Sq = 4096 if align != "br" else 3000
@@ -270,3 +270,33 @@ def test_deterministic_route_long_non_causal(monkeypatch):
     got = triton_impl.backward(dout, q, k, v, out, lse, None, None, None, None, scale, spec, False)
     assert calls == [True], calls
     _check(f"deterministic route {shape}", got[:3], ref, q, k, v, dout, False, False, scale, lse64)
+
+
+@pytest.mark.parametrize("D,align,chains", [(128, "none", 2), (128, "br", 3), (64, "tl", 4), (128, "tl", 8),
+                                            (256, "br", 2), (256, "none", 3)])
+def test_deterministic_chains(D, align, chains):
+    """Deterministic dQ with several chains (key block n into buffer n % chains, rank n //
+    chains; the finish sums the buffers in order): gradients meet the bar, two runs are
+    bit-identical, and a 2048-CTA grid (16 waves) finishes (a rank waiting on a CTA that is not
+    dispatched would hang: run under a timeout)."""
+    shape = (2, 8, 4, 1000 if align != "br" else 700, 2000)
+    q, k, v, dout, out, lse, scale, ref, lse64 = _problem(D, "fp16", align, shape, True, seed=5)
+    launch, dq, dk, dv = gluon_bwd.prepare(dout, q, k, v, out, lse, scale, align != "none", align == "br", True,
+                                           chains=chains)
+    assert launch.chains == chains
+    launch()
+    first = [t.clone() for t in (dq, dk, dv)]
+    launch()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("dq", "dk", "dv"), first, (dq, dk, dv)):
+        assert torch.equal(a, b), f"{name} differs between runs with {chains} chains"
+    _check(f"D={D} {align} {shape} chains={chains}", (dq, dk, dv), ref, q, k, v, dout, align != "none",
+           align == "br", scale, lse64)
+    big = (1, 64, 32, 512, 8192)
+    q, k, v, dout, out, lse, scale, ref, lse64 = _problem(D, "fp16", align, big, False, seed=3)
+    launch, dq, dk, dv = gluon_bwd.prepare(dout, q, k, v, out, lse, scale, align != "none", align == "br", True,
+                                           chains=chains)
+    launch()
+    torch.cuda.synchronize()
+    _check(f"D={D} {align} {big} chains={chains}", (dq, dk, dv), ref, q, k, v, dout, align != "none",
+           align == "br", scale, lse64)
