@@ -72,7 +72,7 @@ FIRST_RANK_STORES = (64, 128)
 # chain CTA n waits for CTA n - 1 on every tile, so the CTAs of a kv head form a pipeline that
 # fills once (~n_kv hand-offs of idling per head); c chains are c pipelines of n_kv / c ranks,
 # for c - 1 more buffers for the finish to read (and, at d256, to zero).  Measured on the H100
-# (docs/perf-notes.md "Session 11", device run 3): 2 chains over 1 +5..+26%, 3 over 2 up to +7%
+# (docs/perf-notes.md "Session 11", device run 3): 2 chains over 1 -1..+28%, 3 over 2 up to +7%
 # from 4k keys and -4..+1% at 1k.
 CHAINS_SHORT, CHAINS_LONG = 2, 3
 CHAINS_LONG_KEY_BLOCKS = 32                  # 4k keys at d64 / d128, 2k at d256
