@@ -204,6 +204,7 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
 
     launch.grid = grid
     launch.chains = chains
+    launch.dq_acc = dq_acc                   # the fp32 buffers + turns (tests poison them)
     return launch, dq, dk, dv
 
 

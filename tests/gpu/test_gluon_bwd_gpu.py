@@ -219,14 +219,20 @@ def test_deterministic_is_bit_identical_and_matches_atomic(D, align):
         assert (a.float() - b.float()).abs().max().item() <= 1e-2 * mag + 1e-3, name
 
 
-@pytest.mark.parametrize("align,shape", [("tl", (1, 4, 2, 17, 1000)), ("br", (2, 4, 4, 1000, 113))])
-def test_writes_every_row(align, shape):
-    """Outputs poisoned with NaN before the launch: every dq / dk / dv row is written, keys no
-    query sees (top-left, Sk > Sq) get dk = dv = 0 exactly, rows with no key get dq = 0."""
+@pytest.mark.parametrize("align,shape,chains", [("tl", (1, 4, 2, 17, 1000), None), ("br", (2, 4, 4, 1000, 113), None),
+                                                ("tl", (1, 4, 2, 17, 1000), 3), ("br", (2, 4, 4, 1000, 300), 2)])
+def test_writes_every_row(align, shape, chains):
+    """Outputs and the fp32 dQ buffers poisoned with NaN before the launch (deterministic: the
+    buffers are not zeroed, the first rank of a chain stores): every dq / dk / dv row is
+    written, keys no query sees (top-left, Sk > Sq) get dk = dv = 0 exactly, rows with no key
+    get dq = 0, and the finish reads no chain tile that nobody wrote (top-left with 17 queries:
+    only key block 0 adds, so chains 1 and 2 stay unwritten; bottom-right with Sq > Sk: query
+    blocks no key block reaches)."""
     D = 128
     q, k, v, dout, out, lse, scale, ref, lse64 = _problem(D, "fp16", align, shape, False, seed=5)
-    launch, dq, dk, dv = gluon_bwd.prepare(dout, q, k, v, out, lse, scale, True, align == "br", True)
-    for t in (dq, dk, dv):
+    launch, dq, dk, dv = gluon_bwd.prepare(dout, q, k, v, out, lse, scale, True, align == "br", True,
+                                           chains=chains)
+    for t in (dq, dk, dv, launch.dq_acc):
         t.fill_(float("nan"))
     launch()
     torch.cuda.synchronize()
