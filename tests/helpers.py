@@ -254,3 +254,20 @@ def count_frames(fn: Callable) -> tuple[Callable, list]:
 
 
 Any = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# generated-kernel cache keys
+# ---------------------------------------------------------------------------------------------
+def assert_keyed_by_source_and_triton(monkeypatch, kind: str, template_needle: str) -> None:
+    """The on-disk module of a no-spec template `kind` (triton_render._key) changes with the
+    Triton version and with the source of any template file whose path holds template_needle."""
+    from fa3_inductor.codegen import triton_render
+    key = triton_render._key(kind, None, False)
+    monkeypatch.setattr(triton_render, "_triton_version", lambda: "0.0.0")
+    assert triton_render._key(kind, None, False) != key
+    monkeypatch.undo()
+    real = triton_render.read_template
+    monkeypatch.setattr(triton_render, "read_template",
+                        lambda p: real(p) + ("\n# x" if template_needle in p else ""))
+    assert triton_render._key(kind, None, False) != key

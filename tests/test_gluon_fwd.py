@@ -11,6 +11,7 @@ from fa3_inductor import config_check
 from fa3_inductor.codegen import triton_configs, triton_render
 from fa3_inductor.ops import gluon_fwd, triton_impl
 from fa3_inductor.spec import AttentionSpec
+from helpers import assert_keyed_by_source_and_triton
 
 CAUSAL = AttentionSpec(window_right=0)
 
@@ -124,13 +125,7 @@ def test_template_loads_and_is_keyed_by_source_and_triton(monkeypatch):
     assert str(triton_render.cache_dir()) in mod.__file__
     text = triton_render.render_source("gluon_fwd", None)
     assert "{{" not in text and "coop" not in text.lower()
-    key = triton_render._key("gluon_fwd", None, False)
-    monkeypatch.setattr(triton_render, "_triton_version", lambda: "0.0.0")
-    assert triton_render._key("gluon_fwd", None, False) != key
-    monkeypatch.undo()
-    real = triton_render.read_template
-    monkeypatch.setattr(triton_render, "read_template", lambda p: real(p) + ("\n# x" if "gluon" in p else ""))
-    assert triton_render._key("gluon_fwd", None, False) != key
+    assert_keyed_by_source_and_triton(monkeypatch, "gluon_fwd", "gluon")
 
 
 def test_explain_reports_the_triton_forward(monkeypatch):

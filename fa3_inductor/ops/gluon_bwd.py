@@ -64,9 +64,11 @@ FIN_BLOCK = 32
 # shared memory for a half tile).  Outside this set backward(..., deterministic=True) raises.
 DETERMINISTIC_HEAD_DIMS = (64, 128, 256)
 # Head dims whose deterministic dQ writers STORE a chain's tile at rank 0 (its first
-# contributor) instead of adding it, so the fp32 buffers need no zeroing (only the turns); the
-# d256 writer (two half tiles a step, at its register limit) adds, into a zeroed buffer.
-FIRST_RANK_STORES = (64, 128)
+# contributor) instead of adding it, so the fp32 buffers need no zeroing (only the turns): the
+# whole-tile writers of rs mode (WN = 1; the template's TILES == 1 branch).  The d256 writer
+# (two half tiles a step, at its register limit) adds, into a zeroed buffer.  Derived from
+# CONFIGS so the host's memset and the template's stores cannot disagree.
+FIRST_RANK_STORES = tuple(D for D, cfg in CONFIGS.items() if cfg[3] == 1)
 # Chains of the deterministic dQ: key block n adds into fp32 buffer n % chains, ranked n //
 # chains there, and the finish kernel sums the buffers in order (bit-identical still).  With one
 # chain CTA n waits for CTA n - 1 on every tile, so the CTAs of a kv head form a pipeline that
