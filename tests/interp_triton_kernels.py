@@ -158,16 +158,19 @@ def test_tma_lpt_forward(spec, lpt):
     """The TMA-descriptor forward (zero fill past Sq, Sk and the padded head dim) and the
     longest-first query-block order, on strided [B,S,H,D] inputs."""
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(2, 4, 2, 37, 45, 24))
-    assert triton_impl._descriptors(q, k, v, FwdConfig(16, 16, 4, 1), 32, 32) is not None
+    assert triton_impl._tma_ok(q, k, v)
     _check(spec, q, k, v, backward=False, fwd_cfg=FwdConfig(16, 16, 4, 1, True, lpt))
+    plans = list(triton_impl._TL_PLANS.values())
+    assert plans and all(p.descs is not None for p in plans)       # launched with descriptors
 
 
 def test_tma_falls_back_to_pointers():
     """Strides TMA rejects (not 16-byte multiples) take the pointer path with the same answer;
     tensor operands (key padding) keep their pointer loads next to the descriptor loads."""
     q, k, v = _inputs(1, 2, 2, 21, 26, 20)           # row stride 40 bytes: no descriptor
-    assert triton_impl._descriptors(q, k, v, FwdConfig(16, 16, 4, 1), 32, 32) is None
+    assert not triton_impl._tma_ok(q, k, v)
     _check(AttentionSpec(window_right=0), q, k, v, backward=False, fwd_cfg=FwdConfig(16, 16, 4, 1, True, True))
+    assert all(p.descs is None for p in triton_impl._TL_PLANS.values())   # the pointer path
     q, k, v = _inputs(2, 2, 2, 21, 26, 32)
     kp = torch.ones(2, 26, dtype=torch.bool)
     kp[1, 20:] = False
@@ -407,6 +410,7 @@ def _check_even(spec, q, k, v, *, fwd_cfg=EVEN_FWD, bwd_cfg=EVEN_BWD, monkeypatc
     flags = []
     even = triton_configs.even
     monkeypatch.setattr(triton_configs, "even", lambda size, *t: flags.append(even(size, *t)) or flags[-1])
+    triton_impl.clear_plans()   # the flags are decided when a signature's launch plan is built
     _check(spec, q, k, v, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg, **kw)
     seen, flags[:] = list(flags), []
     scale = q.shape[-1] ** -0.5
@@ -519,6 +523,7 @@ def _check_tma_bwd(spec, q, k, v, monkeypatch, *, fused, cfg=TMA_BWD, against_re
     built = []
     real = triton_impl._bwd_descriptors
     monkeypatch.setattr(triton_impl, "_bwd_descriptors", lambda *a: built.append(a[4:6]) or real(*a))
+    triton_impl.clear_plans()   # descriptors are worked out when a signature's plan is built
     scale = q.shape[-1] ** -0.5
     args = (kw.get("bias"), kw.get("key_padding"), kw.get("alibi"), kw.get("seed"), scale, spec)
     out, lse = reference.forward(q, k, v, *args)
@@ -664,3 +669,52 @@ def test_tma_backward_config_key():
             assert default.tma == (d == 128 and not causal)
             assert dataclasses.replace(default, tma=True) in cands
             assert len({c.key() for c in cands}) == len(cands)
+
+
+def test_forward_plan_per_call_signature(monkeypatch):
+    """The tl forward builds one launch plan per call signature (the tile config looked up once)
+    and runs it with each call's own tensors (an int32 mask becomes the same uint8 operand as the
+    bool one: the same plan); a key padding mask in other strides is another signature."""
+    calls = []
+    real = triton_impl._fwd_config
+    monkeypatch.setattr(triton_impl, "_fwd_config", lambda *a: calls.append(1) or real(*a))
+    spec = AttentionSpec(window_right=0, key_padding=True)
+    q, k, v = _inputs(2, 4, 2, 37, 45, 32)
+    kp = torch.ones(2, 45, dtype=torch.bool)
+    kp[1, 30:] = False
+    for s, mask in ((1.0, kp), (0.5, kp.to(torch.int32))):
+        out, lse = triton_impl.forward(q * s, k, v, None, mask, None, None, 0.2, spec)
+        r_out, r_lse = reference.forward(q * s, k, v, None, mask, None, None, 0.2, spec)
+        _close("out", out, r_out, atol=2e-3)
+        _close("lse", lse, r_lse, atol=1e-3, rtol=1e-4)
+    assert len(calls) == 1 and len(triton_impl._TL_PLANS) == 1
+    kp_cols = kp.t().contiguous().t()          # strides (1, 2)
+    out, _ = triton_impl.forward(q, k, v, None, kp_cols, None, None, 0.2, spec)
+    assert len(calls) == 2 and len(triton_impl._TL_PLANS) == 2
+    _close("out", out, reference.forward(q, k, v, None, kp, None, None, 0.2, spec)[0], atol=2e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_backward_plan_per_call_signature(fused, monkeypatch):
+    """The tl backward builds one plan per call signature (its kernels' launches kept) and runs it
+    with each call's own tensors and fresh scratch: the second call's gradients are the
+    reference's too."""
+    built = []
+    real = triton_impl._TlBwdPlan.__init__
+    monkeypatch.setattr(triton_impl._TlBwdPlan, "__init__", lambda self, *a: built.append(1) or real(self, *a))
+    cfg = dataclasses.replace(BWD_CFG, fused=fused)
+    spec = AttentionSpec(window_right=0, key_padding=True)
+    q, k, v = _inputs(2, 4, 2, 37, 45, 32)
+    kp = torch.ones(2, 45, dtype=torch.bool)
+    kp[0, 40:] = False
+    out, lse = reference.forward(q, k, v, None, kp, None, None, 0.2, spec)
+    for s in (1.0, -0.5):
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(q.dtype) * s
+        got = triton_impl.backward(dout, q, k, v, out.to(q.dtype), lse, None, kp, None, None, 0.2, spec, False,
+                                   config=cfg)
+        want = reference.backward(dout, q, k, v, out.to(q.dtype), lse, None, kp, None, None, 0.2, spec, False)
+        for name, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+            _close(name, a, b, atol=4e-3)
+    assert len(built) == 1
+    (plan,) = triton_impl._TL_PLANS.values()
+    assert [name for name, *_ in plan.kernels] == (["fused"] if fused else ["dkdv", "dq"])

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .gluon_fwd import DTYPES, _desc, _gl_dtype, ptx_evidence, ptxas_report, tma_strides
+from .gluon_fwd import DTYPES, _gl_dtype, ptx_evidence, ptxas_report, tma_strides
 
 # ptx_evidence / ptxas_report: the forward's compile evidence, used on aot_compile's output.
 __all__ = ["CONFIGS", "DO_STAGES", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
@@ -131,6 +131,96 @@ def _check_chains(chains) -> int:
     return chains
 
 
+class BwdPlan:
+    """One backward call signature's launches, worked out once: the chains, the grids, the
+    descriptors' shapes / strides / layouts and the kernels' scalars.  buffers() allocates a
+    call's outputs and scratch; run() zeroes what the mode needs and launches the preprocess,
+    the main kernel and the dQ finish (each through fast_launch.Launch: the JIT on the first
+    call, directly afterwards).  Arguments as prepare()."""
+
+    def __init__(self, dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: bool,
+                 deterministic: bool = True, *, strides=None, chains=None):
+        from . import fast_launch
+        B, Hq, Sq, D = q.shape
+        Hk, Sk = k.shape[1], k.shape[2]
+        _check_deterministic(D, deterministic)
+        BM, BN, NS, WN = CONFIGS[D]
+        num_m = _cdiv(Sq, BM)
+        sq_pad = num_m * BM
+        n_kv = _cdiv(Sk, BN)
+        if not deterministic:
+            if chains not in (None, 1):
+                raise ValueError(f"chains={chains!r} needs deterministic=True (the atomic mode has one dQ buffer)")
+            chains = 1
+        else:
+            chains = deterministic_chains(n_kv) if chains is None else _check_chains(chains)
+        self.chains, self.deterministic, self.D = chains, bool(deterministic), D
+        # One fp32 scratch allocation per call: the delta and LSE*log2e vectors [B, Hq, Sq_pad]
+        # each, then the dQ buffers [chains, B, Hq, Sq_pad, D], then (deterministic) the int32
+        # turns [chains, B, Hq, num_m].  Every part starts at a multiple of 64 floats (TMA:
+        # 16-byte aligned bases).
+        self.n_vec = B * Hq * sq_pad
+        self.buf = chains * B * Hq * sq_pad * D
+        self.n_turns = chains * B * Hq * num_m if deterministic else 0
+        self.scratch_len = 2 * self.n_vec + self.buf + self.n_turns
+        self.shapes = (tuple(q.shape), tuple(k.shape))
+        ql, kl, vl = layouts(D, DTYPES[q.dtype])
+        if strides is None:
+            strides = tuple(tma_strides(t) for t in (q, k, v, dout))
+        vec = ([B, Hq, sq_pad], [Hq * sq_pad, sq_pad, 1], [1, 1, BM], vl)
+        # (shape, strides, box, layout) of the q, k, v, dout, lse2 and delta descriptors
+        self.descs = tuple((list(t.shape), list(st), [1, 1, rows, D], lay) for t, st, rows, lay in (
+            (q, strides[0], BM, ql), (k, strides[1], BN, kl), (v, strides[2], BN, kl), (dout, strides[3], BM, ql)))
+        self.descs += (vec, vec)
+        off = (Sk - Sq) if (causal and bottom_right) else 0
+        mod = kernel_module()
+        helper_warps = 4 if D <= 128 else 8      # preprocess / finish: 32 rows x D fp32 per program
+        # memset: deterministic at FIRST_RANK_STORES only the turns (the first rank of each
+        # chain stores its tiles, the finish skips tiles whose turn never moved); otherwise the
+        # buffers the adds go into (and the turns behind them)
+        self.zero_from = 2 * self.n_vec + (self.buf if deterministic and D in FIRST_RANK_STORES else 0)
+        self.pre_args = (Sq, sq_pad, out.stride(0), out.stride(1), out.stride(2),
+                         dout.stride(0), dout.stride(1), dout.stride(2), Hq, D, PRE_BLOCK)
+        self.pre = fast_launch.Launch(mod.attn_bwd_preprocess, (sq_pad // PRE_BLOCK, B * Hq), num_warps=helper_warps)
+        # one CTA per key block; axis 0 (the key block) varies fastest in the dispatch order, which
+        # the deterministic turn chain relies on (template docstring)
+        self.grid = (n_kv, B * Hk)
+        scale = float(scale)
+        # (p_num_m, p_gn = num_m, group * num_m: for the d256 dQ writer, template)
+        self.main_args = (scale, scale * LOG2E, Sq, Sk, B, Hq, Hk, off, chains, num_m, Hq // Hk * num_m,
+                          D, BM, BN, NS, DO_STAGES[D], bool(causal), WN, bool(deterministic))
+        self.main = fast_launch.Launch(mod.attn_bwd_kernel, self.grid, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        self.fin_args = (Sq, sq_pad, scale, self.buf // chains, chains, B * Hq, D, FIN_BLOCK, BM, bool(deterministic))
+        self.fin = fast_launch.Launch(mod.attn_bwd_dq_finish, (_cdiv(Sq, FIN_BLOCK), B * Hq), num_warps=helper_warps)
+
+    def buffers(self, device, dtype):
+        """(scratch, dq, dk, dv) for one call: fp32 scratch of scratch_len, the gradients
+        contiguous in the inputs' dtype."""
+        (B, Hq, Sq, D), (_, Hk, Sk, _) = self.shapes
+        return (torch.empty(self.scratch_len, dtype=torch.float32, device=device),
+                torch.empty(B, Hq, Sq, D, dtype=dtype, device=device),
+                torch.empty(B, Hk, Sk, D, dtype=dtype, device=device),
+                torch.empty(B, Hk, Sk, D, dtype=dtype, device=device))
+
+    def run(self, dout, q, k, v, out, lse, scratch, dq, dk, dv):
+        n_vec, buf = self.n_vec, self.buf
+        delta, lse2 = scratch[:n_vec], scratch[n_vec:2 * n_vec]
+        dq_acc = scratch[2 * n_vec:]
+        turns = scratch[2 * n_vec + buf:].view(torch.int32) if self.deterministic else dq_acc
+        scratch[self.zero_from:].zero_()
+        lse_c = lse.contiguous()
+        self.pre(out, dout, lse_c, delta, lse2, *self.pre_args)
+        kern = self.main
+        descs = [kern.tma(t, *d) for t, d in zip((q, k, v, dout, lse2, delta), self.descs)]
+        kern(*descs, dq_acc, turns, dk, dv, *self.main_args)
+        self.fin(dq_acc, turns, dq, *self.fin_args)
+
+    def __call__(self, dout, q, k, v, out, lse):
+        scratch, dq, dk, dv = self.buffers(q.device, q.dtype)
+        self.run(dout, q, k, v, out, lse, scratch, dq, dk, dv)
+        return dq, dk, dv
+
+
 def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: bool,
             deterministic: bool = True, *, strides=None, chains=None):
     """Buffers, descriptors and launches for one call (the caller has checked
@@ -140,84 +230,45 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
     the order n // chains, and the finish sums the buffers in a fixed order.  Returns
     (launch, dq, dk, dv): launch() zeroes the fp32 dQ buffer (deterministic: the turn
     counters behind the buffers, and the buffers too at d256; one memset) and runs the
-    preprocess, the main kernel (grid
-    launch.grid = (key blocks, B * Hk)) and the dQ finish into dq [B, Hq, Sq, D], dk, dv
-    [B, Hk, Sk, D] (contiguous, the inputs' dtype).  Built once, launched many times by
-    benchmarks."""
-    B, Hq, Sq, D = q.shape
-    Hk, Sk = k.shape[1], k.shape[2]
-    _check_deterministic(D, deterministic)
-    BM, BN, NS, WN = CONFIGS[D]
-    dev = q.device
-    num_m = _cdiv(Sq, BM)
-    sq_pad = num_m * BM
-    n_kv = _cdiv(Sk, BN)
-    if not deterministic:
-        if chains not in (None, 1):
-            raise ValueError(f"chains={chains!r} needs deterministic=True (the atomic mode has one dQ buffer)")
-        chains = 1
-    else:
-        chains = deterministic_chains(n_kv) if chains is None else _check_chains(chains)
-    buf = chains * B * Hq * sq_pad * D
-    # fp32 dQ buffers [chains, B, Hq, Sq_pad, D], then (deterministic) the int32 turns
-    # [chains, B, Hq, num_m]
-    n_turns = chains * B * Hq * num_m if deterministic else 0
-    dq_acc = torch.empty(buf + n_turns, dtype=torch.float32, device=dev)
-    turns = dq_acc[buf:].view(torch.int32) if deterministic else dq_acc   # unused when not deterministic
-    delta = torch.empty(B * Hq * sq_pad, dtype=torch.float32, device=dev)
-    lse2 = torch.empty(B * Hq * sq_pad, dtype=torch.float32, device=dev)
-    dq = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=dev)
-    dk = torch.empty(B, Hk, Sk, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, Hk, Sk, D, dtype=v.dtype, device=dev)
-    lse_c = lse.contiguous()
-
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    ql, kl, vl = layouts(D, DTYPES[q.dtype])
-    if strides is None:
-        strides = tuple(tma_strides(t) for t in (q, k, v, dout))
-    sq, sk, sv, sd = strides
-    descs = (_desc(q, BM, ql, sq), _desc(k, BN, kl, sk), _desc(v, BN, kl, sv), _desc(dout, BM, ql, sd),
-             TensorDescriptor.from_tensor(lse2.view(B, Hq, sq_pad), [1, 1, BM], vl),
-             TensorDescriptor.from_tensor(delta.view(B, Hq, sq_pad), [1, 1, BM], vl))
-    off = (Sk - Sq) if (causal and bottom_right) else 0
-    mod = kernel_module()
-    kern, pre, fin = mod.attn_bwd_kernel, mod.attn_bwd_preprocess, mod.attn_bwd_dq_finish
-    # one CTA per key block; axis 0 (the key block) varies fastest in the dispatch order, which
-    # the deterministic turn chain relies on (template docstring)
-    grid = (n_kv, B * Hk)
-    scale = float(scale)
-    helper_warps = 4 if D <= 128 else 8      # preprocess / finish: 32 rows x D fp32 per program
+    preprocess, the main kernel (grid launch.grid = (key blocks, B * Hk)) and the dQ finish
+    into dq [B, Hq, Sq, D], dk, dv [B, Hk, Sk, D] (contiguous, the inputs' dtype).  Built
+    once, launched many times by benchmarks."""
+    plan = BwdPlan(dout, q, k, v, out, lse, scale, causal, bottom_right, deterministic, strides=strides,
+                   chains=chains)
+    scratch, dq, dk, dv = plan.buffers(q.device, q.dtype)
 
     def launch():
-        # deterministic at FIRST_RANK_STORES: only the turns (the first rank of each chain
-        # stores its tiles, the finish skips tiles whose turn never moved); otherwise the
-        # buffer the adds go into (and the turns behind it)
-        (turns if deterministic and D in FIRST_RANK_STORES else dq_acc).zero_()
-        pre[(sq_pad // PRE_BLOCK, B * Hq)](
-            out, dout, lse_c, delta, lse2, Sq, sq_pad, out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2), Hq, HEAD_DIM=D, BLOCK=PRE_BLOCK, num_warps=helper_warps)
-        # (p_num_m, p_gn = num_m, group * num_m: for the d256 dQ writer, template)
-        kern[grid](*descs, dq_acc, turns, dk, dv, scale, scale * LOG2E, Sq, Sk, B, Hq, Hk, off, chains,
-                   num_m, Hq // Hk * num_m, D, BM, BN, NS, DO_STAGES[D], bool(causal), WN, bool(deterministic),
-                   num_warps=NUM_WARPS, maxnreg=MAXNREG)
-        fin[(_cdiv(Sq, FIN_BLOCK), B * Hq)](dq_acc, turns, dq, Sq, sq_pad, scale, buf // chains, chains, B * Hq,
-                                            HEAD_DIM=D, BLOCK=FIN_BLOCK, TILE_M=BM,
-                                            DETERMINISTIC=bool(deterministic), num_warps=helper_warps)
+        plan.run(dout, q, k, v, out, lse, scratch, dq, dk, dv)
 
-    launch.grid = grid
-    launch.chains = chains
-    launch.dq_acc = dq_acc                   # the fp32 buffers + turns (tests poison them)
+    launch.grid = plan.grid
+    launch.chains = plan.chains
+    launch.dq_acc = scratch[2 * plan.n_vec:]     # the fp32 buffers + turns (tests poison them)
     return launch, dq, dk, dv
+
+
+# BwdPlans by call signature (backward()): the host work of a repeated call is a dict lookup.
+_PLANS: dict = {}
+PLANS_MAX = 1024
 
 
 def backward(dout, q, k, v, out, lse, scale: float, spec, deterministic: bool, *, strides=None, chains=None):
     """dq, dk, dv of the contract for a call gluon_bwd_supports() accepted.  deterministic=True
     (ordered dQ adds, bit-identical dq run to run) at DETERMINISTIC_HEAD_DIMS (every head dim
-    the kernel takes), else ValueError."""
-    launch, dq, dk, dv = prepare(dout, q, k, v, out, lse, scale, spec.causal, spec.align == "bottom_right",
-                                 deterministic, strides=strides, chains=chains)
-    launch()
-    return dq, dk, dv
+    the kernel takes), else ValueError.  The plan is remembered per call signature (shapes,
+    TMA strides, out's strides, dtype, device, the alignment of out and lse, scale, causal
+    alignment, mode, chains)."""
+    if strides is None:
+        strides = tuple(tma_strides(t) for t in (q, k, v, dout))
+    causal, br = spec.causal, spec.align == "bottom_right"
+    key = (q.shape, k.shape, v.shape, strides, out.stride(), lse.stride(), out.data_ptr() % 16,
+           lse.data_ptr() % 16, q.dtype, q.device, float(scale), causal, br, bool(deterministic), chains)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = BwdPlan(dout, q, k, v, out, lse, scale, causal, br, deterministic, strides=strides,
+                                     chains=chains)
+    return plan(dout, q, k, v, out, lse)
 
 
 def aot_compile(D: int, causal: bool, dtype_name: str = "fp16", deterministic: bool = True):

@@ -89,14 +89,7 @@ def tma_strides(t: torch.Tensor):
     for i in range(t.dim() - 1):
         if (out[i] * es) % 16:
             return None
-    return out
-
-
-def _desc(t: torch.Tensor, rows: int, layout, strides=None):
-    """A 4-D TMA descriptor over t (strides: tma_strides(t), when the caller has them)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    st = strides if strides is not None else tma_strides(t)
-    return TensorDescriptor(t, list(t.shape), list(st), [1, 1, rows, t.shape[-1]], layout)
+    return tuple(out)   # hashable: plans are keyed by it
 
 
 def tile_schedule(num_m: int, num_bh: int, n_progs: int, sched: int):
@@ -177,60 +170,121 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+class FwdPlan:
+    """One forward call signature's launch, worked out once: the grid and schedule, the
+    descriptors' shapes / strides / layouts and the kernel's scalars.  __call__ runs it for
+    tensors of that signature (the kernel launched through fast_launch.Launch: the JIT on the
+    first call, directly afterwards).  Arguments as prepare(); out_strides: the TMA strides
+    of the out tensors the calls pass (None: a contiguous out, allocated per call)."""
+
+    def __init__(self, q, k, v, scale: float, causal: bool, bottom_right: bool, persistent=None,
+                 num_ctas=None, sched=None, strides=None, out_strides=None):
+        from . import fast_launch
+        B, Hq, Sq, D = q.shape
+        Hk, Sk = k.shape[1], k.shape[2]
+        BM, BN, NS = CONFIGS[D]
+        if persistent is None:
+            persistent = persistent_default(causal, Sq)
+        self.out_shape, self.lse_shape = (B, Hq, Sq, D), (B, Hq, Sq)
+        ql, kl = layouts(D, DTYPES[q.dtype])
+        if strides is None:
+            strides = tuple(tma_strides(t) for t in (q, k, v))
+        if out_strides is None:
+            out_strides = _contiguous_tma_strides(self.out_shape)
+        # (shape, strides, box, layout) of the q, k, v and out descriptors
+        self.descs = tuple((list(t.shape), list(st), [1, 1, rows, D], lay) for t, st, rows, lay in (
+            (q, strides[0], BM // 2, ql), (k, strides[1], BN, kl), (v, strides[2], BN, kl)))
+        self.descs += ((list(self.out_shape), list(out_strides), [1, 1, BM // 2, D], ql),)
+        off = (Sk - Sq) if (causal and bottom_right) else 0
+        # O's strides in units of 8 elements (16 bytes: the TMA rule guarantees the multiple),
+        # for the persistent kernel's register stores of O.
+        o_strides8 = [st // 8 for st in out_strides[:3]]
+        if persistent:
+            if num_ctas is None:
+                dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+                num_ctas = _num_sms(dev)
+            auto_sched, n_progs = choose_schedule(B, Hq, Hk, Sq, Sk, D, causal, q.element_size(), num_ctas)
+            sched = auto_sched if sched is None else int(sched)
+            grid = (n_progs,)
+        else:
+            sched = SCHED_HEAD
+            grid = ((Sq + BM - 1) // BM, B * Hq)
+        self.grid, self.sched, self.persistent = grid, sched, bool(persistent)
+        self.scalars = (float(scale) * LOG2E, Sq, Sk, Hq, Hq // Hk, off)
+        self.tail = (o_strides8[0], o_strides8[1], o_strides8[2], B * Hq, sched,
+                     D, BM, BN, NS, bool(causal), bool(persistent))
+        self.kernel = fast_launch.Launch(kernel_module().attn_fwd_kernel, grid, num_warps=NUM_WARPS,
+                                         maxnreg=MAXNREG)
+
+    def __call__(self, q, k, v, out=None, lse=None):
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        if lse is None:
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        kern = self.kernel
+        descs = [kern.tma(t, *d) for t, d in zip((q, k, v, out), self.descs)]
+        kern(*descs, lse, *self.scalars, out, *self.tail)
+        return out, lse
+
+
+def _contiguous_tma_strides(shape) -> list:
+    """tma_strides of a contiguous tensor of this shape (16-bit elements), without one."""
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    st = st[::-1]
+    for i in reversed(range(len(shape) - 1)):   # size-1 dims: as tma_strides replaces them
+        if shape[i] == 1:
+            st[i] = max([st[j] * shape[j] for j in range(i + 1, len(shape))] + [8])
+    return st
+
+
 def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, lse=None,
             persistent=None, num_ctas=None, sched=None, strides=None):
     """Descriptors and outputs for one call (the caller has checked gluon_supports).  Returns
-    (launch, out, lse): launch() runs the kernel into out [B, Hq, Sq, D] (contiguous, q's dtype)
-    and lse [B, Hq, Sq] (fp32, natural log).  Built once, launched many times by benchmarks.
+    (launch, out, lse): launch() runs the kernel into out [B, Hq, Sq, D] (q's dtype, TMA-
+    writable strides; allocated contiguous when None) and lse [B, Hq, Sq] (fp32, natural log).
+    Built once, launched many times by benchmarks.
     persistent: None -> persistent_default(causal, Sq).  num_ctas / sched (persistent only, tests and
     benchmarks): the grid (default: the device's SM count, at most the tile count) and the
     tile order (default: choose_schedule).  strides: tma_strides of (q, k, v) when the caller
     has them (triton_impl's check works them out once per call)."""
     B, Hq, Sq, D = q.shape
-    Hk, Sk = k.shape[1], k.shape[2]
-    BM, BN, NS = CONFIGS[D]
-    if persistent is None:
-        persistent = persistent_default(causal, Sq)
     if out is None:
         out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    ql, kl = layouts(D, DTYPES[q.dtype])
-    qs, ks, vs = strides if strides is not None else (None, None, None)
-    descs = (_desc(q, BM // 2, ql, qs), _desc(k, BN, kl, ks), _desc(v, BN, kl, vs), _desc(out, BM // 2, ql))
-    off = (Sk - Sq) if (causal and bottom_right) else 0
-    # O's strides in units of 8 elements (16 bytes: tma_strides() guarantees the multiple), for
-    # the persistent kernel's register stores of O.
-    o_strides8 = [st // 8 for st in tma_strides(out)[:3]]
-    if persistent:
-        if num_ctas is None:
-            dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-            num_ctas = _num_sms(dev)
-        auto_sched, n_progs = choose_schedule(B, Hq, Hk, Sq, Sk, D, causal, q.element_size(), num_ctas)
-        sched = auto_sched if sched is None else int(sched)
-        grid = (n_progs,)
-    else:
-        sched = SCHED_HEAD
-        grid = ((Sq + BM - 1) // BM, B * Hq)
-    kern = kernel_module().attn_fwd_kernel
-    qk_scale = float(scale) * LOG2E
+    plan = FwdPlan(q, k, v, scale, causal, bottom_right, persistent, num_ctas, sched, strides,
+                   out_strides=tma_strides(out))
 
     def launch():
-        kern[grid](*descs, lse, qk_scale, Sq, Sk, Hq, Hq // Hk, off,
-                   out, o_strides8[0], o_strides8[1], o_strides8[2], B * Hq, sched,
-                   D, BM, BN, NS, bool(causal), bool(persistent), num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        plan(q, k, v, out, lse)
 
-    launch.grid, launch.sched, launch.persistent = grid, sched, bool(persistent)
+    launch.grid, launch.sched, launch.persistent = plan.grid, plan.sched, plan.persistent
     return launch, out, lse
+
+
+# FwdPlans by call signature (forward()): the host work of a repeated call is a dict lookup.
+_PLANS: dict = {}
+PLANS_MAX = 1024
 
 
 def forward(q, k, v, scale: float, spec, persistent=None, strides=None):
     """out, lse of the contract for a call gluon_supports() accepted (persistent: None ->
-    persistent_default(causal, Sq))."""
-    launch, out, lse = prepare(q, k, v, scale, spec.causal, spec.align == "bottom_right",
-                               persistent=persistent, strides=strides)
-    launch()
-    return out, lse
+    persistent_default(causal, Sq)).  strides: tma_strides of (q, k, v) when the caller has
+    them.  The plan is remembered per call signature (shapes, TMA strides, dtype, device, scale,
+    the spec's causal alignment, persistent)."""
+    if strides is None:
+        strides = tuple(tma_strides(t) for t in (q, k, v))
+    causal, br = spec.causal, spec.align == "bottom_right"
+    key = (q.shape, k.shape, v.shape, strides, q.dtype, q.device, float(scale), causal, br, persistent)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = FwdPlan(q, k, v, scale, causal, br, persistent=persistent, strides=strides)
+    return plan(q, k, v)
 
 
 def aot_compile(D: int, causal: bool, dtype_name: str = "fp16", persistent: bool = False, num_sms: int = 132):

@@ -284,41 +284,121 @@ def _bwd_config(q, k, v, spec):
     return triton_configs.for_spec(triton_configs.default_bwd(d, dv, spec.causal), spec)
 
 
+# Route decisions (the Gluon checks' (reason, TMA strides)) by call signature, for the calls
+# with no optional tensors and no explicit tiles: a repeated call skips the checks (host time;
+# ops/fast_launch.py says why it matters).  The key holds everything the checks read: the
+# tensors' shapes, strides, dtypes, device and 16-byte alignment, the spec, the scale, and the
+# switches read at run time (config.gluon_forward / gluon_backward / deterministic_backward,
+# the tile override, autotune).
+_ROUTES: dict = {}
+ROUTES_MAX = 4096
+
+
+def clear_plans() -> None:
+    """Forget the remembered routes and launch plans (tests that patch the checks call it)."""
+    from . import gluon_bwd, gluon_fwd
+    _ROUTES.clear()
+    _TL_PLANS.clear()
+    gluon_fwd._PLANS.clear()
+    gluon_bwd._PLANS.clear()
+
+
+def _tensor_key(t) -> tuple:
+    return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _remember(key, decide):
+    hit = _ROUTES.get(key)
+    if hit is None:
+        if len(_ROUTES) >= ROUTES_MAX:
+            _ROUTES.clear()
+        hit = _ROUTES[key] = decide()
+    return hit
+
+
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
-    why, strides = _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale, config=config)
+    if config is None and bias is None and key_padding is None and alibi_slopes is None and seed is None:
+        from .. import autotune
+        key = ("fwd", spec, float(scale), q.device, _tensor_key(q), _tensor_key(k), _tensor_key(v),
+               fa3_config.gluon_forward, triton_configs._override.get("fwd"), autotune.enabled())
+        why, strides = _remember(key, lambda: _gluon_fwd_check(q, k, v, None, None, None, None, spec, scale=scale))
+    else:
+        why, strides = _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale,
+                                        config=config)
     if why is None:
         from . import gluon_fwd
         return gluon_fwd.forward(q, k, v, float(scale), spec, strides=strides)
     B, H, Sq, D = q.shape
-    HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Sk, Dv = k.shape[2], v.shape[3]
     out = torch.empty(B, H, Sq, Dv, dtype=spec.out_torch_dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = config or _fwd_config(q, k, v, spec)
-    bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
-    mod = triton_render.load("fwd", spec)
-    d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
-    fold = fold_scale(spec, scale, d_pad)
-
-    def launch(cfg):
-        descs = _descriptors(q, k, v, cfg, d_pad, dv_pad) if cfg.tma else None
-        tq, tk, tv = descs or (q, k, v)
-        mod.attn_fwd[(triton_cdiv(Sq, cfg.block_m), B * H)](
-            tq, tk, tv, out, lse, bias_t, kp, slopes, seed_t,
-            float(scale), Sq, Sk, H, HK,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            bs[0], bs[1], bs[2], bs[3], kps[0], kps[1],
-            HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=descs is not None, LPT=cfg.lpt,
-            EVEN_M=triton_configs.even(Sq, cfg.block_m), EVEN_N=triton_configs.even(Sk, cfg.block_n),
-            FOLD_SCALE=fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _launch(cfg, launch)
+    tensors = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
+    from .. import autotune
+    # the tl forward's plan by call signature: the tensors' layouts (the optional ones' too),
+    # the spec, scale, tile config and autotune state (what _fwd_config and the launch read)
+    key = ("tlfwd", spec, float(scale), q.device, config, autotune.enabled(), triton_configs._override.get("fwd"),
+           triton_configs.even_specialisation,
+           _tensor_key(q), _tensor_key(k), _tensor_key(v), out.dtype,
+           *(None if t is None else _tensor_key(t) for t in (tensors[0], tensors[2], tensors[4], tensors[5])))
+    plan = _TL_PLANS.get(key)
+    if plan is None:
+        plan = _TlFwdPlan(q, k, v, out, lse, tensors, scale, spec, config or _fwd_config(q, k, v, spec))
+        if len(_TL_PLANS) >= ROUTES_MAX:
+            _TL_PLANS.clear()
+        _TL_PLANS[key] = plan
+    else:
+        plan(q, k, v, out, lse, tensors)
     return out, lse
+
+
+# _TlFwdPlans by call signature (forward()); cleared with the routes (clear_plans).
+_TL_PLANS: dict = {}
+
+
+class _TlFwdPlan:
+    """The tl forward's launch for one call signature: the rendered module, the tile config that
+    fit the device (_launch shrinks it on OutOfResources, once, on the first call), the grid,
+    scalars and constexprs, and whether Q / K / V go through TMA descriptors.  Built by the
+    signature's first call, which it also runs; later calls launch the kernel directly
+    (fast_launch.Launch)."""
+
+    def __init__(self, q, k, v, out, lse, tensors, scale, spec, cfg):
+        from . import fast_launch
+        B, H, Sq, D = q.shape
+        HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        bias_t, bs, kp, kps, slopes, seed_t = tensors
+        mod = triton_render.load("fwd", spec)
+        d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
+        fold = fold_scale(spec, scale, d_pad)
+        self.scalars = (float(scale), Sq, Sk, H, HK,
+                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                        bs[0], bs[1], bs[2], bs[3], kps[0], kps[1])
+        tma_ok = _tma_ok(q, k, v)
+
+        def launch(cfg):
+            use_tma = bool(cfg.tma and tma_ok)
+            kern = fast_launch.Launch(
+                mod.attn_fwd, (triton_cdiv(Sq, cfg.block_m), B * H),
+                HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma, LPT=cfg.lpt,
+                EVEN_M=triton_configs.even(Sq, cfg.block_m), EVEN_N=triton_configs.even(Sk, cfg.block_n),
+                FOLD_SCALE=fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            descs = _fwd_descriptors(q, k, v, cfg.block_m, cfg.block_n, d_pad, dv_pad) if use_tma else None
+            self.kernel, self.descs, self.cfg = kern, descs, cfg
+            self(q, k, v, out, lse, tensors)
+        _launch(cfg, launch)
+
+    def __call__(self, q, k, v, out, lse, tensors):
+        bias_t, _, kp, _, slopes, seed_t = tensors
+        kern = self.kernel
+        src = (q, k, v) if self.descs is None else [kern.tma(t, *d) for t, d in zip((q, k, v), self.descs)]
+        kern(*src, out, lse, bias_t, kp, slopes, seed_t, *self.scalars)
 
 
 def fold_scale(spec, scale, d_pad: int) -> bool:
@@ -337,41 +417,48 @@ def _tma_ok(*tensors) -> bool:
                for t in tensors)
 
 
-def _desc(t, rows: int, cols: int):
-    """A TMA descriptor over the 4-D [B, H, S, D] view, one [rows, cols] tile per load: zero fill
-    past S (never the next head's rows) and past D (cols is the padded head dim), so the kernel's
-    loads need no bounds."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols])
+def _desc_spec(t, rows: int, cols: int):
+    """(shape, strides, box, layout None) of a TMA descriptor over the 4-D [B, H, S, D] view, one
+    [rows, cols] tile per load (fast_launch.Launch.tma builds it; None: triton.tools'
+    descriptor): zero fill past S (never the next head's rows) and past D (cols is the padded
+    head dim), so the kernel's loads need no bounds."""
+    return list(t.shape), list(t.stride()), [1, 1, rows, cols], None
 
 
-def _descriptors(q, k, v, cfg, d_pad: int, dv_pad: int):
-    """The forward's Q, K, V descriptors, or None where _tma_ok fails."""
-    if not _tma_ok(q, k, v):
-        return None
-    return _desc(q, cfg.block_m, d_pad), _desc(k, cfg.block_n, d_pad), _desc(v, cfg.block_n, dv_pad)
+def _fwd_descriptors(q, k, v, block_m: int, block_n: int, d_pad: int, dv_pad: int):
+    """The tl forward's Q, K, V descriptor specs (_desc_spec) for tiles block_m x block_n."""
+    return _desc_spec(q, block_m, d_pad), _desc_spec(k, block_n, d_pad), _desc_spec(v, block_n, dv_pad)
 
 
 def _bwd_descriptors(q, k, v, dout, block_m: int, block_n: int, d_pad: int, dv_pad: int):
-    """The backward's Q, K, V, dO descriptors for a kernel (half) with query tile block_m and
-    key tile block_n; the caller has checked _tma_ok."""
-    return (_desc(q, block_m, d_pad), _desc(k, block_n, d_pad), _desc(v, block_n, dv_pad),
-            _desc(dout, block_m, dv_pad))
+    """The backward's Q, K, V, dO descriptor specs (_desc_spec) for a kernel (half) with query
+    tile block_m and key tile block_n; the caller has checked _tma_ok."""
+    return (_desc_spec(q, block_m, d_pad), _desc_spec(k, block_n, d_pad), _desc_spec(v, block_n, dv_pad),
+            _desc_spec(dout, block_m, dv_pad))
 
 
 def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec,
              bias_requires_grad, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
     dout, out = _head_contig(dout), _head_contig(out)
-    why, strides = _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec,
-                                    bias_requires_grad, scale=scale, config=config)
+    if (config is None and bias is None and key_padding is None and alibi_slopes is None and seed is None
+            and not bias_requires_grad):
+        from .. import autotune
+        key = ("bwd", spec, float(scale), q.device, _tensor_key(q), _tensor_key(k), _tensor_key(v),
+               _tensor_key(dout), _tensor_key(out), _tensor_key(lse), fa3_config.gluon_backward,
+               deterministic_backward(spec), triton_configs._override.get("bwd"), autotune.enabled())
+        why, strides = _remember(key, lambda: _gluon_bwd_check(dout, q, k, v, out, lse, None, None, None, None, spec,
+                                                               False, scale=scale))
+    else:
+        why, strides = _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec,
+                                        bias_requires_grad, scale=scale, config=config)
     if why is None:
         from . import gluon_bwd
         dq, dk, dv = gluon_bwd.backward(dout, q, k, v, out, lse, float(scale), spec, deterministic_backward(spec),
                                         strides=strides)
         return dq, dk, dv, torch.empty(0, dtype=torch.float32, device=q.device)
     B, H, Sq, D = q.shape
-    HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Sk = k.shape[2]
     dev = q.device
     want_dbias = bool(bias_requires_grad and spec.mask_kind == "additive")
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
@@ -385,91 +472,154 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
         dbias = torch.empty(0, dtype=torch.float32, device=dev)
     if Sq == 0 or Sk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias.zero_() if want_dbias else dbias
-    cfg = config or _bwd_config(q, k, v, spec)
-    bias_t, bs, kp, kps, slopes, seed_t = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
-    mod = triton_render.load("bwd", spec, dbias=want_dbias)
-    d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
-    dims = dict(HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad)
-
-    # deterministic_backward = False (the site's compile setting, else config's): dQ from atomics
-    # inside the dK/dV kernel (no dQ kernel).  dBias needs the dQ kernel's per-tile dS, so it
-    # keeps the deterministic path.
-    atomic_dq = not deterministic_backward(spec) and not want_dbias
-    dq_acc = torch.zeros(B, H, Sq, d_pad, dtype=torch.float32, device=dev) if atomic_dq else None
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
-    pre_m = 64 if dv_pad <= 128 else 32
-    mod.attn_bwd_preprocess[(triton_cdiv(Sq, pre_m), B * H)](
-        out, dout, delta, Sq, H, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), HEAD_DV=Dv, DV_PAD=dv_pad, BLOCK_M=pre_m)
-
-    # BwdConfig.tma: Q, K, V, dO through descriptors unless a stride forbids it (the forward's
-    # rule); the launched config's tiles shape them, so each launch builds its own.
-    tma_allowed = _tma_ok(q, k, v, dout)
-
-    def loads(cfg, block_m, block_n):
-        if cfg.tma and tma_allowed:
-            return _bwd_descriptors(q, k, v, dout, block_m, block_n, d_pad, dv_pad), True
-        return (q, k, v, dout), False
-
-    common = (bias_t, kp, slopes, seed_t, float(scale), Sq, Sk, H, HK,
-              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    tails = (bs[0], bs[1], bs[2], bs[3], kps[0], kps[1])
-    dbias_arg = dbias if want_dbias else None
-
-    # EVEN_M / EVEN_N from the tiles of the config actually launched (_launch may shrink it):
-    # true when they divide Sq / Sk, so the kernels compile out their seqlen bound checks.
-    def launch_dkdv(cfg):
-        n_blocks = triton_cdiv(Sk, cfg.block_n1)
-        nsplit = gqa_splits(n_blocks * B * HK, H // HK, dev)
-        dk_t, dv_t = _split_targets(dk, dv, nsplit)
-        src, tma = loads(cfg, cfg.block_m1, cfg.block_n1)
-        mod.attn_bwd_dkdv[(n_blocks, B * HK * nsplit)](
-            *src, lse, delta, dk_t, dv_t, *common[:4], dq_acc, *common[4:],
-            *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
-            **dims, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=atomic_dq,
-            EVEN_M=triton_configs.even(Sq, cfg.block_m1), EVEN_N=triton_configs.even(Sk, cfg.block_n1),
-            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _sum_splits(dk, dv, dk_t, dv_t, nsplit)
-
-    def launch_fused(cfg):
-        # Grid axis 0: the key blocks' dK/dV programs, then the dQ programs of this split's
-        # query heads (attn_bwd_fused); same GQA split rule as the separate dK/dV kernel.
-        n_kv = triton_cdiv(Sk, cfg.block_n1)
-        nsplit = gqa_splits(n_kv * B * HK, H // HK, dev)
-        n_dq = triton_cdiv(Sq, cfg.block_m2) * (H // HK // nsplit)
-        dk_t, dv_t = _split_targets(dk, dv, nsplit)
-        src, tma = loads(cfg, cfg.block_m1, cfg.block_n1)
-        src2 = (None,) * 4   # pointer loads: the dQ half reads Q, K, V, DO as well
-        if tma:   # the dQ half's descriptors have its own tiles (the same objects when equal)
-            same = (cfg.block_m2, cfg.block_n2) == (cfg.block_m1, cfg.block_n1)
-            src2 = src if same else loads(cfg, cfg.block_m2, cfg.block_n2)[0]
-        mod.attn_bwd_fused[(n_kv + n_dq, B * HK * nsplit)](
-            *src, *src2, lse, delta, dq, dk_t, dv_t, dbias_arg, *common, *_strides3(dq),
-            *_strides3(dk_t), *_strides3(dv_t), *tails, nsplit, B,
-            **dims, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
-            BLOCK_N2=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m1, cfg.block_m2),
-            EVEN_N=triton_configs.even(Sk, cfg.block_n1, cfg.block_n2),
-            USE_TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _sum_splits(dk, dv, dk_t, dv_t, nsplit)
-
-    if cfg.fused and not atomic_dq:
-        _launch(cfg, launch_fused)
-        return dq, dk, dv, dbias
-    _launch(cfg, launch_dkdv)
-    if atomic_dq:
-        dq.copy_(dq_acc[..., :D])
-        return dq, dk, dv, dbias
-
-    def launch_dq(cfg):
-        src, tma = loads(cfg, cfg.block_m2, cfg.block_n2)
-        mod.attn_bwd_dq[(triton_cdiv(Sq, cfg.block_m2), B * H)](
-            *src, lse, delta, dq, dbias_arg, *common, *_strides3(dq), *tails,
-            **dims, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=triton_configs.even(Sq, cfg.block_m2),
-            EVEN_N=triton_configs.even(Sk, cfg.block_n2), USE_TMA=tma,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _launch(cfg, launch_dq)
+    tensors = _tensor_args(q, bias, key_padding, alibi_slopes, seed, spec)
+    from .. import autotune
+    # the tl backward's plan by call signature (as the tl forward's, plus dO, O, LSE, the dQ mode
+    # and dBias)
+    key = ("tlbwd", spec, float(scale), dev, config, autotune.enabled(), triton_configs._override.get("bwd"),
+           triton_configs.even_specialisation, deterministic_backward(spec), want_dbias,
+           _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout), _tensor_key(out), _tensor_key(lse),
+           *(None if t is None else _tensor_key(t) for t in (tensors[0], tensors[2], tensors[4], tensors[5])))
+    plan = _TL_PLANS.get(key)
+    grads = (dq, dk, dv, dbias if want_dbias else None)
+    if plan is None:
+        plan = _TlBwdPlan(dout, q, k, v, out, lse, tensors, grads, scale, spec, want_dbias,
+                          config or _bwd_config(q, k, v, spec))
+        if len(_TL_PLANS) >= ROUTES_MAX:
+            _TL_PLANS.clear()
+        _TL_PLANS[key] = plan
+    else:
+        plan(dout, q, k, v, out, lse, tensors, grads)
     return dq, dk, dv, dbias
+
+
+class _TlBwdPlan:
+    """The tl backward's launches for one call signature: the preprocess (delta = rowsum(dO * O)),
+    then either the fused dK/dV + dQ kernel, or the dK/dV kernel (with atomic dQ into fp32 when
+    deterministic_backward is off and no dBias is wanted) and the dQ kernel.  The tile configs
+    that fit the device (_launch shrinks each kernel's on OutOfResources) and the GQA split are
+    settled by the signature's first call, which the plan runs; later calls launch directly
+    (fast_launch.Launch).  grads: (dq, dk, dv, dbias or None), written in place."""
+
+    def __init__(self, dout, q, k, v, out, lse, tensors, grads, scale, spec, want_dbias, cfg):
+        from . import fast_launch
+        B, H, Sq, D = q.shape
+        HK, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        bias_t, bs, kp, kps, slopes, seed_t = tensors
+        self.mod = mod = triton_render.load("bwd", spec, dbias=want_dbias)
+        self.d_pad, self.dv_pad = d_pad, dv_pad = triton_configs.pad_head_dim(D), triton_configs.pad_head_dim(Dv)
+        self.dims = dict(HEAD_D=D, HEAD_DV=Dv, D_PAD=d_pad, DV_PAD=dv_pad)
+        self.shapes = (B, H, HK, Sq, Sk, D, Dv)
+        # deterministic_backward = False (the site's compile setting, else config's): dQ from atomics
+        # inside the dK/dV kernel (no dQ kernel).  dBias needs the dQ kernel's per-tile dS, so it
+        # keeps the deterministic path.
+        self.atomic_dq = not deterministic_backward(spec) and not want_dbias
+        pre_m = 64 if dv_pad <= 128 else 32
+        self.pre = fast_launch.Launch(mod.attn_bwd_preprocess, (triton_cdiv(Sq, pre_m), B * H),
+                                      HEAD_DV=Dv, DV_PAD=dv_pad, BLOCK_M=pre_m)
+        self.pre_args = (Sq, H, out.stride(0), out.stride(1), out.stride(2),
+                         dout.stride(0), dout.stride(1), dout.stride(2))
+        # BwdConfig.tma: Q, K, V, dO through descriptors unless a stride forbids it (the forward's
+        # rule); each kernel's descriptors take the tiles of the config it launched with.
+        self.tma_allowed = _tma_ok(q, k, v, dout)
+        self.common = (float(scale), Sq, Sk, H, HK,
+                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+        self.tails = (bs[0], bs[1], bs[2], bs[3], kps[0], kps[1])
+        self.kernels = []          # (name, Launch, descriptor specs or None, nsplit) in launch order
+        self.fused = cfg.fused and not self.atomic_dq
+        call = (dout, q, k, v, lse, tensors, grads, *self._begin(dout, out, q))
+        if self.fused:
+            _launch(cfg, lambda c: self._first("fused", c, call))
+        else:
+            _launch(cfg, lambda c: self._first("dkdv", c, call))
+            if not self.atomic_dq:
+                _launch(cfg, lambda c: self._first("dq", c, call))
+        self._end(grads, call[-1])
+
+    def _first(self, name, cfg, call):
+        """Build and run one kernel's Launch with this config (the first call; _launch retries
+        with a smaller config when it raises OutOfResources).  call: _run_one's arguments."""
+        B, H, HK, Sq, Sk, D, Dv = self.shapes
+        dout, q, k, v = call[:4]
+
+        def descs_for(block_m, block_n):
+            return _bwd_descriptors(q, k, v, dout, block_m, block_n, self.d_pad, self.dv_pad)
+        tma = bool(cfg.tma and self.tma_allowed)
+        even_m = triton_configs.even
+        nsplit = 1
+        if name == "dq":
+            grid = (triton_cdiv(Sq, cfg.block_m2), B * H)
+            consts = dict(BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=even_m(Sq, cfg.block_m2),
+                          EVEN_N=even_m(Sk, cfg.block_n2))
+            descs = (descs_for(cfg.block_m2, cfg.block_n2),) if tma else None
+        else:
+            n_kv = triton_cdiv(Sk, cfg.block_n1)
+            nsplit = gqa_splits(n_kv * B * HK, H // HK, q.device)
+            if name == "fused":
+                # Grid axis 0: the key blocks' dK/dV programs, then the dQ programs of this split's
+                # query heads (attn_bwd_fused); same GQA split rule as the separate dK/dV kernel.
+                n_dq = triton_cdiv(Sq, cfg.block_m2) * (H // HK // nsplit)
+                grid = (n_kv + n_dq, B * HK * nsplit)
+                consts = dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
+                              BLOCK_N2=cfg.block_n2, EVEN_M=even_m(Sq, cfg.block_m1, cfg.block_m2),
+                              EVEN_N=even_m(Sk, cfg.block_n1, cfg.block_n2))
+                # the dQ half reads Q, K, V, dO as well: its own descriptors (the dK/dV half's
+                # when the tiles are equal), or pointer loads (descs None)
+                same = (cfg.block_m2, cfg.block_n2) == (cfg.block_m1, cfg.block_n1)
+                descs = None if not tma else (descs_for(cfg.block_m1, cfg.block_n1),) if same else (
+                    descs_for(cfg.block_m1, cfg.block_n1), descs_for(cfg.block_m2, cfg.block_n2))
+            else:
+                grid = (n_kv, B * HK * nsplit)
+                consts = dict(BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=self.atomic_dq,
+                              EVEN_M=even_m(Sq, cfg.block_m1), EVEN_N=even_m(Sk, cfg.block_n1))
+                descs = (descs_for(cfg.block_m1, cfg.block_n1),) if tma else None
+        fn = getattr(self.mod, "attn_bwd_" + name)      # attn_bwd_dq / _fused / _dkdv
+        from . import fast_launch
+        launch = fast_launch.Launch(fn, grid, **self.dims, **consts, USE_TMA=tma, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages)
+        entry = (name, launch, descs, nsplit)
+        self._run_one(entry, *call)
+        self.kernels.append(entry)
+
+    def _begin(self, dout, out, q):
+        """Per call: the fp32 scratch (delta, and the atomic dQ accumulator) and the preprocess."""
+        B, H, HK, Sq, Sk, D, Dv = self.shapes
+        dq_acc = torch.zeros(B, H, Sq, self.d_pad, dtype=torch.float32, device=q.device) if self.atomic_dq else None
+        delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        self.pre(out, dout, delta, *self.pre_args)
+        return delta, dq_acc
+
+    def _end(self, grads, dq_acc):
+        if self.atomic_dq:
+            grads[0].copy_(dq_acc[..., :self.shapes[5]])
+
+    def _run_one(self, entry, dout, q, k, v, lse, tensors, grads, delta, dq_acc):
+        name, launch, descs, nsplit = entry
+        bias_t, _, kp, _, slopes, seed_t = tensors
+        dq, dk, dv, dbias = grads
+        loads = (q, k, v, dout)
+        src = [[launch.tma(t, *d) for t, d in zip(loads, ds)] for ds in descs] if descs else [loads]
+        if name == "dq":
+            launch(*src[0], lse, delta, dq, dbias, bias_t, kp, slopes, seed_t, *self.common, *_strides3(dq),
+                   *self.tails)
+            return
+        dk_t, dv_t = _split_targets(dk, dv, nsplit)
+        B = self.shapes[0]
+        if name == "fused":
+            src2 = (None,) * 4 if descs is None else src[-1]
+            launch(*src[0], *src2, lse, delta, dq, dk_t, dv_t, dbias, bias_t, kp, slopes, seed_t, *self.common,
+                   *_strides3(dq), *_strides3(dk_t), *_strides3(dv_t), *self.tails, nsplit, B)
+        else:
+            launch(*src[0], lse, delta, dk_t, dv_t, bias_t, kp, slopes, seed_t, dq_acc, *self.common,
+                   *_strides3(dk_t), *_strides3(dv_t), *self.tails, nsplit, B)
+        _sum_splits(dk, dv, dk_t, dv_t, nsplit)
+
+    def __call__(self, dout, q, k, v, out, lse, tensors, grads):
+        delta, dq_acc = self._begin(dout, out, q)
+        for entry in self.kernels:
+            self._run_one(entry, dout, q, k, v, lse, tensors, grads, delta, dq_acc)
+        self._end(grads, dq_acc)
 
 
 def _strides3(t: torch.Tensor):

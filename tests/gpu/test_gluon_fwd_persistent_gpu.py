@@ -143,13 +143,12 @@ def test_persistent_default_switch_routes_the_op(monkeypatch):
     persistent kernel (the measured rule's switch)."""
     monkeypatch.setattr(gluon_fwd, "persistent_default", lambda causal, Sq: True)
     seen = []
-    real = gluon_fwd.prepare
 
-    def spy(*a, **kw):
-        launch, out, lse = real(*a, **kw)
-        seen.append(launch.persistent)
-        return launch, out, lse
-    monkeypatch.setattr(gluon_fwd, "prepare", spy)
+    class Spy(gluon_fwd.FwdPlan):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(self.persistent)
+    monkeypatch.setattr(gluon_fwd, "FwdPlan", Spy)
     calls = _gluon_spy(monkeypatch)
     spec = _spec("br", "bf16")
     q, k, v = _gluon_inputs(1, 8, 2, 1000, 700, 128, torch.bfloat16, True, seed=5)
