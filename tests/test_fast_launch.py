@@ -113,3 +113,15 @@ def test_gluon_plans_are_reused_for_new_tensors(monkeypatch):
     pre, main, fin = (launched[i][0] for i in range(3))
     assert [l for l, _ in launched[3:]] == [pre, main, fin]
     assert launched[4][1][0].base is calls[1][0]                 # the second call's q
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 1000, 128), (1, 8, 17, 256), (2, 1, 5, 128), (1, 1, 1, 128)])
+def test_contiguous_out_strides_are_tma_strides(shape):
+    """FwdPlan works out the fresh out tensor's TMA strides from its shape (size-1 dims included)
+    as tma_strides would from the tensor; prepare() refuses an out TMA cannot write."""
+    want = gluon_fwd.tma_strides(torch.empty(shape, dtype=torch.float16))
+    assert gluon_fwd._contiguous_tma_strides(shape) == list(want)
+    q, k, v = _qkv(Sq=40, Sk=40)
+    bad = torch.empty(1, 4, 40, 130, dtype=torch.float16)[..., :128]     # row stride 260 bytes
+    with pytest.raises(ValueError, match="out strides .* not TMA-writable"):
+        gluon_fwd.prepare(q, k, v, 0.1, False, False, out=bad)

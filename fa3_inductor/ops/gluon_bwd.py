@@ -8,10 +8,11 @@ writer on a half tile, handed over twice per step); one CTA per (key block, kv h
 shared fp32 dQ buffer) is described in its template, with the barrier protocol and the
 deterministic mode (every head dim: the writers add the tiles of each (b, query head, query
 block) in key-block order within 2-3 chains of key blocks, passing a per-tile turn counter;
-FA3's ordered accumulation).  Here: tiles, shared layouts, the 4-D TMA descriptors over the tensors' own
-strides, the three launches (preprocess, main kernel, dQ finish), and an AOT compile for
-sm_90a that needs no GPU (tests).  ptxas_report / ptx_evidence / tma_strides are the
-forward's (ops/gluon_fwd.py).
+FA3's ordered accumulation).  Here: tiles, shared layouts, the 4-D TMA descriptors over the
+tensors' own strides, the three launches (preprocess, main kernel, dQ finish; BwdPlan, one per
+call signature, remembered by backward(), launching directly after the first call:
+ops/fast_launch.py), and an AOT compile for sm_90a that needs no GPU (tests).  ptxas_report /
+ptx_evidence / tma_strides are the forward's (ops/gluon_fwd.py).
 """
 from __future__ import annotations
 

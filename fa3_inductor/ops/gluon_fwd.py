@@ -7,9 +7,13 @@ Here: tiles, shared layouts, the 4-D TMA descriptors over the tensors' own strid
 and an AOT compile for sm_90a that needs no GPU (tests, scripts/gluon_fwd_proto.py).
 
 Persistent variant (PERSISTENT constexpr; `persistent=` on prepare / forward / aot_compile; by
-default for causal calls of >= 2048 query rows, persistent_default()): one CTA per SM, each looping over a static list of
-tiles; tile_schedule() is the kernel's tile order in Python and choose_schedule() picks the
-order and grid for a call (the reasons are in the template's header).
+default for causal calls of >= 2048 query rows, persistent_default()): one CTA per SM, each
+looping over a static list of tiles; tile_schedule() is the kernel's tile order in Python and
+choose_schedule() picks the order and grid for a call (the reasons are in the template's header).
+
+Launches go through FwdPlan (one per call signature, remembered by forward(); prepare() builds
+one for benchmarks and tests), whose kernel launches directly after the first call
+(ops/fast_launch.py).
 """
 from __future__ import annotations
 
@@ -255,8 +259,12 @@ def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, l
         out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    out_strides = tma_strides(out)
+    if out_strides is None:
+        raise ValueError(f"out strides {tuple(out.stride())} / alignment not TMA-writable (needs the last dim "
+                         "contiguous, other strides 16-byte multiples, a 16-byte aligned base)")
     plan = FwdPlan(q, k, v, scale, causal, bottom_right, persistent, num_ctas, sched, strides,
-                   out_strides=tma_strides(out))
+                   out_strides=out_strides)
 
     def launch():
         plan(q, k, v, out, lse)
