@@ -33,7 +33,7 @@ def test_descriptors_are_the_jits_until_the_kernel_is_compiled():
     q = torch.zeros(1, 2, 64, 128, dtype=torch.float16)
     layout = gluon_fwd.layouts(128, "fp16")[0]
     launch = fast_launch.Launch(_kernel, (1,))
-    d = launch.tma(q, [1, 2, 64, 128], [16384, 8192, 128, 1], [1, 1, 64, 128], layout)
+    (d,) = launch.descriptors([q], [([1, 2, 64, 128], [16384, 8192, 128, 1], [1, 1, 64, 128], layout)])
     assert isinstance(d, TensorDescriptor) and d.block_shape == [1, 1, 64, 128] and d.base is q
     arg = fast_launch.TmaArg(q, [1, 2, 64, 128], [16384, 8192, 128, 1])
     assert (arg.base, arg.shape, arg.strides, arg.padding) == (q, [1, 2, 64, 128], [16384, 8192, 128, 1], "zero")
@@ -125,3 +125,16 @@ def test_contiguous_out_strides_are_tma_strides(shape):
     bad = torch.empty(1, 4, 40, 130, dtype=torch.float16)[..., :128]     # row stride 260 bytes
     with pytest.raises(ValueError, match="out strides .* not TMA-writable"):
         gluon_fwd.prepare(q, k, v, 0.1, False, False, out=bad)
+
+
+def test_signature_cache_builds_once_and_stays_bounded():
+    from fa3_inductor.ops.signature_cache import SignatureCache, tensor_key
+    cache, built = SignatureCache(limit=2), []
+    for key in ("a", "a", "b"):
+        assert cache.get_or_build(key, lambda: built.append(key) or key.upper()) == key.upper()
+    assert built == ["a", "b"] and len(cache) == 2
+    cache.get_or_build("c", lambda: "C")          # full: emptied, then "c"
+    assert dict(cache) == {"c": "C"}
+    t = torch.zeros(2, 3)
+    assert tensor_key(t) == (t.shape, (3, 1), torch.float32, t.data_ptr() % 16)
+    assert tensor_key(t.t()) != tensor_key(t.t().contiguous())

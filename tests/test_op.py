@@ -473,9 +473,10 @@ def test_dispatch_decision_remembered_per_call_signature(monkeypatch):
     """The supports() chain runs once per call signature (dtype, shapes, strides, alignment,
     spec, kernel), not on every call; a different layout is a new decision."""
     from fa3_inductor.ops import dispatch
+    from fa3_inductor.ops.signature_cache import SignatureCache
     calls = []
     real = dispatch._choose
-    monkeypatch.setattr(dispatch, "_memo", {})
+    monkeypatch.setattr(dispatch, "_memo", SignatureCache())
     monkeypatch.setattr(dispatch, "_choose", lambda *a: calls.append(a) or real(*a))
     q = torch.randn(1, 2, 5, 8)
     spec = AttentionSpec(window_right=0)

@@ -12,6 +12,7 @@ import torch
 
 from ..spec import AttentionSpec
 from . import dispatch, fully_masked
+from .signature_cache import SignatureCache
 
 Tensor = torch.Tensor
 
@@ -117,8 +118,7 @@ def _validate_bwd(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed
 # Signatures (spec JSON, each tensor's shape and dtype) the real implementations have already
 # validated: _validate reads nothing else, and repeated calls (every training step) skip it
 # (host time per call, ops/fast_launch.py).  The fake implementations validate every time.
-_VALIDATED: set = set()
-VALIDATED_MAX = 4096
+_VALIDATED = SignatureCache()
 
 
 def _validate_once(spec_json: str, s: AttentionSpec, dout, q, k, v, out, lse, bias, key_padding, alibi_slopes,
@@ -132,9 +132,7 @@ def _validate_once(spec_json: str, s: AttentionSpec, dout, q, k, v, out, lse, bi
         _validate(q, k, v, bias, key_padding, alibi_slopes, seed, s)
     else:
         _validate_bwd(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, s)
-    if len(_VALIDATED) >= VALIDATED_MAX:
-        _VALIDATED.clear()
-    _VALIDATED.add(key)
+    _VALIDATED.put(key, True)
 
 
 def _expand_bias(bias, q, k):

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .. import config
+from .signature_cache import SignatureCache, tensor_key
 
 log = logging.getLogger("fa3_inductor")
 
@@ -102,12 +103,11 @@ def _call_key(q, k, v, bias, spec, kernel):
     """Everything the implementations' supports() look at: dtypes, shapes, strides, 16-byte
     alignment of the data (TMA), the bias layout, the spec and the kernel choice."""
     tail = None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride())
-    return (kernel, spec, q.device, q.dtype, k.dtype, v.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape),
-            q.stride(), k.stride(), v.stride(), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, tail,
+    return (kernel, spec, q.device, tensor_key(q), tensor_key(k), tensor_key(v), tail,
             os.environ.get("FA3_DISABLE_CUDA", ""))
 
 
-_memo: dict = {}
+_memo = SignatureCache()
 
 
 def choose(q, k, v, bias, spec, *, kernel: str | None = None):
@@ -121,13 +121,7 @@ def choose(q, k, v, bias, spec, *, kernel: str | None = None):
 def remembered(what: str, q, k, v, bias, spec, kernel: str, decide):
     """decide() once per (what, call signature), then its remembered answer: for the decisions a
     forward makes on every call (which implementation, which FP8 kernel)."""
-    key = (what,) + _call_key(q, k, v, bias, spec, kernel)
-    answer = _memo.get(key)
-    if answer is None:
-        if len(_memo) > 4096:
-            _memo.clear()
-        answer = _memo[key] = decide()
-    return answer
+    return _memo.get_or_build((what,) + _call_key(q, k, v, bias, spec, kernel), decide)
 
 
 def _choose(q, k, v, bias, spec, kernel: str):

@@ -28,13 +28,16 @@ class TmaArg:
         self.base, self.shape, self.strides, self.padding = base, shape, strides, "zero"
 
 
+_runtime = None     # triton.knobs.runtime (the launch hooks), imported at the first launch
+_driver = None      # triton's active driver
+
+
 def _hooks_set() -> bool:
-    from triton import knobs
-    rt = knobs.runtime
-    return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
-
-
-_driver = None
+    global _runtime
+    if _runtime is None:
+        from triton import knobs
+        _runtime = knobs.runtime
+    return bool(_runtime.launch_enter_hook.calls or _runtime.launch_exit_hook.calls)
 
 
 def _current():
@@ -62,19 +65,20 @@ class Launch:
     @property
     def direct(self) -> bool:
         """Whether the next call launches without the JIT (compiled on the current device, no
-        launch hooks): then descriptors may be TmaArgs (tma())."""
+        launch hooks): then descriptors may be TmaArgs (descriptors())."""
         return bool(self._compiled) and _current()[0] in self._compiled and not _hooks_set()
 
-    def tma(self, t, shape, strides, block_shape, layout):
-        """The descriptor argument for tensor t: a TmaArg once the kernel runs directly, else
-        the Gluon TensorDescriptor the JIT specialises on (layout None: triton.tools')."""
+    def descriptors(self, tensors, specs) -> list:
+        """The descriptor arguments for `tensors`, specs[i] = (shape, strides, box, layout) of
+        tensors[i]: TmaArgs once the kernel runs directly, else the descriptors the JIT
+        specialises on (Gluon's; layout None: triton.tools')."""
         if self.direct:
-            return TmaArg(t, shape, strides)
-        if layout is None:
-            from triton.tools.tensor_descriptor import TensorDescriptor as ToolsDescriptor
-            return ToolsDescriptor(t, list(shape), list(strides), list(block_shape))
+            return [TmaArg(t, shape, strides) for t, (shape, strides, _, _) in zip(tensors, specs)]
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        return TensorDescriptor(t, list(shape), list(strides), list(block_shape), layout)
+        from triton.tools.tensor_descriptor import TensorDescriptor as ToolsDescriptor
+        return [ToolsDescriptor(t, list(shape), list(strides), list(box)) if layout is None
+                else TensorDescriptor(t, list(shape), list(strides), list(box), layout)
+                for t, (shape, strides, box, layout) in zip(tensors, specs)]
 
     def __call__(self, *args):
         if self._compiled:

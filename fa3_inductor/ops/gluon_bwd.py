@@ -21,6 +21,7 @@ import functools
 import torch
 
 from .gluon_fwd import DTYPES, _gl_dtype, ptx_evidence, ptxas_report, tma_strides
+from .signature_cache import SignatureCache
 
 # ptx_evidence / ptxas_report: the forward's compile evidence, used on aot_compile's output.
 __all__ = ["CONFIGS", "DO_STAGES", "BWD_HEAD_DIMS", "DETERMINISTIC_HEAD_DIMS", "DTYPES", "query_blocks",
@@ -155,15 +156,15 @@ class BwdPlan:
             chains = 1
         else:
             chains = deterministic_chains(n_kv) if chains is None else _check_chains(chains)
-        self.chains, self.deterministic, self.D = chains, bool(deterministic), D
+        self.chains, self.deterministic = chains, bool(deterministic)
         # One fp32 scratch allocation per call: the delta and LSE*log2e vectors [B, Hq, Sq_pad]
         # each, then the dQ buffers [chains, B, Hq, Sq_pad, D], then (deterministic) the int32
         # turns [chains, B, Hq, num_m].  Every part starts at a multiple of 64 floats (TMA:
         # 16-byte aligned bases).
         self.n_vec = B * Hq * sq_pad
         self.buf = chains * B * Hq * sq_pad * D
-        self.n_turns = chains * B * Hq * num_m if deterministic else 0
-        self.scratch_len = 2 * self.n_vec + self.buf + self.n_turns
+        n_turns = chains * B * Hq * num_m if deterministic else 0
+        self.scratch_len = 2 * self.n_vec + self.buf + n_turns
         self.shapes = (tuple(q.shape), tuple(k.shape))
         ql, kl, vl = layouts(D, DTYPES[q.dtype])
         if strides is None:
@@ -212,8 +213,7 @@ class BwdPlan:
         lse_c = lse.contiguous()
         self.pre(out, dout, lse_c, delta, lse2, *self.pre_args)
         kern = self.main
-        descs = [kern.tma(t, *d) for t, d in zip((q, k, v, dout, lse2, delta), self.descs)]
-        kern(*descs, dq_acc, turns, dk, dv, *self.main_args)
+        kern(*kern.descriptors((q, k, v, dout, lse2, delta), self.descs), dq_acc, turns, dk, dv, *self.main_args)
         self.fin(dq_acc, turns, dq, *self.fin_args)
 
     def __call__(self, dout, q, k, v, out, lse):
@@ -248,8 +248,7 @@ def prepare(dout, q, k, v, out, lse, scale: float, causal: bool, bottom_right: b
 
 
 # BwdPlans by call signature (backward()): the host work of a repeated call is a dict lookup.
-_PLANS: dict = {}
-PLANS_MAX = 1024
+_PLANS = SignatureCache(1024)
 
 
 def backward(dout, q, k, v, out, lse, scale: float, spec, deterministic: bool, *, strides=None, chains=None):
@@ -263,12 +262,8 @@ def backward(dout, q, k, v, out, lse, scale: float, spec, deterministic: bool, *
     causal, br = spec.causal, spec.align == "bottom_right"
     key = (q.shape, k.shape, v.shape, strides, out.stride(), lse.stride(), out.data_ptr() % 16,
            lse.data_ptr() % 16, q.dtype, q.device, float(scale), causal, br, bool(deterministic), chains)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = BwdPlan(dout, q, k, v, out, lse, scale, causal, br, deterministic, strides=strides,
-                                     chains=chains)
+    plan = _PLANS.get_or_build(key, lambda: BwdPlan(dout, q, k, v, out, lse, scale, causal, br, deterministic,
+                                                    strides=strides, chains=chains))
     return plan(dout, q, k, v, out, lse)
 
 

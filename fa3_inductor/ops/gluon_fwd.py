@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from .signature_cache import SignatureCache
+
 LOG2E = 1.4426950408889634
 
 # Tiles per head dim: (BLOCK_M, BLOCK_N, NUM_STAGES).  Shared memory (16-bit types):
@@ -226,8 +228,7 @@ class FwdPlan:
         if lse is None:
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
         kern = self.kernel
-        descs = [kern.tma(t, *d) for t, d in zip((q, k, v, out), self.descs)]
-        kern(*descs, lse, *self.scalars, out, *self.tail)
+        kern(*kern.descriptors((q, k, v, out), self.descs), lse, *self.scalars, out, *self.tail)
         return out, lse
 
 
@@ -274,8 +275,7 @@ def prepare(q, k, v, scale: float, causal: bool, bottom_right: bool, out=None, l
 
 
 # FwdPlans by call signature (forward()): the host work of a repeated call is a dict lookup.
-_PLANS: dict = {}
-PLANS_MAX = 1024
+_PLANS = SignatureCache(1024)
 
 
 def forward(q, k, v, scale: float, spec, persistent=None, strides=None):
@@ -287,11 +287,8 @@ def forward(q, k, v, scale: float, spec, persistent=None, strides=None):
         strides = tuple(tma_strides(t) for t in (q, k, v))
     causal, br = spec.causal, spec.align == "bottom_right"
     key = (q.shape, k.shape, v.shape, strides, q.dtype, q.device, float(scale), causal, br, persistent)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = FwdPlan(q, k, v, scale, causal, br, persistent=persistent, strides=strides)
+    plan = _PLANS.get_or_build(key, lambda: FwdPlan(q, k, v, scale, causal, br, persistent=persistent,
+                                                    strides=strides))
     return plan(q, k, v)
 
 

@@ -27,6 +27,7 @@ import torch
 from .. import config as fa3_config
 from ..codegen import triton_configs, triton_render
 from ..spec import AttentionSpec
+from .signature_cache import SignatureCache, tensor_key
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -290,8 +291,7 @@ def _bwd_config(q, k, v, spec):
 # tensors' shapes, strides, dtypes, device and 16-byte alignment, the spec, the scale, and the
 # switches read at run time (config.gluon_forward / gluon_backward / deterministic_backward,
 # the tile override, autotune).
-_ROUTES: dict = {}
-ROUTES_MAX = 4096
+_ROUTES = SignatureCache()
 
 
 def clear_plans() -> None:
@@ -303,26 +303,20 @@ def clear_plans() -> None:
     gluon_bwd._PLANS.clear()
 
 
-def _tensor_key(t) -> tuple:
-    return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
-
-
-def _remember(key, decide):
-    hit = _ROUTES.get(key)
-    if hit is None:
-        if len(_ROUTES) >= ROUTES_MAX:
-            _ROUTES.clear()
-        hit = _ROUTES[key] = decide()
-    return hit
+def _optional_keys(tensors) -> tuple:
+    """tensor_key of each optional kernel operand of _tensor_args (bias, key padding, ALiBi
+    slopes, dropout seed), None where absent."""
+    return tuple(None if t is None else tensor_key(t) for t in (tensors[0], tensors[2], tensors[4], tensors[5]))
 
 
 def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: AttentionSpec, *, config=None):
     q, k, v = _head_contig(q), _head_contig(k), _head_contig(v)
     if config is None and bias is None and key_padding is None and alibi_slopes is None and seed is None:
         from .. import autotune
-        key = ("fwd", spec, float(scale), q.device, _tensor_key(q), _tensor_key(k), _tensor_key(v),
+        key = ("fwd", spec, float(scale), q.device, tensor_key(q), tensor_key(k), tensor_key(v),
                fa3_config.gluon_forward, triton_configs._override.get("fwd"), autotune.enabled())
-        why, strides = _remember(key, lambda: _gluon_fwd_check(q, k, v, None, None, None, None, spec, scale=scale))
+        why, strides = _ROUTES.get_or_build(
+            key, lambda: _gluon_fwd_check(q, k, v, None, None, None, None, spec, scale=scale))
     else:
         why, strides = _gluon_fwd_check(q, k, v, bias, key_padding, alibi_slopes, seed, spec, scale=scale,
                                         config=config)
@@ -343,21 +337,18 @@ def forward(q, k, v, bias, key_padding, alibi_slopes, seed, scale, spec: Attenti
     # the spec, scale, tile config and autotune state (what _fwd_config and the launch read)
     key = ("tlfwd", spec, float(scale), q.device, config, autotune.enabled(), triton_configs._override.get("fwd"),
            triton_configs.even_specialisation,
-           _tensor_key(q), _tensor_key(k), _tensor_key(v), out.dtype,
-           *(None if t is None else _tensor_key(t) for t in (tensors[0], tensors[2], tensors[4], tensors[5])))
+           tensor_key(q), tensor_key(k), tensor_key(v), out.dtype, *_optional_keys(tensors))
     plan = _TL_PLANS.get(key)
-    if plan is None:
-        plan = _TlFwdPlan(q, k, v, out, lse, tensors, scale, spec, config or _fwd_config(q, k, v, spec))
-        if len(_TL_PLANS) >= ROUTES_MAX:
-            _TL_PLANS.clear()
-        _TL_PLANS[key] = plan
+    if plan is None:     # built by the signature's first call, which it runs
+        cfg = config or _fwd_config(q, k, v, spec)
+        _TL_PLANS.put(key, _TlFwdPlan(q, k, v, out, lse, tensors, scale, spec, cfg))
     else:
         plan(q, k, v, out, lse, tensors)
     return out, lse
 
 
 # _TlFwdPlans by call signature (forward()); cleared with the routes (clear_plans).
-_TL_PLANS: dict = {}
+_TL_PLANS = SignatureCache()
 
 
 class _TlFwdPlan:
@@ -397,7 +388,7 @@ class _TlFwdPlan:
     def __call__(self, q, k, v, out, lse, tensors):
         bias_t, _, kp, _, slopes, seed_t = tensors
         kern = self.kernel
-        src = (q, k, v) if self.descs is None else [kern.tma(t, *d) for t, d in zip((q, k, v), self.descs)]
+        src = (q, k, v) if self.descs is None else kern.descriptors((q, k, v), self.descs)
         kern(*src, out, lse, bias_t, kp, slopes, seed_t, *self.scalars)
 
 
@@ -419,7 +410,7 @@ def _tma_ok(*tensors) -> bool:
 
 def _desc_spec(t, rows: int, cols: int):
     """(shape, strides, box, layout None) of a TMA descriptor over the 4-D [B, H, S, D] view, one
-    [rows, cols] tile per load (fast_launch.Launch.tma builds it; None: triton.tools'
+    [rows, cols] tile per load (fast_launch.Launch.descriptors builds it; None: triton.tools'
     descriptor): zero fill past S (never the next head's rows) and past D (cols is the padded
     head dim), so the kernel's loads need no bounds."""
     return list(t.shape), list(t.stride()), [1, 1, rows, cols], None
@@ -444,11 +435,11 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     if (config is None and bias is None and key_padding is None and alibi_slopes is None and seed is None
             and not bias_requires_grad):
         from .. import autotune
-        key = ("bwd", spec, float(scale), q.device, _tensor_key(q), _tensor_key(k), _tensor_key(v),
-               _tensor_key(dout), _tensor_key(out), _tensor_key(lse), fa3_config.gluon_backward,
+        key = ("bwd", spec, float(scale), q.device, tensor_key(q), tensor_key(k), tensor_key(v),
+               tensor_key(dout), tensor_key(out), tensor_key(lse), fa3_config.gluon_backward,
                deterministic_backward(spec), triton_configs._override.get("bwd"), autotune.enabled())
-        why, strides = _remember(key, lambda: _gluon_bwd_check(dout, q, k, v, out, lse, None, None, None, None, spec,
-                                                               False, scale=scale))
+        why, strides = _ROUTES.get_or_build(key, lambda: _gluon_bwd_check(dout, q, k, v, out, lse, None, None, None,
+                                                                          None, spec, False, scale=scale))
     else:
         why, strides = _gluon_bwd_check(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, spec,
                                         bias_requires_grad, scale=scale, config=config)
@@ -478,16 +469,13 @@ def backward(dout, q, k, v, out, lse, bias, key_padding, alibi_slopes, seed, sca
     # and dBias)
     key = ("tlbwd", spec, float(scale), dev, config, autotune.enabled(), triton_configs._override.get("bwd"),
            triton_configs.even_specialisation, deterministic_backward(spec), want_dbias,
-           _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout), _tensor_key(out), _tensor_key(lse),
-           *(None if t is None else _tensor_key(t) for t in (tensors[0], tensors[2], tensors[4], tensors[5])))
+           tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(dout), tensor_key(out), tensor_key(lse),
+           *_optional_keys(tensors))
     plan = _TL_PLANS.get(key)
     grads = (dq, dk, dv, dbias if want_dbias else None)
-    if plan is None:
-        plan = _TlBwdPlan(dout, q, k, v, out, lse, tensors, grads, scale, spec, want_dbias,
-                          config or _bwd_config(q, k, v, spec))
-        if len(_TL_PLANS) >= ROUTES_MAX:
-            _TL_PLANS.clear()
-        _TL_PLANS[key] = plan
+    if plan is None:     # built by the signature's first call, which it runs
+        _TL_PLANS.put(key, _TlBwdPlan(dout, q, k, v, out, lse, tensors, grads, scale, spec, want_dbias,
+                                      config or _bwd_config(q, k, v, spec)))
     else:
         plan(dout, q, k, v, out, lse, tensors, grads)
     return dq, dk, dv, dbias
@@ -546,12 +534,12 @@ class _TlBwdPlan:
         def descs_for(block_m, block_n):
             return _bwd_descriptors(q, k, v, dout, block_m, block_n, self.d_pad, self.dv_pad)
         tma = bool(cfg.tma and self.tma_allowed)
-        even_m = triton_configs.even
+        even = triton_configs.even
         nsplit = 1
         if name == "dq":
             grid = (triton_cdiv(Sq, cfg.block_m2), B * H)
-            consts = dict(BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=even_m(Sq, cfg.block_m2),
-                          EVEN_N=even_m(Sk, cfg.block_n2))
+            consts = dict(BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, EVEN_M=even(Sq, cfg.block_m2),
+                          EVEN_N=even(Sk, cfg.block_n2))
             descs = (descs_for(cfg.block_m2, cfg.block_n2),) if tma else None
         else:
             n_kv = triton_cdiv(Sk, cfg.block_n1)
@@ -562,8 +550,8 @@ class _TlBwdPlan:
                 n_dq = triton_cdiv(Sq, cfg.block_m2) * (H // HK // nsplit)
                 grid = (n_kv + n_dq, B * HK * nsplit)
                 consts = dict(BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2,
-                              BLOCK_N2=cfg.block_n2, EVEN_M=even_m(Sq, cfg.block_m1, cfg.block_m2),
-                              EVEN_N=even_m(Sk, cfg.block_n1, cfg.block_n2))
+                              BLOCK_N2=cfg.block_n2, EVEN_M=even(Sq, cfg.block_m1, cfg.block_m2),
+                              EVEN_N=even(Sk, cfg.block_n1, cfg.block_n2))
                 # the dQ half reads Q, K, V, dO as well: its own descriptors (the dK/dV half's
                 # when the tiles are equal), or pointer loads (descs None)
                 same = (cfg.block_m2, cfg.block_n2) == (cfg.block_m1, cfg.block_n1)
@@ -572,7 +560,7 @@ class _TlBwdPlan:
             else:
                 grid = (n_kv, B * HK * nsplit)
                 consts = dict(BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, ATOMIC_DQ=self.atomic_dq,
-                              EVEN_M=even_m(Sq, cfg.block_m1), EVEN_N=even_m(Sk, cfg.block_n1))
+                              EVEN_M=even(Sq, cfg.block_m1), EVEN_N=even(Sk, cfg.block_n1))
                 descs = (descs_for(cfg.block_m1, cfg.block_n1),) if tma else None
         fn = getattr(self.mod, "attn_bwd_" + name)      # attn_bwd_dq / _fused / _dkdv
         from . import fast_launch
@@ -599,7 +587,7 @@ class _TlBwdPlan:
         bias_t, _, kp, _, slopes, seed_t = tensors
         dq, dk, dv, dbias = grads
         loads = (q, k, v, dout)
-        src = [[launch.tma(t, *d) for t, d in zip(loads, ds)] for ds in descs] if descs else [loads]
+        src = [launch.descriptors(loads, ds) for ds in descs] if descs else [loads]
         if name == "dq":
             launch(*src[0], lse, delta, dq, dbias, bias_t, kp, slopes, seed_t, *self.common, *_strides3(dq),
                    *self.tails)
