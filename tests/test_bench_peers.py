@@ -175,17 +175,44 @@ def test_kernel_grid_providers_agree_and_bad_names_are_refused(capsys):
     assert "--providers: unknown cudnnx" in err and "ours_atomic" in err
 
 
-def test_kernel_grid_atomic_provider_skips_the_forward(monkeypatch):
-    """ours_atomic only times the backward (its forward is "ours"): n/a, and no maker call."""
+def _fake_grid(monkeypatch, providers):
+    """kernels.run over one tiny cell with every maker and the timer faked: (rows, the (provider,
+    pass) pairs whose maker ran)."""
+    import torch
     from fa3_inductor.bench import kernels
     calls = []
     monkeypatch.setattr(kernels, "_makers", lambda: {p: (lambda *a, p=p: calls.append((p, a[-1])) or (lambda: None))
                                                     for p in kernels.PROVIDERS})
     monkeypatch.setattr(kernels, "grid", lambda quick: iter([(64, False, 16, 1, 1)]))
     monkeypatch.setattr(kernels, "_bench", lambda fn: 1.0)
-    import torch
     monkeypatch.setattr(torch, "randn", lambda *a, **kw: torch.zeros(a, dtype=kw.get("dtype")))
-    rows = kernels.run(providers=("ours", "ours_atomic"), passes=("fwd", "bwd"))
+    return kernels.run(providers=providers, passes=("fwd", "bwd")), calls
+
+
+def test_kernel_grid_atomic_provider_skips_the_forward(monkeypatch):
+    """ours_atomic only times the backward (its forward is "ours"): n/a, and no maker call."""
+    rows, calls = _fake_grid(monkeypatch, ("ours", "ours_atomic"))
     assert ("ours_atomic", "fwd") not in calls and ("ours_atomic", "bwd") in calls
     import math
     assert math.isnan(rows[0].tflops["ours_atomic"]) and rows[1].tflops["ours_atomic"] > 0
+
+
+def test_kernel_grid_cuda_provider_times_the_forward_only(monkeypatch):
+    """"cuda" (the CUDA template's forward) has no backward of its own: n/a there, no maker call;
+    the table gets a cuda/cudnn ratio column beside ours/cudnn."""
+    from fa3_inductor.bench import kernels
+    rows, calls = _fake_grid(monkeypatch, ("ours", "cuda", "cudnn"))
+    assert ("cuda", "fwd") in calls and ("cuda", "bwd") not in calls
+    import math
+    assert rows[0].tflops["cuda"] > 0 and math.isnan(rows[1].tflops["cuda"])
+    head = kernels.table(rows, ("ours", "cuda", "cudnn")).splitlines()[1]
+    assert "ours/cudnn" in head and "cuda/cudnn" in head
+
+
+def test_kernel_grid_cuda_provider_refuses_cpu_with_the_reason():
+    import pytest
+    import torch
+    from fa3_inductor.bench import kernels
+    q = torch.zeros(1, 1, 16, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="CUDA template: not a CUDA tensor"):
+        kernels._cuda(q, q, q, False, "fwd")

@@ -3,6 +3,7 @@ supports() declines CPU tensors, and (when nvcc + CUTLASS headers exist) one ins
 compiles for sm_90a without spills or serialised wgmma."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -352,21 +353,56 @@ def test_launch_policy():
     lp = cuda_jit.launch_policy
     assert cuda_jit.mask_kind(False, False) == "none" and cuda_jit.mask_kind(False, True) == "causal"
     assert cuda_jit.mask_kind(True, False) == "window" and cuda_jit.mask_kind(True, True) == "window"
-    assert lp(128, 1024, mask="none") == (None, True)
-    assert lp(128, 2048, mask="none") == (160, True)
-    assert lp(128, 8192, mask="none") == (160, False)
-    assert lp(128, 4096, mask="window") == (None, False)
-    assert lp(192, 4096, mask="none", head_dim_v=128) == (None, False)
+    assert lp(128, 1024, mask="none")[:2] == (None, True)
+    assert lp(128, 2048, mask="none")[:2] == (160, True)
+    assert lp(128, 8192, mask="none")[:2] == (160, False)
+    assert lp(128, 4096, mask="window") == (None, False, False)
+    assert lp(192, 4096, mask="none", head_dim_v=128) == (None, False, False)
+    assert not any(lp(hd, 4096, mask="causal")[2] for hd in (64, 128, 256)), "K/V multicast: unmasked only"
     with pytest.raises(ValueError, match="mask 'sliding'"):
         lp(128, 4096, mask="sliding")
     built = {c.name() for c in cuda_jit.standard_configs()}
     for hd in (64, 128, 256):
         for mask in ("none", "causal"):
             for sk in (512, 1024, 2048, 4096, 8192, 16384):
-                bn, persistent = lp(hd, sk, mask=mask)
+                bn, persistent, cluster = lp(hd, sk, mask=mask)
                 for dt in ("float16", "bfloat16"):
-                    cfg = cuda_jit.config_for(hd, dt, has_wr=mask == "causal", block_n=bn, persistent=persistent)
+                    cfg = cuda_jit.config_for(hd, dt, has_wr=mask == "causal", block_n=bn, persistent=persistent,
+                                              cluster=cluster)
                     assert cfg.name() in built, (hd, mask, sk, cfg.name())
+                    if cluster:  # an odd m-block count runs the same tile without it
+                        assert dataclasses.replace(cfg, cluster=False).name() in built
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(has_wr=True), "cluster"), (dict(has_wl=True), "cluster"), (dict(pack_gqa=True), "cluster"),
+    (dict(head_dim=64), "128-row"),
+])
+def test_cluster_config_rejects_what_it_cannot_pair(kw, match):
+    """K/V multicast needs both CTAs of a cluster to walk the same key blocks: no masks, no packed
+    rows, 128-row tiles (d64's default tile has 192 rows)."""
+    kw = {"head_dim": 128, **kw}
+    with pytest.raises(ValueError, match=match):
+        cuda_jit.config_for(kw.pop("head_dim"), "float16", cluster=True, **kw)
+
+
+@pytest.mark.parametrize("Sq,spec,want", [
+    (1000, AttentionSpec(), True),                  # 8 m blocks
+    (1100, AttentionSpec(), False),                 # 9: one CTA would have no partner
+    (128, AttentionSpec(), False),                  # 1
+    (1000, AttentionSpec(window_right=0), False),   # causal: the m blocks' key ranges differ
+])
+def test_cluster_launch_needs_even_m_blocks(Sq, spec, want):
+    from fa3_inductor.ops import cuda_impl
+    q = torch.randn(1, 4, Sq, 128, dtype=torch.float16)
+    k = torch.randn(1, 4, 2048, 128, dtype=torch.float16)
+    cfg, _ = cuda_impl._launch_config(q, k, k, spec, cluster=True)
+    assert cfg.cluster == want
+    if want:
+        src = cuda_jit.render(cfg)
+        assert "#define FA3_CLUSTER_M 2" in src and cfg.name().endswith("_c2_powP")
+    cfg, _ = cuda_impl._launch_config(q, k, k, spec, cluster=False)
+    assert not cfg.cluster
 
 
 def test_fp8_grid_follows_policy():

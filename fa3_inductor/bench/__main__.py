@@ -1,4 +1,4 @@
-"""python -m fa3_inductor.bench --kernels [--quick] [--dtype bfloat16] [--out DIR]
+"""python -m fa3_inductor.bench --kernels [--quick] [--dtype bfloat16] [--out DIR] [--ablation]
                                --models   (fa3_inductor.bench.models, written separately)"""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 # kernels.PROVIDERS, spelled out so that --help does not import torch (a test checks they agree)
-KERNEL_PROVIDERS = ("ours", "ours_atomic", "cudnn", "flash", "flex")
+KERNEL_PROVIDERS = ("ours", "ours_atomic", "cuda", "cudnn", "flash", "flex")
 
 
 def main(argv=None) -> int:
@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="after this many seconds only 'ours' is still measured (keeps runs bounded)")
     ap.add_argument("--out", default=None, help="directory for CSV and PNG files")
+    ap.add_argument("--ablation", action="store_true",
+                    help="with --kernels: also the CUDA template's ablation table (hdim 128, 8k)")
     args, rest = ap.parse_known_args(argv)
     if not (args.kernels or args.models):
         ap.error("choose --kernels and/or --models")
@@ -35,6 +37,12 @@ def main(argv=None) -> int:
         from . import kernels
         kernels.run(quick=args.quick, dtype=args.dtype, providers=tuple(args.providers.split(",")),
                     passes=tuple(args.passes.split(",")), out_dir=args.out, budget_s=args.budget_s)
+        if args.ablation:
+            from . import cuda_rows
+            print("\nCUDA template ablation, hdim 128, seqlen 8k, non-causal, " + args.dtype
+                  + " (FA3 paper: 661 full / 582 no intra-WG overlap / 570 no warp specialization)")
+            print(cuda_rows.format_rows(cuda_rows.ablation_rows(dtype=getattr(torch, args.dtype)),
+                                        key_cols=("variant", "hdim", "seqlen")))
     if args.models:
         from . import models  # provided by the model benchmark (lead)
         extra = ["--seqlens", "4096"] if args.quick and "--seqlens" not in rest else []

@@ -214,7 +214,15 @@ SCHEDULE_CANDIDATES = {"default": {}, "per-tile": dict(persistent=False), "x4": 
                        "x3": dict(exp_poly=3), "persistent": dict(persistent=True),
                        "persistent x4": dict(persistent=True, exp_poly=4), "lazy": dict(lazy_rescale=True),
                        "eager rescale": dict(lazy_rescale=False),
-                       "per-tile lazy": dict(persistent=False, lazy_rescale=True)}
+                       "per-tile lazy": dict(persistent=False, lazy_rescale=True),
+                       # K/V multicast to clusters of two CTAs on the default grid, and on each grid
+                       "cluster": dict(cluster=True), "per-tile cluster": dict(persistent=False, cluster=True),
+                       "persistent cluster": dict(persistent=True, cluster=True),
+                       "no cluster": dict(cluster=False),
+                       # the head dim's default key tile (128 at d128) on each grid, against the
+                       # launch policy's wide tile
+                       "n128": dict(block_n=128), "per-tile n128": dict(block_n=128, persistent=False),
+                       "persistent n128": dict(block_n=128, persistent=True)}
 
 
 def tile_rows(d: int, seqlens=(1024, 4096, 16384), causals=(False, True), rounds: int = 3,
@@ -294,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="seqlens 512, 2k, 8k")
     ap.add_argument("--impls", nargs="+", default=["cuda"], help="cuda triton sdpa")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--hdims", type=int, nargs="+", default=[64, 128, 256],
+                    help="head dims of the forward grid (any of the template's: 64 96 128 192 256)")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--decode", action="store_true",
                     help="only the GQA short-query rows (packed vs unpacked heads vs SDPA), bf16")
@@ -345,7 +355,7 @@ def main(argv=None):
             print(format_rows(split_head_rows()))
         return
     seqlens = (512, 2048, 8192) if args.quick else SEQLENS
-    rows = cuda_forward_rows(seqlens=seqlens, impls=tuple(args.impls), dtype=dtype)
+    rows = cuda_forward_rows(hdims=tuple(args.hdims), seqlens=seqlens, impls=tuple(args.impls), dtype=dtype)
     print("forward, b*s = 16k, hidden 2048,", args.dtype)
     print(format_rows(rows))
     if not args.no_ablation:

@@ -8,6 +8,9 @@ autotune), so its forward rows time the Gluon kernel where triton_impl.gluon_sup
 the case (d128 and d256 here) and the tl-level kernel elsewhere (d64); its backward rows the
 deterministic default (the Gluon turns from 4k keys, d128 causal from 1k; the tl kernels below).
 "ours_atomic" is the backward with deterministic_backward=False (the Gluon kernel, atomic dQ).
+"cuda" is the CUDA template's forward (cuda_impl.forward, kernel "auto"'s launch policy: tiles,
+grid) where it builds; it has no backward of its own (the op runs Triton's), so its backward rows
+read n/a.  `--ablation` adds the CUDA template's ablation table (bench.cuda_rows.ablation_rows).
 Output: a table on stdout (progress on stderr), CSV and PNGs under --out.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 # "ours_atomic": our backward with deterministic_backward=False (dQ summed by fp32 atomics, the
 # way cuDNN and FlashAttention sum it); its forward rows are the same kernel as "ours" and read n/a.
-PROVIDERS = ("ours", "ours_atomic", "cudnn", "flash", "flex")
+PROVIDERS = ("ours", "ours_atomic", "cuda", "cudnn", "flash", "flex")
 
 
 @dataclasses.dataclass
@@ -122,12 +125,27 @@ def _ours_atomic(q, k, v, causal, pass_):
     return _ours(q, k, v, causal, pass_, deterministic=False)
 
 
+def _cuda(q, k, v, causal, pass_):
+    """The CUDA template's forward as the op launches it.  supports() builds the instantiation the
+    call needs (nvcc, first use only), so no compile lands inside the timing; without nvcc, the
+    CUTLASS headers or sm_90 it raises with the reason and the row reads n/a."""
+    from ..ops import cuda_impl
+    from ..spec import AttentionSpec
+    spec = AttentionSpec(window_right=0 if causal else None, out_dtype=str(q.dtype).split(".")[-1])
+    why = cuda_impl.supports(q, k, v, None, spec)
+    if why:
+        raise RuntimeError(f"CUDA template: {why}")
+    scale = q.shape[-1] ** -0.5
+    return lambda: cuda_impl.forward(q, k, v, None, None, None, None, scale, spec)
+
+
 BWD_ONLY = ("ours_atomic",)
+FWD_ONLY = ("cuda",)
 
 
 def _makers():
     from torch.nn.attention import SDPBackend
-    return {"ours": _ours, "ours_atomic": _ours_atomic, "cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+    return {"ours": _ours, "ours_atomic": _ours_atomic, "cuda": _cuda, "cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
             "flash": _sdpa(SDPBackend.FLASH_ATTENTION), "flex": _flex}
 
 
@@ -145,7 +163,7 @@ def run(quick=False, dtype="float16", providers=PROVIDERS, passes=("fwd", "bwd")
             n += 1
             res = {}
             for prov in providers:
-                if prov in BWD_ONLY and pass_ == "fwd":
+                if (prov in BWD_ONLY and pass_ == "fwd") or (prov in FWD_ONLY and pass_ == "bwd"):
                     res[prov] = float("nan")
                     continue
                 if budget_s is not None and time.time() - t0 > budget_s and prov != "ours":
@@ -174,13 +192,16 @@ def run(quick=False, dtype="float16", providers=PROVIDERS, passes=("fwd", "bwd")
 
 
 def table(rows, providers):
+    # ratios to cuDNN: ours (the Triton implementation) and, where timed, the CUDA template
+    ratios = [p for p in ("ours", "cuda") if p in providers and "cudnn" in providers]
     head = f"{'d':>4} {'causal':>6} {'seqlen':>6} {'b':>3} {'h':>3} {'pass':>4} " + \
-        " ".join(f"{p:>7}" for p in providers) + f" {'vs cudnn':>8}"
+        " ".join(f"{p:>7}" for p in providers) + "".join(f" {p + '/cudnn':>11}" for p in ratios)
     lines = ["TFLOP/s (median, do_bench)", head, "-" * len(head)]
     for r in rows:
-        ratio = r.tflops.get("ours", math.nan) / r.tflops.get("cudnn", math.nan) if "cudnn" in r.tflops else math.nan
+        cudnn = r.tflops.get("cudnn", math.nan)
         lines.append(f"{r.hdim:>4} {int(r.causal):>6} {r.seqlen:>6} {r.batch:>3} {r.heads:>3} {r.pass_:>4} "
-                     + " ".join(f"{r.tflops.get(p, math.nan):>7.1f}" for p in providers) + f" {ratio:>8.2f}")
+                     + " ".join(f"{r.tflops.get(p, math.nan):>7.1f}" for p in providers)
+                     + "".join(f" {r.tflops.get(p, math.nan) / cudnn:>11.2f}" for p in ratios))
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ class KernelConfig:
     pack_gqa: bool = False     # query heads of a GQA group packed into the rows (cuda_impl.packed_gqa_rows)
     exp_poly: int = 0          # n > 0: every n-th exponential of a row on the FMA pipe (exp2_poly3)
     lazy_rescale: bool = False  # O rescaled only when a row max of the warp grew by > 2^8 (16-bit)
+    cluster: bool = False      # clusters of two CTAs on adjacent m blocks, K/V TMA-multicast to both
 
     @property
     def dv(self) -> int:
@@ -80,6 +81,8 @@ class KernelConfig:
             split["FA3_EXP_POLY"] = self.exp_poly
         if self.lazy_rescale:
             split["FA3_LAZY_RESCALE"] = 1
+        if self.cluster:
+            split["FA3_CLUSTER_M"] = 2
         return {
             "FA3_HDIM": self.head_dim, **split,
             "FA3_DTYPE_BF16": int(self.dtype == "bfloat16"),
@@ -107,6 +110,7 @@ class KernelConfig:
                 f"{'_o32' if self.out_fp32 else ''}_{self.block_m}x{self.block_n}s{self.stages}"
                 f"_{mask or 'N'}{'_sc' if self.softcap else ''}{'_gqa' if self.pack_gqa else ''}"
                 f"{f'_x{self.exp_poly}' if self.exp_poly else ''}{'_lz' if self.lazy_rescale else ''}"
+                f"{'_c2' if self.cluster else ''}"
                 f"_{abl or 'none'}")
 
 
@@ -142,13 +146,15 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
                block_m: int | None = None,
                stages: int = 2, fp8: bool = False, softcap: bool = False,
                head_dim_v: int | None = None, pack_gqa: bool = False,
-               exp_poly: int = 0, lazy_rescale: bool | None = None) -> KernelConfig:
+               exp_poly: int = 0, lazy_rescale: bool | None = None, cluster: bool = False) -> KernelConfig:
     """Tile config for a head dim; block_n / stages override the defaults for experiments
     (block_n a multiple of 16, e.g. 176 for hdim 128 non-causal as in the FA3 paper; of 32 for
     fp8; block_m 128 or 192: two or three consumer warpgroups).  With fp8, dtype is the output dtype (the operands are e4m3).  head_dim_v: V's head dim
     when it differs (one of SPLIT_HEAD_DIMS, 16-bit only).  pack_gqa: the instantiation for launches
     with packed GQA rows (16-bit only).  lazy_rescale: O rescaled only when a row max grew by more
-    than 2^8 (16-bit only); None: the measured default (LAZY_RESCALE_HEAD_DIMS_V)."""
+    than 2^8 (16-bit only); None: the measured default (LAZY_RESCALE_HEAD_DIMS_V).  cluster: clusters
+    of two CTAs on adjacent m blocks sharing each K/V tile by TMA multicast (no windows, no packed
+    GQA, 128-row tiles; launched only over an even number of m blocks)."""
     split = head_dim_v is not None and head_dim_v != head_dim
     if split and ((head_dim, head_dim_v) not in SPLIT_HEAD_DIMS or fp8):
         raise ValueError(f"CUDA template: head dims q/k {head_dim}, v {head_dim_v}: equal, or one of "
@@ -177,11 +183,15 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
             raise ValueError(f"CUDA template: block_m {block_m}: 128, or 192 at head dim 64 (16-bit) "
                              f"or up to 128 (fp8)")
         bm = block_m
+    if cluster and (has_wl or has_wr or pack_gqa or bm != 128):
+        raise ValueError("CUDA template: cluster (K/V multicast) needs no windows or causal mask, no packed GQA "
+                         f"and 128-row tiles (got has_wl={has_wl}, has_wr={has_wr}, pack_gqa={pack_gqa}, "
+                         f"block_m={bm})")
     return KernelConfig(head_dim=head_dim, dtype=dtype, out_fp32=out_fp32, block_m=bm, block_n=bn, stages=stages,
                         has_wl=has_wl, has_wr=has_wr, pingpong=pingpong, intra_wg=intra_wg,
                         warp_spec=warp_spec, persistent=persistent, fp8=fp8, softcap=softcap,
                         head_dim_v=head_dim_v if split else 0, pack_gqa=pack_gqa, exp_poly=exp_poly,
-                        lazy_rescale=bool(lazy_rescale))
+                        lazy_rescale=bool(lazy_rescale), cluster=bool(cluster))
 
 
 # Launch policy of unpacked 16-bit calls (cuda_impl._launch_config asks only for those): per
@@ -216,6 +226,11 @@ _PERSISTENT_BELOW_KEYS = {("none", 128): 8192, ("causal", 128): 12288, ("none", 
 _FP8_PERSISTENT_BELOW_KEYS = {("causal", 128): 8192}
 
 
+# K/V multicast (clusters of two CTAs, KernelConfig.cluster) by default for these (mask kind, head
+# dim): FlashAttention-3 clusters unmasked 16-bit head dims >= 128.
+_CLUSTER_KV: set = set()
+
+
 _MASK_KINDS = ("none", "causal", "window")
 
 
@@ -237,15 +252,25 @@ def fp8_persistent_grid(head_dim: int, sk: int, *, mask: str) -> bool:
     return _persistent_below(_FP8_PERSISTENT_BELOW_KEYS, head_dim, sk, mask, "fp8_persistent_grid")
 
 
-def launch_policy(head_dim: int, sk: int, *, mask: str, head_dim_v: int | None = None) -> tuple[int | None, bool]:
-    """(block_n, persistent) for an unpacked 16-bit call over sk keys: block_n None keeps the head
-    dim's default tile; persistent says whether the persistent grid runs it.  Split head dims
+def launch_policy(head_dim: int, sk: int, *, mask: str,
+                  head_dim_v: int | None = None) -> tuple[int | None, bool, bool]:
+    """(block_n, persistent, cluster) for an unpacked 16-bit call over sk keys: block_n None keeps
+    the head dim's default tile; persistent says whether the persistent grid runs it; cluster whether
+    K/V multicast does (where the call's m blocks pair up: cluster_fits).  Split head dims
     (head_dim_v != head_dim) keep the defaults."""
     persistent = _persistent_below(_PERSISTENT_BELOW_KEYS, head_dim, sk, mask, "launch_policy")
     if head_dim_v not in (None, head_dim):
-        return None, False
+        return None, False, False
     wide = _WIDE_KEY_TILES.get((mask, head_dim))
-    return (wide[0] if wide and sk >= wide[1] else None), persistent
+    cluster = (mask, head_dim) in _CLUSTER_KV
+    return (wide[0] if wide and sk >= wide[1] else None), persistent, cluster
+
+
+def cluster_fits(cfg: KernelConfig, sq: int) -> bool:
+    """Whether cfg may run with K/V multicast over sq query rows (config_for's conditions, and an
+    even number of m blocks so that every cluster's two CTAs share one head)."""
+    return (not (cfg.has_wl or cfg.has_wr or cfg.pack_gqa) and cfg.block_m == 128
+            and ((sq + cfg.block_m - 1) // cfg.block_m) % 2 == 0)
 
 
 def block_m_for(head_dim: int, head_dim_v: int | None = None) -> int:
@@ -273,7 +298,16 @@ def standard_configs(hdims=(64, 128, 256), extras: bool = False) -> list[KernelC
         wide = _WIDE_KEY_TILES.get((mask, hd))
         out += [config_for(hd, dt, persistent=True, block_n=bn, has_wr=mask == "causal")
                 for dt in ("float16", "bfloat16") for bn in (None, *([wide[0]] if wide else [])) if hd in hdims]
+    # K/V multicast where the policy takes it: every (key tile, grid) launch_policy pairs it with
+    for mask, hd in sorted(_CLUSTER_KV):
+        wide = _WIDE_KEY_TILES.get((mask, hd))
+        grids = (False, True) if (mask, hd) in _PERSISTENT_BELOW_KEYS else (False,)
+        out += [config_for(hd, dt, block_n=bn, persistent=pg, cluster=True) for dt in ("float16", "bfloat16")
+                for bn in (None, *([wide[0]] if wide else [])) for pg in grids if hd in hdims]
     if extras:
+        # K/V multicast candidates (cuda_rows --schedules 128 / 256 and the GPU tests)
+        out += [config_for(hd, "float16", block_n=bn, persistent=pg, cluster=True)
+                for hd, bn in ((128, 160), (128, None), (256, None)) for pg in (False, True)]
         for causal in (False, True):
             for kw in (dict(intra_wg=False), dict(pingpong=False), dict(warp_spec=False),
                        dict(intra_wg=False, pingpong=False, warp_spec=False), dict(persistent=True),

@@ -43,17 +43,24 @@ def config_for_call(q: torch.Tensor, spec: AttentionSpec, head_dim_v: int | None
 def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablation):
     """(KernelConfig, packed rows per head or 0) of a call, k/v after _shared_kv_head: what
     supports() builds is what forward() launches."""
+    ablation = dict(ablation)
+    want_cluster = ablation.pop("cluster", None)  # None: the launch policy decides
     cfg = config_for_call(q, spec, v.shape[-1], **ablation)
     pack = packed_gqa_rows(q, k.shape[1], spec, cfg.block_m) if pack_gqa else 0
     if pack:
         return dataclasses.replace(cfg, pack_gqa=True), pack
     mask = cuda_jit.mask_kind(spec.window_left is not None, spec.window_right is not None)
-    bn, persistent = cuda_jit.launch_policy(q.shape[-1], k.shape[2], mask=mask, head_dim_v=v.shape[-1])
+    bn, persistent, cluster = cuda_jit.launch_policy(q.shape[-1], k.shape[2], mask=mask, head_dim_v=v.shape[-1])
     if bn and not ({"block_n", "block_m", "stages"} & ablation.keys()):  # benchmark overrides win
         cfg = config_for_call(q, spec, v.shape[-1], block_n=bn, **ablation)
     # (fp32 output leaves from registers: no O staging to overlap, no measured gain there)
     if persistent and "persistent" not in ablation and not cfg.out_fp32:
         cfg = dataclasses.replace(cfg, persistent=True)
+    # K/V multicast pairs m blocks 2c, 2c + 1 of one head: only over an even number of m blocks
+    # (an odd count runs without it; the kernel refuses it).
+    if (cluster if want_cluster is None else want_cluster) and mask == "none" \
+            and cuda_jit.cluster_fits(cfg, q.shape[2]):
+        cfg = dataclasses.replace(cfg, cluster=True)
     return cfg, 0
 
 

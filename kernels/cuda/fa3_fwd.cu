@@ -60,6 +60,9 @@
 #ifndef FA3_LAZY_RESCALE
 #define FA3_LAZY_RESCALE 0  // 1: O is rescaled only when a row max of the warp grew by more than 2^8
 #endif
+#ifndef FA3_CLUSTER_M
+#define FA3_CLUSTER_M 1     // 2: clusters of two CTAs on adjacent m blocks, K/V multicast to both
+#endif
 
 namespace {
 
@@ -69,7 +72,7 @@ using OutT = std::conditional_t<FA3_OUT_DTYPE == 1, float, Element16>;
 using Cfg = fa3::Config<FA3_HDIM, FA3_BLOCK_M, FA3_BLOCK_N, FA3_STAGES, Element, OutT,
                         bool(FA3_HAS_WL), bool(FA3_HAS_WR), bool(FA3_PINGPONG), bool(FA3_INTRA_WG),
                         bool(FA3_WARP_SPEC), bool(FA3_PERSISTENT), bool(FA3_SOFTCAP), FA3_HDIM_V,
-                        bool(FA3_PACK_GQA), FA3_EXP_POLY, bool(FA3_LAZY_RESCALE)>;
+                        bool(FA3_PACK_GQA), FA3_EXP_POLY, bool(FA3_LAZY_RESCALE), FA3_CLUSTER_M>;
 
 // Status codes besides cudaError_t values (which are < 1000).
 constexpr int kErrBadArgs = 1001;
@@ -161,19 +164,54 @@ int fa3_fwd_launch(const void* q, const void* k, const void* v, void* out, float
   // a single CTA per SM anyway.
   int64_t const num_tiles = int64_t(p.num_m_blocks) * hq * b;
   if (num_tiles > INT32_MAX) return kErrBadArgs;
-  int grid_x = int(num_tiles);
+  // K/V multicast: the two CTAs of a cluster take m blocks 2c and 2c + 1 of one head, which needs
+  // an even number of m blocks (the caller picks this instantiation only then).
+  if (Cfg::kClusterM > 1 && p.num_m_blocks % Cfg::kClusterM != 0) return kErrBadArgs;
+  cudaStream_t const st = static_cast<cudaStream_t>(stream);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(num_tiles), 1, 1);
+  config.blockDim = dim3(Cfg::kThreads, 1, 1);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = st;
+  cudaLaunchAttribute attr[1];
+  if (Cfg::kClusterM > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = Cfg::kClusterM;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
   if (Cfg::kPersistent) {
-    int dev = 0, sms = 0;
+    int dev = 0, slots = 0;
     err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return int(err);
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    err = cudaDeviceGetAttribute(&slots, cudaDevAttrMultiProcessorCount, dev);
     if (err != cudaSuccess) return int(err);
-    // with longest-first groups the CTAs take tiles in pairs (tile_of)
+    if (Cfg::kClusterM > 1) {
+      // Resident CTAs in whole clusters (an SM left over in a GPC cannot take half a cluster).
+      // Asked once per device (a property of the instantiation and the chip).
+      static int resident[64] = {};
+      int clusters = dev < 64 ? resident[dev] : 0;
+      if (clusters == 0) {
+        err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+        if (err != cudaSuccess) return int(err);
+        if (dev < 64) resident[dev] = clusters;
+      }
+      if (clusters > 0) slots = clusters * Cfg::kClusterM;
+      slots -= slots % Cfg::kClusterM;
+    }
+    // with longest-first groups the CTAs take tiles in pairs (tile_of); with K/V multicast the
+    // grid is a whole number of clusters, so CTAs 2c and 2c + 1 take tiles t and t + 1 every round
     int64_t const units = fa3::schedule_units(p);
-    grid_x = int(units < sms ? units : sms);
+    config.gridDim.x = unsigned(units < slots ? units : slots);
   }
-  dim3 grid(grid_x, 1, 1);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(p);
+  if (Cfg::kClusterM > 1) {
+    err = cudaLaunchKernelEx(&config, kernel, p);
+    if (err != cudaSuccess) return int(err);
+  } else {
+    kernel<<<config.gridDim, config.blockDim, config.dynamicSmemBytes, st>>>(p);
+  }
   return int(cudaGetLastError());
 }
 

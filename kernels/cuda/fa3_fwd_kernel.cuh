@@ -27,6 +27,7 @@
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/arch/cluster_sm90.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/arch/barrier.h>
@@ -58,7 +59,7 @@ CUTE_HOST_DEVICE constexpr auto smem_atom() {
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, class OutT_,
           bool kHasWL_, bool kHasWR_, bool kPingpong_, bool kIntraWG_, bool kWarpSpec_,
           bool kPersistent_ = false, bool kSoftcap_ = false, int kHeadDimV_ = kHeadDim_,
-          bool kPackGQA_ = false, int kExpPoly_ = 0, bool kLazyRescale_ = false>
+          bool kPackGQA_ = false, int kExpPoly_ = 0, bool kLazyRescale_ = false, int kClusterM_ = 1>
 struct Config {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   // Head dim of V and O; differs from Q/K's only for the 192 / 128 split (DeepSeek-style MLA).
@@ -90,6 +91,20 @@ struct Config {
   // ptxas spills more (d256 non-causal 40 bytes against 24; d64 on 192 rows, 160 registers a
   // thread, 84 against 60), while at d256 the longer GEMMs hide the softmax anyway.
   static constexpr bool kRescaleUnderS = kHeadDimV_ <= 128 && kBlockM_ == 128;
+  // K/V multicast (FA3's cluster for unmasked 16-bit head dims >= 128): the two CTAs of a cluster
+  // take adjacent m blocks of one head, and each TMA-loads half of every K and V tile into both
+  // CTAs' shared memory, halving K/V traffic from L2 (80 KB per 128 x 160 step at d128).  Measured
+  // no faster here (L2 runs at 24-30% of its peak without it; docs/perf-notes.md session 13), so
+  // off by default (cuda_jit._CLUSTER_KV).  The CTAs must walk the same key blocks in the same
+  // order, so no windows (the key range then depends on the m block) and no packed GQA rows; the
+  // launcher needs an even number of m blocks.  The empty barriers count both CTAs' consumer warpgroups (a stage is
+  // refilled in both CTAs at once), and the loader waits for its last stages' releases before it
+  // exits (the peer's consumers arrive on this CTA's barriers).
+  static constexpr int kClusterM = kClusterM_;
+  static_assert(kClusterM == 1 || (kClusterM == 2 && !kHasWL_ && !kHasWR_ && !kPackGQA_ && kBlockM_ == 128),
+                "K/V multicast: clusters of two CTAs, unmasked, unpacked, 128-row tiles");
+  using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
+  using TmaLoadKV = std::conditional_t<(kClusterM > 1), SM90_TMA_LOAD_MULTICAST, SM90_TMA_LOAD>;
   static_assert(!kFp8 || kBlockN % 32 == 0, "FP8: key tiles of whole k32 WGMMA steps");
 
   static constexpr int kMmaWG = kBlockM / 64;  // one consumer warpgroup per 64 query rows
@@ -101,7 +116,12 @@ struct Config {
   static constexpr int kThreads = kMmaThreads + (kWarpSpec ? 128 : 0);
   // Register split after setmaxnreg: 24 for the producer, 240 for each consumer thread with two
   // consumer warpgroups (24*128 + 240*256 = 64512 <= 65536), 160 with three (24*128 + 160*384).
+  // The launch gives every thread 168 registers (65536 / 384, rounded down to a multiple of 8), so the
+  // pool is 168 * 384 = 64512 and 24 * 128 + 240 * 256 uses all of it: a producer at 32 leaves the
+  // consumers' setmaxnreg.inc waiting forever (it hung the first K/V multicast build).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kMmaWG == 2 ? 240 : 160;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * kMmaWG * 128 <= (65536 / ((kMmaWG + 1) * 128)) / 8 * 8 * (kMmaWG + 1) * 128,
+                "setmaxnreg: producer and consumer registers must fit the launch's allocation");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
   using TilePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;
@@ -183,8 +203,8 @@ template <class Cfg>
 auto make_tma_k(typename Cfg::Element const* p, int s, int h, int b, int64_t ss, int64_t sh, int64_t sb) {
   auto g = make_tensor(make_gmem_ptr(p), make_shape(s, int32_t(Cfg::kHeadDim), h, b),
                        make_stride(ss, _1{}, sh, sb));
-  return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutK{}),
-                       Shape<Int<Cfg::kBlockN>, Int<Cfg::kHeadDim>>{}, _1{});
+  return make_tma_copy(typename Cfg::TmaLoadKV{}, g, take<0, 2>(typename Cfg::SmemLayoutK{}),
+                       Shape<Int<Cfg::kBlockN>, Int<Cfg::kHeadDim>>{}, Int<Cfg::kClusterM>{});
 }
 // ss: stride between keys (16-bit) or between rows of V^T (FP8, the keys being contiguous).
 template <class Cfg>
@@ -194,8 +214,8 @@ auto make_tma_v(typename Cfg::Element const* p, int s, int h, int b, int64_t ss,
     else return make_stride(_1{}, ss, sh, sb);
   }();
   auto g = make_tensor(make_gmem_ptr(p), make_shape(int32_t(Cfg::kHeadDimV), s, h, b), stride);
-  return make_tma_copy(SM90_TMA_LOAD{}, g, take<0, 2>(typename Cfg::SmemLayoutVt{}),
-                       Shape<Int<Cfg::kHeadDimV>, Int<Cfg::kBlockN>>{}, _1{});
+  return make_tma_copy(typename Cfg::TmaLoadKV{}, g, take<0, 2>(typename Cfg::SmemLayoutVt{}),
+                       Shape<Int<Cfg::kHeadDimV>, Int<Cfg::kBlockN>>{}, Int<Cfg::kClusterM>{});
 }
 
 // O [seq, dv, head, batch] for the TMA-store epilogue (kTmaStoreO).
@@ -408,13 +428,16 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
   pk.is_leader = is_loader;
   pk.num_consumers = Cfg::kMmaThreads;
   pk.initializing_warp = 0;
-  PipelineK pipe_k(ss.pipe_k, pk, Shape<_1, _1, _1>{});
+  // (K/V multicast: each CTA's full barrier expects the whole tile, half of it from the peer.)
+  PipelineK pipe_k(ss.pipe_k, pk, typename Cfg::ClusterShape{});
   typename PipelineV::Params pv = pk;
   pv.transaction_bytes = Cfg::kBytesV;
-  PipelineV pipe_v(ss.pipe_v, pv, Shape<_1, _1, _1>{});
-  // Barrier initialisation must be visible to every thread (and the async proxy) before use.
+  PipelineV pipe_v(ss.pipe_v, pv, typename Cfg::ClusterShape{});
+  // Barrier initialisation must be visible to every thread (and the async proxy) before use; with
+  // K/V multicast also to the peer CTA, whose loads and releases land on this CTA's barriers.
   cutlass::arch::fence_barrier_init();
-  __syncthreads();
+  if constexpr (Cfg::kClusterM > 1) cute::cluster_sync();
+  else __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
@@ -438,18 +461,28 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
     ss.barrier_q.arrive_and_expect_tx(Cfg::kBytesQ);
     copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), get<0>(tq), get<1>(tq));
   };
+  // K/V multicast: this CTA's slice of each tile (by its rank in the cluster) goes to both CTAs.
+  auto kv_partition = [&](auto const& tma, auto const& s, auto const& g) {
+    if constexpr (Cfg::kClusterM > 1) {
+      return tma_partition(tma, cute::block_rank_in_cluster(), Layout<Int<Cfg::kClusterM>>{},
+                           group_modes<0, 2>(s), group_modes<0, 2>(g));
+    } else {
+      return tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(s), group_modes<0, 2>(g));
+    }
+  };
+  constexpr uint16_t kMcastMask = uint16_t((1u << Cfg::kClusterM) - 1);
   auto load_k = [&](TileCoord const& tc, int kv_head, int n) {
     Tensor gK = local_tile(mK(_, _, kv_head, tc.batch), Shape<Int<BN>, Int<D>>{}, make_coord(_, _0{}));
-    auto tk = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto tk = kv_partition(p.tma_k, sK, gK);
     pipe_k.producer_acquire(wk);
-    copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk), 0), get<0>(tk)(_, n), get<1>(tk)(_, wk.index()));
+    copy(p.tma_k.with(*pipe_k.producer_get_barrier(wk), kMcastMask), get<0>(tk)(_, n), get<1>(tk)(_, wk.index()));
     ++wk;
   };
   auto load_v = [&](TileCoord const& tc, int kv_head, int n) {
     Tensor gVt = local_tile(mVt(_, _, kv_head, tc.batch), Shape<Int<DV>, Int<BN>>{}, make_coord(_0{}, _));
-    auto tv = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+    auto tv = kv_partition(p.tma_v, sVt, gVt);
     pipe_v.producer_acquire(wv);
-    copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv), 0), get<0>(tv)(_, n), get<1>(tv)(_, wv.index()));
+    copy(p.tma_v.with(*pipe_v.producer_get_barrier(wv), kMcastMask), get<0>(tv)(_, n), get<1>(tv)(_, wv.index()));
     ++wv;
   };
   auto kv_head_of = [&](int head) { return p.gqa_div ? head / p.group : head % p.hk; };
@@ -475,6 +508,12 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         }
         load_v(tc, kvh, n_min);
       }
+      // K/V multicast: the peer's consumers release their stages on this CTA's empty barriers too;
+      // stay until every stage is released, so that no arrival lands after this CTA exited.
+      if constexpr (Cfg::kClusterM > 1) {
+        pipe_k.producer_tail(wk);
+        pipe_v.producer_tail(wv);
+      }
     }
     return;
   }
@@ -499,6 +538,22 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
 
   PipeState rk, rv;  // consumer read states (index 0, phase 0), persistent across tiles
   int q_phase = 0;
+
+  // A consumed K/V stage goes back to the producer(s).  K/V multicast: each consumer warpgroup
+  // arrives once on the stage's empty barrier in every CTA of the cluster (the count the pipeline
+  // set up), from lane 0 of its warps 0 and 1 (one warp's wgmma wait covers the warpgroup's GEMM).
+  // CUTLASS' consumer_release does the same from per-thread target and predicate registers, which
+  // stayed live across the whole loop and spilled (80 bytes at d128).
+  auto release_stage = [&](auto& pipe, auto& storage, PipeState const& st) {
+    if constexpr (Cfg::kClusterM > 1) {
+      int const t = mma_tid % 128;
+      storage.empty_barrier_[st.index()].arrive(uint32_t(t / 32), t % 32 == 0 && t < 32 * Cfg::kClusterM);
+    } else {
+      pipe.consumer_release(st);
+    }
+  };
+  auto release_k = [&](PipeState const& st) { release_stage(pipe_k, ss.pipe_k, st); };
+  auto release_v = [&](PipeState const& st) { release_stage(pipe_v, ss.pipe_v, st); };
 
   auto sched_sync = [&]() {
     if constexpr (Cfg::kPingpong) cutlass::arch::NamedBarrier::sync(Cfg::kSchedThreads, kBarSchedWG0 + wg);
@@ -625,7 +680,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
         sched_arrive();
         warpgroup_wait<0>();
-        pipe_k.consumer_release(rk);
+        release_k(rk);
         ++rk;
         prep(tSrS, n_max - 1);
         float alpha[kRows];
@@ -653,7 +708,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
           sched_arrive();
           warpgroup_wait<1>();  // S_{j+1} done; P_j V_j may still run under the softmax below
-          pipe_k.consumer_release(rk);
+          release_k(rk);
           ++rk;
           prep(tSrS2, n);
           {
@@ -661,7 +716,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
             moved = softmax.template step<false>(s_rc, alpha, block_sc(n));
           }
           warpgroup_wait<0>();
-          pipe_v.consumer_release(rv);
+          release_v(rv);
           ++rv;
           if constexpr (!Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n), moved);
           to_operand_p(tSrS2, tOrP);  // safe: the PV GEMM reading tOrP has completed
@@ -669,7 +724,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
         if constexpr (Cfg::kRescaleUnderS) rescale_o(alpha, v_units_to(n_min), moved);
         pipe_v.consumer_wait(rv);
         wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
-        pipe_v.consumer_release(rv);
+        release_v(rv);
         ++rv;
       } else {
         for (int n = n_max - 1; n >= n_min; --n) {
@@ -681,7 +736,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), tSrS);
           sched_arrive();
           warpgroup_wait<0>();
-          pipe_k.consumer_release(rk);
+          release_k(rk);
           ++rk;
           prep(tSrS, n);
           float alpha[kRows];
@@ -693,7 +748,7 @@ fwd_kernel(CUTE_GRID_CONSTANT Params<Cfg> const p) {
           to_operand_p(tSrS, tOrP);
           pipe_v.consumer_wait(rv);
           wg_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), tOrO);
-          pipe_v.consumer_release(rv);
+          release_v(rv);
           ++rv;
         }
       }

@@ -90,7 +90,7 @@ def _check(q, k, v, spec, scale=None, **ablation):
     return err, err_eager
 
 
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
 def test_head_dims(D, dtype, causal):
@@ -101,7 +101,7 @@ def test_head_dims(D, dtype, causal):
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 113), (1000, 1000), (4097, 4097), (1, 1000),
                                    (17, 4097), (113, 1000), (1000, 113), (4097, 17)])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
-@pytest.mark.parametrize("D", [128, 64])  # d64: 192-row tiles, three consumer warpgroups
+@pytest.mark.parametrize("D", [128, 64, 96, 192])  # d64: 192-row tiles, three consumer warpgroups
 def test_odd_lengths(sq, sk, causal, D):
     q, k, v = _make(1, 2, 2, sq, sk, D, torch.float16)
     _check(q, k, v, _spec(causal))
@@ -109,7 +109,7 @@ def test_odd_lengths(sq, sk, causal, D):
 
 @pytest.mark.parametrize("gqa", ["div", "mod"])
 @pytest.mark.parametrize("causal", ["none", "bottom_right"])
-@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("D", [128, 64, 96, 192])
 def test_gqa(gqa, causal, D):
     q, k, v = _make(2, 8, 2, 300, 517, D, torch.bfloat16)
     _check(q, k, v, _spec(causal, out_dtype="bfloat16", gqa=gqa))
@@ -156,6 +156,38 @@ def test_persistent_causal_pairs(d, b, hq, hk, sq, sk, causal):
     m blocks (tile_of): every tile once, whatever the block count's parity or the group size."""
     q, k, v = _make(b, hq, hk, sq, sk, d, torch.float16)
     _check(q, k, v, _spec(causal), persistent=True)
+
+
+@pytest.mark.parametrize("d,bn", [(128, 160), (128, 128), (256, None)])
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("b,hq,hk,sq,sk,dtype,layout", [
+    (2, 8, 8, 1000, 1000, torch.float16, "bhsd"),    # 8 m blocks, the last one partial; seqlen_k edge
+    (1, 8, 2, 256, 4097, torch.bfloat16, "bshd"),    # GQA, sq != sk, odd keys, strided layout
+    (3, 5, 5, 2048, 517, torch.float16, "bhsd"),     # odd head count: clusters never straddle heads
+    (1, 2, 2, 113, 113, torch.float16, "bhsd"),      # one m block: runs without the cluster
+])
+def test_cluster_kv_multicast(d, bn, persistent, b, hq, hk, sq, sk, dtype, layout):
+    """K/V multicast (cluster=True): two CTAs on m blocks 2c, 2c + 1 of one head each load half of
+    every K/V tile into both; the persistent grid keeps whole clusters.  Odd m-block counts fall
+    back to single CTAs (the launcher refuses them)."""
+    from fa3_inductor.codegen import cuda_jit
+    q, k, v = _make(b, hq, hk, sq, sk, d, dtype, layout)
+    spec = _spec("none", out_dtype=str(dtype).split(".")[-1])
+    cfg, _ = cuda_impl._launch_config(q, k, v, spec, cluster=True, persistent=persistent,
+                                      **({"block_n": bn} if bn else {}))
+    assert cfg.cluster == (((sq + 127) // 128) % 2 == 0)
+    _check(q, k, v, spec, cluster=True, persistent=persistent, **({"block_n": bn} if bn else {}))
+    if cfg.cluster:  # the launcher itself refuses an odd m-block count
+        kern = cuda_jit.get_kernel(cfg)
+        qo = q[:, :, :sq - 128] if sq > 128 else q
+        if ((qo.shape[2] + 127) // 128) % 2:
+            out = torch.empty(b, hq, qo.shape[2], v.shape[-1], device=DEV, dtype=dtype)
+            lse = torch.empty(b, hq, qo.shape[2], device=DEV, dtype=torch.float32)
+            rc = kern.launch(qo.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                             b, hq, hk, qo.shape[2], sk, d, d, *cuda_impl.tma_strides(qo), *cuda_impl.tma_strides(k),
+                             *cuda_impl.tma_strides(v), *cuda_impl.tma_strides(out), d ** -0.5, 0, 0, 0, 1, 0,
+                             0.0, sk, 0, None, None, None, 0, 0, 0, 0, torch.cuda.current_stream().cuda_stream)
+            assert rc == 1001
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
