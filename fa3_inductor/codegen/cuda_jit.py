@@ -183,7 +183,7 @@ def config_for(head_dim: int, dtype: str, *, out_fp32: bool = False, has_wl: boo
             raise ValueError(f"CUDA template: block_m {block_m}: 128, or 192 at head dim 64 (16-bit) "
                              f"or up to 128 (fp8)")
         bm = block_m
-    if cluster and (has_wl or has_wr or pack_gqa or bm != 128):
+    if cluster and not _cluster_pairs_tiles(has_wl, has_wr, pack_gqa, bm):
         raise ValueError("CUDA template: cluster (K/V multicast) needs no windows or causal mask, no packed GQA "
                          f"and 128-row tiles (got has_wl={has_wl}, has_wr={has_wr}, pack_gqa={pack_gqa}, "
                          f"block_m={bm})")
@@ -266,10 +266,16 @@ def launch_policy(head_dim: int, sk: int, *, mask: str,
     return (wide[0] if wide and sk >= wide[1] else None), persistent, cluster
 
 
+def _cluster_pairs_tiles(has_wl: bool, has_wr: bool, pack_gqa: bool, block_m: int) -> bool:
+    """K/V multicast's static conditions (the kernel's Config asserts the same): both CTAs of a
+    cluster walk the same key blocks, so no windows and no packed rows; 128-row tiles."""
+    return not (has_wl or has_wr or pack_gqa) and block_m == 128
+
+
 def cluster_fits(cfg: KernelConfig, sq: int) -> bool:
     """Whether cfg may run with K/V multicast over sq query rows (config_for's conditions, and an
     even number of m blocks so that every cluster's two CTAs share one head)."""
-    return (not (cfg.has_wl or cfg.has_wr or cfg.pack_gqa) and cfg.block_m == 128
+    return (_cluster_pairs_tiles(cfg.has_wl, cfg.has_wr, cfg.pack_gqa, cfg.block_m)
             and ((sq + cfg.block_m - 1) // cfg.block_m) % 2 == 0)
 
 

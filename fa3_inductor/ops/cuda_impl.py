@@ -56,10 +56,9 @@ def _launch_config(q, k, v, spec: AttentionSpec, pack_gqa: bool = True, **ablati
     # (fp32 output leaves from registers: no O staging to overlap, no measured gain there)
     if persistent and "persistent" not in ablation and not cfg.out_fp32:
         cfg = dataclasses.replace(cfg, persistent=True)
-    # K/V multicast pairs m blocks 2c, 2c + 1 of one head: only over an even number of m blocks
-    # (an odd count runs without it; the kernel refuses it).
-    if (cluster if want_cluster is None else want_cluster) and mask == "none" \
-            and cuda_jit.cluster_fits(cfg, q.shape[2]):
+    # K/V multicast pairs m blocks 2c, 2c + 1 of one head: unmasked calls over an even number of
+    # m blocks (otherwise the single-CTA kernel runs; the launcher refuses an odd count).
+    if (cluster if want_cluster is None else want_cluster) and cuda_jit.cluster_fits(cfg, q.shape[2]):
         cfg = dataclasses.replace(cfg, cluster=True)
     return cfg, 0
 
