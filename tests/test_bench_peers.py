@@ -216,3 +216,12 @@ def test_kernel_grid_cuda_provider_refuses_cpu_with_the_reason():
     q = torch.zeros(1, 1, 16, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="CUDA template: not a CUDA tensor"):
         kernels._cuda(q, q, q, False, "fwd")
+
+
+def test_cuda_rows_refuses_a_head_dim_the_template_lacks(capsys):
+    import pytest
+    from fa3_inductor.bench import cuda_rows
+    with pytest.raises(SystemExit):
+        cuda_rows.main(["--hdims", "128", "80"])
+    err = capsys.readouterr().err
+    assert "--hdims" in err and "invalid choice: 80" in err

@@ -302,8 +302,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="seqlens 512, 2k, 8k")
     ap.add_argument("--impls", nargs="+", default=["cuda"], help="cuda triton sdpa")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--hdims", type=int, nargs="+", default=[64, 128, 256],
-                    help="head dims of the forward grid (any of the template's: 64 96 128 192 256)")
+    from ..codegen.cuda_jit import SUPPORTED_HEAD_DIMS
+    ap.add_argument("--hdims", type=int, nargs="+", default=[64, 128, 256], choices=SUPPORTED_HEAD_DIMS,
+                    help="head dims of the forward grid (the template's)")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--decode", action="store_true",
                     help="only the GQA short-query rows (packed vs unpacked heads vs SDPA), bf16")
